@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="boshroster",
+    version="0.1.0",
+    description="XMPP server for browser clients (BOSH + WebSocket) whose rosters belong to a web application",
+    packages=find_packages(exclude=["tests", "tests.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "gevent>=24.2",
+        "gevent-websocket==0.10.1",
+        "bottle>=0.13",
+        "xmltodict>=0.13",
+        "defusedxml>=0.7.1",
+        "requests>=2.31",
+        "scramp>=1.4.5",
+        "precis-i18n>=1.1",
+        "prometheus-client>=0.19",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "websocket-client>=1.7"],
+    },
+    entry_points={"console_scripts": ["boshroster=boshroster.cli:main"]},
+)
