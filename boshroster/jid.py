@@ -1,0 +1,129 @@
+"""JIDs (RFC 7622), prepared once on input and compared as prepared strings.
+
+Localparts use the PRECIS UsernameCaseMapped profile plus RFC 7622 §3.3.1's
+extra exclusions (precis-i18n does not apply those), resources use
+OpaqueString, domains are lower-cased and IDNA-checked.  Pure module: no I/O,
+no gevent, safe to call from any greenlet.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import precis_i18n
+
+_USERNAME = precis_i18n.get_profile("UsernameCaseMapped")
+_OPAQUE = precis_i18n.get_profile("OpaqueString")
+# RFC 7622 §3.3.1: characters a localpart may never contain.
+_LOCALPART_EXCLUDED = frozenset("\"&'/:<>@")
+_MAX_PART = 1023  # octets, RFC 7622 §3.1
+
+
+class JIDError(ValueError):
+    """A JID (or one of its parts) that cannot be prepared: answer jid-malformed."""
+
+
+@functools.lru_cache(maxsize=65536)
+def prep_localpart(value: str) -> str:
+    """Enforce UsernameCaseMapped + RFC 7622 exclusions; raise JIDError."""
+    if not value:
+        raise JIDError("empty localpart")
+    try:
+        prepared = _USERNAME.enforce(value)
+    except UnicodeError as exc:
+        raise JIDError(f"invalid localpart: {exc}") from None
+    if _LOCALPART_EXCLUDED.intersection(prepared):
+        raise JIDError("localpart contains a character RFC 7622 forbids")
+    if len(prepared.encode("utf-8")) > _MAX_PART:
+        raise JIDError("localpart too long")
+    return prepared
+
+
+@functools.lru_cache(maxsize=65536)
+def prep_resource(value: str) -> str:
+    """Enforce OpaqueString on a resourcepart; raise JIDError."""
+    if not value:
+        raise JIDError("empty resourcepart")
+    try:
+        prepared = _OPAQUE.enforce(value)
+    except UnicodeError as exc:
+        raise JIDError(f"invalid resourcepart: {exc}") from None
+    if len(prepared.encode("utf-8")) > _MAX_PART:
+        raise JIDError("resourcepart too long")
+    return prepared
+
+
+@functools.lru_cache(maxsize=4096)
+def prep_domain(value: str) -> str:
+    """Lower-case, drop one trailing dot, check IDNA; raise JIDError."""
+    if value.endswith("."):
+        value = value[:-1]
+    if not value:
+        raise JIDError("empty domainpart")
+    if value.startswith("[") and value.endswith("]"):  # IPv6 literal
+        return value.lower()
+    value = value.lower()
+    try:
+        labels = value.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise JIDError("invalid domainpart") from None
+    if any(c in value for c in " @/\"&'<>:") or len(labels) > _MAX_PART:
+        raise JIDError("invalid domainpart")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class JID:
+    """A prepared JID.  Build with JID.parse() or JID.make(); never by hand."""
+
+    local: str | None
+    domain: str
+    resource: str | None
+
+    @classmethod
+    def make(cls, local: str | None, domain: str, resource: str | None = None) -> "JID":
+        return cls(
+            prep_localpart(local) if local is not None else None,
+            prep_domain(domain),
+            prep_resource(resource) if resource is not None else None,
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> "JID":
+        return _parse_cached(text)
+
+    @property
+    def bare(self) -> "JID":
+        return self if self.resource is None else JID(self.local, self.domain, None)
+
+    @property
+    def is_bare(self) -> bool:
+        return self.resource is None
+
+    def with_resource(self, resource: str) -> "JID":
+        return JID(self.local, self.domain, prep_resource(resource))
+
+    def __str__(self) -> str:
+        text = self.domain
+        if self.local is not None:
+            text = f"{self.local}@{text}"
+        if self.resource is not None:
+            text = f"{text}/{self.resource}"
+        return text
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_cached(text: str) -> JID:
+    if not text:
+        raise JIDError("empty JID")
+    # RFC 7622 §3.1: split on the first '/', then on the first '@' before it.
+    rest, slash, resource = text.partition("/")
+    if slash and not resource:
+        raise JIDError("empty resourcepart")
+    local, at, domain = rest.partition("@")
+    if not at:
+        local, domain = None, rest
+    elif not local:
+        raise JIDError("empty localpart")
+    return JID.make(local, domain, resource if slash else None)
