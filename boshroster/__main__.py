@@ -1,0 +1,7 @@
+"""``python -m boshroster`` is the ``boshroster`` command (cli.py patches gevent first)."""
+
+import sys
+
+from boshroster.cli import main
+
+sys.exit(main())

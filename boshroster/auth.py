@@ -1,0 +1,108 @@
+"""Who may log in: failed-login throttling and the optional HTTP password check.
+
+The embedded account store (accounts.py) holds SCRAM keys; with
+``auth = "http"`` passwords live in the backend app instead and only PLAIN
+can be offered (there are no SCRAM keys to check against).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections import deque
+
+import requests
+
+log = logging.getLogger("boshroster.auth")
+
+
+class AuthThrottle:
+    """Counts failed logins per source address in a sliding window.
+
+    Shared state: ``_failures`` (address -> deque of times), mutated only by
+    ``failed`` and ``blocked``, which never yield.
+    """
+
+    def __init__(self, limit: int, window: float, clock=time.monotonic):
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self._failures: dict[str, deque] = {}
+
+    def _recent(self, address: str) -> deque | None:
+        times = self._failures.get(address)
+        if times is None:
+            return None
+        cutoff = self.clock() - self.window
+        while times and times[0] < cutoff:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return None
+        return times
+
+    def blocked(self, address: str) -> bool:
+        if self.limit <= 0:
+            return False
+        times = self._recent(address)
+        return times is not None and len(times) >= self.limit
+
+    def failed(self, address: str) -> None:
+        times = self._recent(address)
+        if times is None:
+            times = self._failures[address] = deque()
+        times.append(self.clock())
+        if len(self._failures) > 100000:  # bound memory under a spray of addresses
+            self._failures.pop(next(iter(self._failures)))
+
+
+class HttpAuthenticator:
+    """Checks username/password with the backend app: POST JSON, any 2xx means valid.
+
+    Offers no SCRAM (it has no keys), so sasl.mechanisms_for() offers PLAIN only.
+    Valid answers are cached briefly (keyed by a hash, never the password).
+    """
+
+    def __init__(self, url: str, domain: str, timeout: float = 5.0, cache_seconds: float = 60.0, clock=time.monotonic):
+        self.url = url
+        self.domain = domain
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self.clock = clock
+        self.http = requests.Session()
+        self._valid: dict[str, float] = {}
+
+    def _key(self, username: str, password: str) -> str:
+        return hashlib.sha256(f"{username}\0{password}".encode("utf-8")).hexdigest()
+
+    def check_password(self, username: str, password: str) -> bool:
+        key = self._key(username, password)
+        expires = self._valid.get(key)
+        if expires is not None and expires > self.clock():
+            return True
+        started = self.clock()
+        try:
+            reply = self.http.post(
+                self.url,
+                json={"username": username, "password": password, "domain": self.domain},
+                timeout=(self.timeout, self.timeout),
+            )
+        except requests.RequestException as exc:
+            log.warning("password check for %s failed: %s", username, type(exc).__name__)
+            return False
+        ok = 200 <= reply.status_code < 300
+        log.debug("password check for %s: HTTP %s in %.0f ms", username, reply.status_code, 1000 * (self.clock() - started))
+        if ok:
+            if len(self._valid) > 10000:
+                self._valid.clear()
+            self._valid[key] = self.clock() + self.cache_seconds
+        return ok
+
+    def user_exists(self, username: str) -> bool:
+        return True  # the backend knows; messages to unknown names are stored offline
+
+
+def constant_time_equals(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))

@@ -1,0 +1,291 @@
+"""The HTTP face: one WSGI app for /http-bind, /xmpp-websocket, the refresh API and the rest.
+
+The two hot paths (BOSH and the WebSocket upgrade) are dispatched before
+Bottle to keep per-request overhead low; Bottle serves everything else
+(refresh, health, metrics, host-meta, static files).  The client's address
+and whether the path is TLS-protected come from X-Forwarded-* headers only
+when the TCP peer is a trusted proxy (never from Bottle's remote_addr,
+which believes any X-Forwarded-For).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import bottle
+
+from . import __version__, xmlio
+from .bosh import BoshManager, terminate_body
+from .refresh_request import RefreshBadRequest, check_refresh_access, client_address, parse_refresh_body
+from .session import Peer
+from .websocket import WebSocketStream
+from .wsadapter import ENVIRON_KEY
+
+log = logging.getLogger("boshroster.web")
+
+STATIC_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+_XML_TYPE = "text/xml; charset=utf-8"
+
+_BOSH_PAGE = b"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>boshroster BOSH endpoint</title></head>
+<body><h1>BOSH endpoint</h1>
+<p>This is the XMPP-over-BOSH endpoint (XEP-0124/XEP-0206) of a boshroster server.
+Point an XMPP client such as Converse.js or Strophe.js at this URL; browsers
+do not talk to it directly.</p></body></html>
+"""
+
+
+class WebApp:
+    """The WSGI application of one server."""
+
+    def __init__(self, core):
+        self.core = core
+        self.config = core.config
+        self.bosh = BoshManager(core)
+        self.static_dir = self.config.static_dir or STATIC_DEFAULT
+        self.started = time.time()
+        self.bottle = self._build_bottle()
+
+    # -- request context ---------------------------------------------------
+
+    def peer(self, environ, transport: str) -> Peer:
+        """The client behind any trusted proxies, and whether its path is TLS."""
+        remote = environ.get("REMOTE_ADDR", "")
+        trusted = self.config.trusted_proxies
+        ip = client_address(remote, environ.get("HTTP_X_FORWARDED_FOR"), trusted)
+        secure = environ.get("wsgi.url_scheme") == "https"
+        if ip != remote or remote in trusted:
+            secure = secure or environ.get("HTTP_X_FORWARDED_PROTO", "").lower() == "https"
+        if transport == "bosh" and self.config.consider_bosh_secure:
+            secure = True
+        if transport == "websocket" and self.config.consider_websocket_secure:
+            secure = True
+        return Peer(ip, secure)
+
+    def cors_headers(self, environ) -> list[tuple[str, str]]:
+        allowed = self.config.cors_allowed_origins
+        origin = environ.get("HTTP_ORIGIN")
+        if "*" in allowed:
+            value = "*"
+        elif origin and origin in allowed:
+            value = origin
+        else:
+            return []
+        headers = [
+            ("Access-Control-Allow-Origin", value),
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", "Content-Type"),
+            ("Access-Control-Max-Age", "7200"),
+        ]
+        if value != "*":
+            headers.append(("Vary", "Origin"))
+        return headers
+
+    # -- WSGI entry ----------------------------------------------------------
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path == "/http-bind" or path == "/http-bind/":
+            return self._bosh(environ, start_response)
+        if path == "/xmpp-websocket" and ENVIRON_KEY in environ:
+            return self._websocket(environ, start_response)
+        return self.bottle(environ, start_response)
+
+    def _bosh(self, environ, start_response):
+        method = environ.get("REQUEST_METHOD")
+        cors = self.cors_headers(environ)
+        if method == "OPTIONS":
+            start_response("200 OK", cors + [("Content-Length", "0")])
+            return [b""]
+        if method == "GET":
+            start_response("200 OK", cors + [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(_BOSH_PAGE)))])
+            return [_BOSH_PAGE]
+        if method != "POST":
+            start_response("405 Method Not Allowed", cors + [("Allow", "GET, POST, OPTIONS"), ("Content-Length", "0")])
+            return [b""]
+        data = self._read_body(environ, self.config.bosh_max_body)
+        if data is None:
+            log.warning("BOSH body over %d bytes from %s refused", self.config.bosh_max_body, environ.get("REMOTE_ADDR"))
+            reply = terminate_body("policy-violation")
+        else:
+            try:
+                body = xmlio.parse(data, self.config.bosh_max_body)
+            except xmlio.XMLError as err:
+                log.info("bad BOSH body from %s: %s", environ.get("REMOTE_ADDR"), err.text)
+                reply = terminate_body("bad-request")
+            else:
+                reply = self.bosh.handle(body, self.peer(environ, "bosh"))
+        start_response("200 OK", cors + [("Content-Type", _XML_TYPE), ("Content-Length", str(len(reply)))])
+        return [reply]
+
+    @staticmethod
+    def _read_body(environ, limit: int) -> bytes | None:
+        """The request body, or None if it is larger than ``limit`` (checked before reading)."""
+        length = environ.get("CONTENT_LENGTH")
+        stream = environ["wsgi.input"]
+        if length:
+            try:
+                size = int(length)
+            except ValueError:
+                return b""
+            if size > limit:
+                return None
+            return stream.read(size)
+        data = stream.read(limit + 1)
+        return None if len(data) > limit else data
+
+    def _websocket(self, environ, start_response):
+        conn = environ[ENVIRON_KEY]
+        stream = WebSocketStream(self.core, conn, self.peer(environ, "websocket"))
+        stream.run()
+        return []
+
+    # -- everything else: Bottle ---------------------------------------------------
+
+    def _build_bottle(self) -> bottle.Bottle:
+        app = bottle.Bottle(autojson=False)
+        app.route("/roster_admin/refresh", "POST", self.refresh_many)
+        app.route("/roster_admin/refresh/<username>", "GET", self.refresh_one)
+        app.route("/health", "GET", self.health)
+        app.route("/metrics", "GET", self.metrics)
+        app.route("/.well-known/host-meta", ["GET", "OPTIONS"], self.host_meta)
+        app.route("/.well-known/host-meta.json", ["GET", "OPTIONS"], self.host_meta_json)
+        app.route("/xmpp-websocket", "GET", self.websocket_page)
+        app.route("/", "GET", lambda: self.static("index.html"))
+        app.route("/<path:path>", "GET", self.static)
+        return app
+
+    def _json(self, status: int, payload: dict) -> str:
+        bottle.response.status = status
+        bottle.response.content_type = "application/json"
+        return json.dumps(payload)
+
+    def _refresh_denied(self):
+        req = bottle.request
+        denied = check_refresh_access(
+            peer_ip=req.environ.get("REMOTE_ADDR", ""),
+            forwarded_for=req.environ.get("HTTP_X_FORWARDED_FOR"),
+            trusted_proxies=self.config.trusted_proxies,
+            allowed_networks=self.config.refresh_allowed_networks,
+            secret=self.config.refresh_secret or None,
+            authorization=req.environ.get("HTTP_AUTHORIZATION"),
+        )
+        if denied is None:
+            return None
+        status, message = denied
+        log.warning("refresh refused (%d) for %s: %s", status, req.environ.get("REMOTE_ADDR"), message)
+        self.core.metrics.refreshes.labels("refused").inc()
+        if status == 401:
+            bottle.response.set_header("WWW-Authenticate", 'Bearer realm="boshroster"')
+        return self._json(status, {"status": "error", "message": message})
+
+    def refresh_many(self):
+        denied = self._refresh_denied()
+        if denied is not None:
+            return denied
+        data = self._read_body(bottle.request.environ, self.config.refresh_max_body)
+        try:
+            if data is None:
+                raise RefreshBadRequest(f"body larger than {self.config.refresh_max_body} bytes")
+            usernames = parse_refresh_body(data, max_users=self.config.refresh_max_users)
+        except RefreshBadRequest as err:
+            self.core.metrics.refreshes.labels("bad-request").inc()
+            log.warning("bad refresh request from %s: %s", bottle.request.environ.get("REMOTE_ADDR"), err.message)
+            return self._json(400, {"status": "error", "message": err.message})
+        return self._do_refresh(usernames)
+
+    def refresh_one(self, username):
+        denied = self._refresh_denied()
+        if denied is not None:
+            return denied
+        try:
+            usernames = parse_refresh_body(json.dumps([username]).encode("utf-8"), max_users=1)
+        except RefreshBadRequest as err:
+            return self._json(400, {"status": "error", "message": err.message})
+        return self._do_refresh(usernames)
+
+    def _do_refresh(self, usernames):
+        started = time.monotonic()
+        updated, errors = self.core.roster.refresh_users(usernames, self.config.refresh_timeout)
+        self.core.metrics.refreshes.labels("ok").inc()
+        log.info(
+            "refresh of %d user(s): %d updated, %d errors in %.0f ms",
+            len(usernames), updated, errors, 1000 * (time.monotonic() - started),
+        )
+        return self._json(200, {"status": "ok", "message": "roster update complete", "updated": updated, "errors": errors})
+
+    def health(self):
+        backend = self.core.roster_backend
+        payload = {
+            "status": "ok",
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "sessions": self.core.metrics.open_sessions(),
+            "bosh_sessions": len(self.bosh.sessions),
+            "online_users": len(self.core.registry.usernames()),
+            "backend": {
+                "configured": bool(self.config.http_roster_url),
+                "fetches": getattr(backend, "fetches", None),
+                "failures": getattr(backend, "failures", None),
+                "last_error": getattr(backend, "last_error", None),
+            },
+        }
+        return self._json(200, payload)
+
+    def metrics(self):
+        backend = self.core.roster_backend
+        extra = ""
+        for name, attr in (("boshroster_backend_fetches_total", "fetches"), ("boshroster_backend_failures_total", "failures"),
+                           ("boshroster_backend_latency_seconds_total", "total_latency")):
+            value = getattr(backend, attr, None)
+            if value is not None:
+                extra += f"# TYPE {name} counter\n{name} {float(value)}\n"
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return self.core.metrics.exposition() + extra.encode("ascii")
+
+    def _base_urls(self) -> tuple[str, str]:
+        env = bottle.request.environ
+        host = env.get("HTTP_X_FORWARDED_HOST") if env.get("REMOTE_ADDR") in self.config.trusted_proxies else None
+        host = host or env.get("HTTP_HOST") or f"{self.config.domain}:{self.config.http_ports[0]}"
+        secure = self.peer(env, "http").secure
+        return (f"{'https' if secure else 'http'}://{host}", f"{'wss' if secure else 'ws'}://{host}")
+
+    def _cors_for_discovery(self):
+        bottle.response.set_header("Access-Control-Allow-Origin", "*")
+
+    def host_meta(self):
+        """XEP-0156: where the BOSH and WebSocket endpoints are."""
+        self._cors_for_discovery()
+        if bottle.request.method == "OPTIONS":
+            return ""
+        http, ws = self._base_urls()
+        bottle.response.content_type = "application/xrd+xml; charset=utf-8"
+        return (
+            "<?xml version='1.0' encoding='utf-8'?>\n"
+            "<XRD xmlns='http://docs.oasis-open.org/ns/xri/xrd-1.0'>\n"
+            f"  <Link rel='urn:xmpp:alt-connections:xbosh' href='{http}/http-bind'/>\n"
+            f"  <Link rel='urn:xmpp:alt-connections:websocket' href='{ws}/xmpp-websocket'/>\n"
+            "</XRD>\n"
+        )
+
+    def host_meta_json(self):
+        self._cors_for_discovery()
+        if bottle.request.method == "OPTIONS":
+            return ""
+        http, ws = self._base_urls()
+        return self._json(200, {"links": [
+            {"rel": "urn:xmpp:alt-connections:xbosh", "href": f"{http}/http-bind"},
+            {"rel": "urn:xmpp:alt-connections:websocket", "href": f"{ws}/xmpp-websocket"},
+        ]})
+
+    def websocket_page(self):
+        bottle.response.status = 426
+        bottle.response.set_header("Upgrade", "websocket")
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return "This is the XMPP-over-WebSocket endpoint (RFC 7395): connect with a WebSocket client offering the 'xmpp' subprotocol.\n"
+
+    def static(self, path):
+        return bottle.static_file(path, root=self.static_dir)

@@ -1,0 +1,445 @@
+"""Test harness: run the real server as a subprocess, talk to it like a client would.
+
+``ServerProcess`` writes a config, imports users through the real CLI, starts
+``python -m boshroster serve`` on a free loopback port and stops it by PID.
+``BoshClient`` and ``WsClient`` are small but honest XMPP clients: raw BOSH
+bodies over HTTP (with one request always parked, as real clients do) and
+raw RFC 7395 messages over websocket-client.  Both parse what arrives into
+ElementTree elements kept in an inbox that tests wait on.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import gevent
+import gevent.event
+import gevent.queue
+import requests
+import scramp
+import websocket
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+NS_CLIENT = "jabber:client"
+NS_BOSH = "http://jabber.org/protocol/httpbind"
+NS_STREAM = "http://etherx.jabber.org/streams"
+NS_SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+NS_BIND = "urn:ietf:params:xml:ns:xmpp-bind"
+NS_FRAMING = "urn:ietf:params:xml:ns:xmpp-framing"
+NS_ROSTER = "jabber:iq:roster"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+
+
+def q(ns: str, tag: str) -> str:
+    return f"{{{ns}}}{tag}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+class ServerProcess:
+    """The real server in a subprocess, with its own data dir and port."""
+
+    def __init__(self, workdir, users=("alice", "bob", "carol", "dave"), password="password", **settings):
+        self.workdir = str(workdir)
+        self.port = free_port()
+        self.settings = {
+            "domain": "localhost",
+            "http_interfaces": ["127.0.0.1"],
+            "http_ports": [self.port],
+            "data_dir": os.path.join(self.workdir, "data"),
+            "log_level": "debug",
+            "scram_iterations": 4096,
+        }
+        self.settings.update(settings)
+        self.config_path = os.path.join(self.workdir, "boshroster.toml")
+        with open(self.config_path, "w") as fh:
+            for key, value in self.settings.items():
+                fh.write(f"{key} = {toml_value(value)}\n")
+        self.log_path = os.path.join(self.workdir, "server.log")
+        self.proc = None
+        if users:
+            users_file = os.path.join(self.workdir, "users.txt")
+            with open(users_file, "w") as fh:
+                fh.writelines(f"{u}:{password}\n" for u in users)
+            self.cli("user", "import", users_file)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def bosh_url(self) -> str:
+        return self.base_url + "/http-bind"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/xmpp-websocket"
+
+    def cli(self, *args, input_text=None) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "boshroster", *args, "--config", self.config_path],
+            input=input_text, capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stderr + result.stdout
+        return result
+
+    def start(self) -> "ServerProcess":
+        self.log_file = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "boshroster", "serve", "--config", self.config_path],
+            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                gevent.sleep(0.05)
+        raise RuntimeError("server did not start:\n" + self.log())
+
+    def stop(self, sig=signal.SIGTERM, timeout=10) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        self.log_file.close()
+        return code
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class XmppClient:
+    """Transport-independent client logic; subclasses move the bytes."""
+
+    domain = "localhost"
+
+    def __init__(self):
+        self.inbox: gevent.queue.Queue = gevent.queue.Queue()
+        self.seen: list[ET.Element] = []
+        self.features: ET.Element | None = None
+        self.jid: str | None = None
+        self.closed_reason = None
+        self._ids = itertools.count(1)
+
+    # transport hooks
+    def send_xml(self, *xml: str) -> None:
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # helpers
+    def new_id(self) -> str:
+        return f"t{next(self._ids)}"
+
+    def recv(self, timeout: float = 5.0, match=None) -> ET.Element:
+        """Next element (matching ``match``), skipping and keeping others in ``seen``."""
+        deadline = time.monotonic() + timeout
+        for index, el in enumerate(self.seen):
+            if match is None or match(el):
+                return self.seen.pop(index)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"nothing matching within {timeout}s; unmatched: {[ET.tostring(e)[:200] for e in self.seen]}")
+            try:
+                el = self.inbox.get(timeout=remaining)
+            except gevent.queue.Empty:
+                continue
+            if match is None or match(el):
+                return el
+            self.seen.append(el)
+
+    def expect_nothing(self, seconds: float, match=None) -> None:
+        try:
+            el = self.recv(seconds, match)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected element: {ET.tostring(el)[:500]}")
+
+    def wait_features(self, timeout=5.0) -> ET.Element:
+        self.features = self.recv(timeout, lambda e: e.tag == q(NS_STREAM, "features"))
+        return self.features
+
+    def mechanisms(self) -> list[str]:
+        mechs = self.features.find(q(NS_SASL, "mechanisms"))
+        return [m.text for m in mechs] if mechs is not None else []
+
+    def authenticate(self, username: str, password: str, mechanism: str = "SCRAM-SHA-1") -> ET.Element:
+        """Run SASL; return the <success/> or <failure/> element."""
+        sasl_el = lambda e: e.tag.startswith(f"{{{NS_SASL}}}")  # noqa: E731
+        if mechanism == "PLAIN":
+            payload = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+            self.send_xml(f"<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{payload}</auth>")
+            return self.recv(match=sasl_el)
+        client = scramp.ScramClient([mechanism], username, password)
+        first = base64.b64encode(client.get_client_first().encode()).decode()
+        self.send_xml(f"<auth xmlns='{NS_SASL}' mechanism='{mechanism}'>{first}</auth>")
+        reply = self.recv(match=sasl_el)
+        if reply.tag != q(NS_SASL, "challenge"):
+            return reply
+        client.set_server_first(base64.b64decode(reply.text).decode())
+        final = base64.b64encode(client.get_client_final().encode()).decode()
+        self.send_xml(f"<response xmlns='{NS_SASL}'>{final}</response>")
+        reply = self.recv(match=sasl_el)
+        if reply.tag == q(NS_SASL, "success"):
+            client.set_server_final(base64.b64decode(reply.text).decode())  # verifies the server
+        return reply
+
+    def bind(self, resource: str | None = None) -> str:
+        iq_id = self.new_id()
+        res = f"<resource>{resource}</resource>" if resource else ""
+        self.send_xml(f"<iq xmlns='{NS_CLIENT}' type='set' id='{iq_id}'><bind xmlns='{NS_BIND}'>{res}</bind></iq>")
+        reply = self.recv(match=lambda e: e.get("id") == iq_id)
+        assert reply.get("type") == "result", ET.tostring(reply)
+        self.jid = reply.find(f"{q(NS_BIND, 'bind')}/{q(NS_BIND, 'jid')}").text
+        return self.jid
+
+    def login(self, username: str, password: str = "password", mechanism: str = "SCRAM-SHA-1", resource: str | None = "test") -> str:
+        self.wait_features()
+        result = self.authenticate(username, password, mechanism)
+        assert result.tag == q(NS_SASL, "success"), ET.tostring(result)
+        self.restart()
+        feats = self.wait_features()
+        assert feats.find(q(NS_BIND, "bind")) is not None
+        return self.bind(resource)
+
+    def iq(self, xml_body: str, type_: str = "get", to: str | None = None, timeout: float = 5.0) -> ET.Element:
+        iq_id = self.new_id()
+        to_attr = f" to='{to}'" if to else ""
+        self.send_xml(f"<iq xmlns='{NS_CLIENT}' type='{type_}' id='{iq_id}'{to_attr}>{xml_body}</iq>")
+        return self.recv(timeout, lambda e: e.tag == q(NS_CLIENT, "iq") and e.get("id") == iq_id)
+
+    def get_roster(self, timeout: float = 5.0) -> ET.Element:
+        return self.iq(f"<query xmlns='{NS_ROSTER}'/>", timeout=timeout)
+
+    def presence(self, inner: str = "", **attrs) -> None:
+        attr = "".join(f" {k}='{v}'" for k, v in attrs.items())
+        self.send_xml(f"<presence xmlns='{NS_CLIENT}'{attr}>{inner}</presence>")
+
+    def message(self, to: str, body: str, type_: str = "chat") -> None:
+        from xml.sax.saxutils import escape
+
+        self.send_xml(f"<message xmlns='{NS_CLIENT}' to='{to}' type='{type_}' id='{self.new_id()}'><body>{escape(body)}</body></message>")
+
+    def recv_message(self, timeout: float = 5.0, sender: str | None = None) -> ET.Element:
+        return self.recv(timeout, lambda e: e.tag == q(NS_CLIENT, "message") and e.find(q(NS_CLIENT, "body")) is not None
+                         and (sender is None or (e.get("from") or "").startswith(sender)))
+
+    def recv_presence(self, timeout: float = 5.0, sender: str | None = None, type_: str | None = None) -> ET.Element:
+        return self.recv(timeout, lambda e: e.tag == q(NS_CLIENT, "presence")
+                         and (sender is None or (e.get("from") or "").startswith(sender))
+                         and e.get("type") == type_)
+
+
+class BoshClient(XmppClient):
+    """XEP-0124/0206 client keeping one request parked, like Strophe."""
+
+    def __init__(self, url: str, wait: int = 10, to: str = "localhost", start: bool = True, **extra_attrs):
+        super().__init__()
+        self.url = url
+        self.http = requests.Session()
+        self.rid = random.randint(1_000_000, 9_000_000)
+        self.wait = wait
+        self.sid = None
+        self.outgoing: list[str] = []
+        self.restart_pending = False
+        self.terminated: ET.Element | None = None
+        self._wake = gevent.event.Event()
+        self._loop = None
+        if start:
+            self.create(to, **extra_attrs)
+
+    def post(self, body: str, timeout: float | None = None) -> ET.Element:
+        reply = self.http.post(self.url, data=body.encode("utf-8"), headers={"Content-Type": "text/xml; charset=utf-8"},
+                               timeout=timeout or self.wait + 10)
+        assert reply.status_code == 200, reply.status_code
+        return ET.fromstring(reply.content)
+
+    def next_rid(self) -> int:
+        self.rid += 1
+        return self.rid
+
+    def create(self, to="localhost", **extra):
+        attrs = {"to": to, "rid": str(self.next_rid()), "wait": str(self.wait), "hold": "1", "ver": "1.6",
+                 "xml:lang": "en", "xmpp:version": "1.0", "xmlns:xmpp": "urn:xmpp:xbosh"}
+        attrs.update(extra)
+        attr = "".join(f" {k}='{v}'" for k, v in attrs.items())
+        body = self.post(f"<body xmlns='{NS_BOSH}'{attr}/>")
+        self.creation = body
+        if body.get("type") == "terminate":
+            self.terminated = body
+            return body
+        self.sid = body.get("sid")
+        self._deliver(body)
+        self._loop = gevent.spawn(self._run)
+        return body
+
+    def _deliver(self, body: ET.Element) -> None:
+        for child in body:
+            self.inbox.put(child)
+        if body.get("type") == "terminate":
+            self.terminated = body
+            self.inbox.put(body)
+
+    def _run(self) -> None:
+        while self.terminated is None:
+            if self.outgoing or self.restart_pending:
+                payload, self.outgoing = "".join(self.outgoing), []
+                extra = ""
+                if self.restart_pending:
+                    extra, payload, self.restart_pending = " xmpp:restart='true' xmlns:xmpp='urn:xmpp:xbosh' to='localhost'", "", False
+                gevent.spawn(self._request, f"<body xmlns='{NS_BOSH}' rid='{self.next_rid()}' sid='{self.sid}'{extra}>{payload}</body>")
+            if not self._parked:
+                self._parked = True
+                gevent.spawn(self._request, f"<body xmlns='{NS_BOSH}' rid='{self.next_rid()}' sid='{self.sid}'/>", parked=True)
+            self._wake.clear()
+            self._wake.wait(0.5)
+
+    _parked = False
+
+    def _request(self, body: str, parked: bool = False) -> None:
+        try:
+            reply = self.post(body)
+        except Exception as exc:  # noqa: BLE001 - surfaced through closed_reason
+            self.closed_reason = repr(exc)
+            self.terminated = ET.Element("error")
+            return
+        finally:
+            if parked:
+                self._parked = False
+                self._wake.set()
+        self._deliver(reply)
+
+    def send_xml(self, *xml: str) -> None:
+        self.outgoing.extend(xml)
+        self._wake.set()
+
+    def restart(self) -> None:
+        self.restart_pending = True
+        self._wake.set()
+
+    def close(self) -> None:
+        if self.sid and self.terminated is None:
+            body = self.post(f"<body xmlns='{NS_BOSH}' rid='{self.next_rid()}' sid='{self.sid}' type='terminate'>"
+                             f"<presence xmlns='{NS_CLIENT}' type='unavailable'/></body>")
+            self.terminated = body
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop polling without telling the server (a vanished client)."""
+        if self.terminated is None:
+            self.terminated = ET.Element("stopped")
+        if self._loop is not None:
+            self._loop.kill()
+
+
+class WsClient(XmppClient):
+    """RFC 7395 client over websocket-client."""
+
+    def __init__(self, url: str, to: str = "localhost", open_stream: bool = True, subprotocols=("xmpp",)):
+        super().__init__()
+        self.ws = websocket.create_connection(url, subprotocols=list(subprotocols), timeout=10)
+        self.close_status = None
+        self.raw: list[str] = []
+        self._reader = gevent.spawn(self._read)
+        if open_stream:
+            self.open(to)
+
+    def open(self, to: str = "localhost") -> None:
+        self.ws.send(f"<open xmlns='{NS_FRAMING}' to='{to}' version='1.0'/>")
+
+    def _read(self) -> None:
+        while True:
+            try:
+                opcode, data = self.ws.recv_data(control_frame=True)
+            except Exception as exc:  # noqa: BLE001
+                self.closed_reason = repr(exc)
+                self.inbox.put(ET.Element("socket-closed"))
+                return
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                self.close_status = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                self.inbox.put(ET.Element("socket-closed"))
+                return
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                text = data.decode("utf-8")
+                self.raw.append(text)
+                self.inbox.put(ET.fromstring(text))
+
+    def send_xml(self, *xml: str) -> None:
+        for item in xml:
+            self.ws.send(item)
+
+    def restart(self) -> None:
+        self.open()
+
+    def close(self) -> None:
+        try:
+            self.ws.send(f"<close xmlns='{NS_FRAMING}'/>")
+            self.recv(3, lambda e: e.tag in (q(NS_FRAMING, "close"), "socket-closed"))
+        except Exception:  # noqa: BLE001
+            pass
+        self.stop()
+
+    def stop(self) -> None:
+        try:
+            self.ws.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._reader.kill()
+
+    def drop(self) -> None:
+        """Vanish without a close frame."""
+        self.ws.sock.shutdown(socket.SHUT_RDWR)
+        self.ws.sock.close()
+        self._reader.kill()
+
+
+
