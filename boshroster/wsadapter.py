@@ -1,0 +1,496 @@
+"""The one module that knows about the WebSocket library (gevent-websocket 0.10.1).
+
+Use :class:`ServerHandler` as ``handler_class`` of ``gevent.pywsgi.WSGIServer`` for every
+connection. Plain HTTP requests (BOSH, static files, admin) reach the WSGI app untouched. A
+WebSocket upgrade on any path must offer the ``xmpp`` subprotocol (RFC 7395 §3.1), otherwise it
+gets ``501``; on success the app is called once with ``environ['boshroster.websocket']`` set to a
+:class:`WsConnection` and owns the socket until it returns. What the app returns and any
+``start_response`` call it makes are ignored: nothing more is written as HTTP on that socket.
+
+Settings are read from attributes of the ``WSGIServer`` instance (set them before ``start()``):
+
+``ws_max_message``   largest accepted text message in bytes (default 262144 + 1024)
+``ws_ping_interval`` seconds between ping frames, 0 disables (default 30)
+``ws_queue_size``    outgoing messages queued before a slow reader is cut off (default 1000)
+``ws_close_grace``   seconds to wait for the peer's close frame (default 2.0)
+``ws_flush_timeout`` seconds allowed to flush the queue after ``close()`` (default 10.0)
+
+What we use from gevent-websocket: the HTTP upgrade handshake (``WebSocketHandler``) and frame
+header encoding/decoding (``Header``). What we replace, and why (all seen in 0.10.1):
+
+* the subprotocol is echoed only if the app has ``app_protocol()``: we force
+  ``Sec-WebSocket-Protocol: xmpp`` in ``start_response`` for the 101, for any app;
+* ``WebSocket.read_frame`` reads any announced length and ``read_message`` concatenates without
+  bound: our reader checks the cap against the frame header *before* reading a payload byte;
+* ``WebSocket.close(code)`` sends a close frame without the status code, and is also called
+  from ``__del__`` and from ``run_websocket``: we neutralise that object and send our own close
+  frames (``run_websocket`` is replaced entirely);
+* its socket writes are not safe for concurrent greenlets: one writer greenlet per connection;
+* its error-path bodies are ``str`` (pywsgi needs bytes) and its access log goes to a silenced
+  logger: we encode the bodies and restore pywsgi's ``log_request``;
+* its per-byte Python unmasking and UTF-8 validator are slow: we unmask with one big-int XOR and
+  decode with ``bytes.decode('utf-8')`` (strict) per complete message.
+"""
+
+import binascii
+import logging
+import socket
+import struct
+
+import gevent
+from gevent import GreenletExit
+from gevent.event import Event
+from gevent.pywsgi import WSGIHandler
+from gevent.queue import Empty, Queue
+from geventwebsocket.exceptions import ProtocolError, WebSocketError
+from geventwebsocket.handler import WebSocketHandler
+from geventwebsocket.websocket import Header
+
+__all__ = ["ServerHandler", "WsConnection", "MessageTooLarge", "ENVIRON_KEY", "SUBPROTOCOL"]
+
+log = logging.getLogger(__name__)
+
+ENVIRON_KEY = "boshroster.websocket"
+SUBPROTOCOL = "xmpp"
+
+DEFAULT_MAX_MESSAGE = 262144 + 1024
+DEFAULT_PING_INTERVAL = 30
+DEFAULT_QUEUE_SIZE = 1000
+DEFAULT_CLOSE_GRACE = 2.0
+DEFAULT_FLUSH_TIMEOUT = 10.0
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+_BATCH_BYTES = 256 * 1024  # writer coalesces queued frames up to this size per sendall
+_DISCARD_CHUNK = 64 * 1024
+_CLOSE = object()  # queue sentinel: write the close frame next, then stop writing
+
+_NOT_XMPP_BODY = (
+    b"This WebSocket endpoint speaks XMPP (RFC 7395) only: the handshake must offer the "
+    b"'xmpp' subprotocol (Sec-WebSocket-Protocol: xmpp).\n"
+)
+
+
+class MessageTooLarge(Exception):
+    """The peer announced or sent a message larger than ``ws_max_message``.
+
+    The payload was not read; the connection cannot be read further. Close it (1009).
+    """
+
+
+class _Eof(Exception):
+    """The socket ended (EOF or error) in the middle of reading."""
+
+
+def _frame(opcode, payload):
+    return bytes(Header.encode_header(True, opcode, b"", len(payload), 0)) + payload
+
+
+def _unmask(data, mask):
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * ((n + 3) // 4))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def _close_payload(code, reason):
+    raw = reason.encode("utf-8")[:123]
+    raw = raw.decode("utf-8", "ignore").encode("utf-8")  # don't cut a character in half
+    return struct.pack("!H", code) + raw
+
+
+def _valid_close_code(code):
+    return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class WsConnection:
+    """An upgraded XMPP-over-WebSocket connection (RFC 6455 framing, RFC 7395 rules).
+
+    One greenlet may call :meth:`receive` (the connection's own greenlet, i.e. the WSGI app);
+    any greenlet may call :meth:`send` and :meth:`close`.
+    """
+
+    def __init__(self, sock, rfile, remote_addr, max_message=DEFAULT_MAX_MESSAGE,
+                 ping_interval=DEFAULT_PING_INTERVAL, queue_size=DEFAULT_QUEUE_SIZE,
+                 close_grace=DEFAULT_CLOSE_GRACE, flush_timeout=DEFAULT_FLUSH_TIMEOUT):
+        self._sock = sock
+        self._rfile = rfile
+        self.remote_addr = remote_addr
+        self.max_message = int(max_message)
+        self.ping_interval = float(ping_interval or 0)
+        self.queue_size = int(queue_size)
+        self.close_grace = float(close_grace)
+        self.flush_timeout = float(flush_timeout)
+        #: code of the close frame we sent (None until close()), and of the one the peer sent
+        #: (1005 = close frame without a status code; None if none was received)
+        self.close_code = None
+        self.peer_close_code = None
+
+        self._queue = Queue()  # bounded by send() via queue_size; control frames bypass it
+        self._close_frame = None
+        self._closing = Event()  # close() called or socket dead: stops the pinger
+        self._peer_done = Event()  # peer's close frame received, or socket EOF/error
+        self._recv_done = False  # receive() returns None from now on
+        self._in_sync = True  # the read side is at a frame boundary
+        self._resync = 0  # unread payload bytes of an oversized frame (skipped by _drain)
+        self._aborted = False
+        self._watchdog = None
+        self._writer = gevent.spawn(self._write_loop)
+        self._pinger = gevent.spawn(self._ping_loop) if self.ping_interval > 0 else None
+
+    def __repr__(self):
+        state = "closed" if self.closed else "open"
+        return "<WsConnection %s %s>" % (self.remote_addr, state)
+
+    @property
+    def closed(self):
+        return self._closing.is_set() or self._peer_done.is_set()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def receive(self):
+        """Return the next complete text message, or None once the connection is over.
+
+        Never raises on socket errors. Raises :class:`MessageTooLarge` without reading the
+        oversized payload; the caller should then ``close(1009)``.
+        """
+        if self._recv_done:
+            return None
+        try:
+            return self._receive()
+        except MessageTooLarge:
+            self._recv_done = True
+            self._in_sync = False
+            raise
+        except ProtocolError as exc:
+            log.info("websocket %s: protocol error: %s", self.remote_addr, exc)
+            self._recv_done = True
+            self._in_sync = False
+            self.close(1002, "protocol error")
+        except UnicodeDecodeError:
+            log.info("websocket %s: invalid UTF-8 in a text message", self.remote_addr)
+            self._recv_done = True
+            self.close(1007, "invalid UTF-8")
+        except (_Eof, OSError, ValueError):
+            self._on_eof()
+        return None
+
+    def _on_eof(self):
+        self._recv_done = True
+        self._in_sync = False
+        self._peer_done.set()
+
+    def _read(self, n):
+        data = self._rfile.read(n)
+        if len(data) != n:
+            raise _Eof()
+        return data
+
+    def _read_header(self):
+        try:
+            header = Header.decode_header(self._rfile)
+        except ProtocolError:
+            raise
+        except WebSocketError:  # 0.10.1 raises WebSocketError on a short read
+            raise _Eof()
+        if header.flags:
+            raise ProtocolError("reserved bits set without a negotiated extension")
+        if not header.mask:
+            raise ProtocolError("client frames must be masked")
+        return header
+
+    def _read_payload(self, header):
+        if not header.length:
+            return b""
+        return _unmask(self._read(header.length), header.mask)
+
+    def _skip(self, n):
+        while n > 0:
+            chunk = self._rfile.read(min(n, _DISCARD_CHUNK))
+            if not chunk:
+                raise _Eof()
+            n -= len(chunk)
+
+    def _receive(self):
+        cap = self.max_message
+        opcode = None
+        parts = []
+        total = 0
+        while True:
+            header = self._read_header()
+            op = header.opcode
+            if op >= 0x8:  # control frame; Header.decode_header already enforced fin + <=125
+                payload = self._read_payload(header)
+                if op == OP_CLOSE:
+                    self._on_peer_close(payload)
+                    return None
+                if op == OP_PING:
+                    self._enqueue_control(_frame(OP_PONG, payload))
+                elif op != OP_PONG:
+                    raise ProtocolError("reserved control opcode %d" % op)
+                continue
+            if op == OP_CONT:
+                if opcode is None:
+                    raise ProtocolError("continuation frame without a message")
+            elif op in (OP_TEXT, OP_BINARY):
+                if opcode is not None:
+                    raise ProtocolError("new message inside a fragmented message")
+                opcode = op
+            else:
+                raise ProtocolError("reserved data opcode %d" % op)
+            total += header.length
+            if total > cap:
+                self._resync = header.length
+                raise MessageTooLarge("message of more than %d bytes (limit %d)" % (total, cap))
+            if opcode == OP_TEXT:
+                parts.append(self._read_payload(header))
+            else:
+                self._skip(header.length)  # RFC 7395 §3.2: text only; ignore binary like Prosody
+            if not header.fin:
+                continue
+            if opcode == OP_TEXT and not self._closing.is_set():
+                return b"".join(parts).decode("utf-8")
+            # binary message, or data arriving after our close frame: drop it, keep reading
+            opcode = None
+            parts = []
+            total = 0
+
+    def _on_peer_close(self, payload):
+        reply = 1000
+        if not payload:
+            self.peer_close_code = 1005
+        elif len(payload) < 2:
+            reply = 1002
+        else:
+            code = struct.unpack("!H", payload[:2])[0]
+            self.peer_close_code = code
+            try:
+                payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                reply = 1002
+            else:
+                reply = code if _valid_close_code(code) else 1002
+        self._recv_done = True
+        self._peer_done.set()
+        self.close(reply)  # no-op if we started the close; otherwise echo it (RFC 6455 §5.5.1)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def send(self, text):
+        """Queue one text message; never blocks. Dropped once the connection is closing."""
+        if self._closing.is_set():
+            return
+        frame = _frame(OP_TEXT, text.encode("utf-8"))
+        if self._queue.qsize() >= self.queue_size:
+            log.warning("websocket %s: %d messages queued, peer is not reading; closing",
+                        self.remote_addr, self._queue.qsize())
+            self._drop_queued()
+            self.close(1008, "send queue overflow")
+            return
+        self._queue.put_nowait(frame)
+
+    def _enqueue_control(self, frame):
+        if not self._closing.is_set():
+            self._queue.put_nowait(frame)
+
+    def _drop_queued(self):
+        try:
+            while True:
+                self._queue.get_nowait()
+        except Empty:
+            pass
+
+    def close(self, code=1000, reason=""):
+        """Send a close frame with ``code`` after everything already queued; idempotent.
+
+        Returns at once. The socket is shut down when the peer answers with its close frame, or
+        ``ws_close_grace`` seconds after ours was written, or ``ws_flush_timeout`` +
+        ``ws_close_grace`` seconds from now at the latest.
+        """
+        if self._closing.is_set():
+            return
+        self.close_code = code
+        self._close_frame = _frame(OP_CLOSE, _close_payload(code, reason))
+        self._closing.set()
+        self._queue.put_nowait(_CLOSE)
+        if not self._aborted:
+            self._watchdog = gevent.spawn_later(self.flush_timeout + self.close_grace,
+                                                self._abort)
+
+    def _write_loop(self):
+        queue = self._queue
+        sendall = self._sock.sendall
+        try:
+            done = False
+            while not done:
+                item = queue.get()
+                batch = []
+                size = 0
+                while True:
+                    if item is _CLOSE:
+                        batch.append(self._close_frame)
+                        done = True
+                        break
+                    batch.append(item)
+                    size += len(item)
+                    if size >= _BATCH_BYTES:
+                        break
+                    try:
+                        item = queue.get_nowait()
+                    except Empty:
+                        break
+                sendall(b"".join(batch))
+            # close frame written: give the peer a moment to answer with its own
+            self._peer_done.wait(self.close_grace)
+        except (OSError, ValueError) as exc:
+            log.debug("websocket %s: write failed: %s", self.remote_addr, exc)
+        finally:
+            self._abort()
+
+    def _ping_loop(self):
+        while not self._closing.wait(self.ping_interval):
+            self._enqueue_control(_frame(OP_PING, b""))
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def _abort(self):
+        """Shut the socket down (wakes a blocked reader and writer); the handler closes it."""
+        if self._aborted:
+            return
+        self._aborted = True
+        self._closing.set()
+        self._peer_done.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
+    def _drain(self):
+        """After the app returned: read (and discard) until the peer's close frame or EOF."""
+        try:
+            if self._resync:  # a well-behaved peer sends the rest of the oversized frame
+                self._skip(self._resync)
+                self._resync = 0
+                self._in_sync = True
+            while not self._peer_done.is_set():
+                if not self._in_sync:
+                    if not self._rfile.read1(_DISCARD_CHUNK):
+                        break
+                    continue
+                try:
+                    header = self._read_header()
+                except ProtocolError:
+                    self._in_sync = False
+                    continue
+                if header.opcode == OP_CLOSE:
+                    self._on_peer_close(self._read_payload(header))
+                    break
+                self._skip(header.length)
+        except (_Eof, OSError, ValueError):
+            pass
+        self._on_eof()
+
+    def _finish(self, code=1000, reason=""):
+        """Called by the handler greenlet once the app has returned: close, linger, clean up."""
+        self.close(code, reason)
+        with gevent.Timeout(self.flush_timeout + self.close_grace + 1.0, False):
+            if not self._peer_done.is_set():
+                self._drain()
+            self._writer.join()
+        self._abort()
+        for glet in (self._writer, self._pinger, self._watchdog):
+            if glet is not None and not glet.dead:
+                glet.kill(block=True, timeout=1)
+        self._drop_queued()
+
+
+def _ignore_start_response(status, headers, exc_info=None):
+    return lambda data: None
+
+
+class ServerHandler(WebSocketHandler):
+    """pywsgi handler class for every connection of the server (``handler_class=``)."""
+
+    def handle(self):
+        # Design notes F: pywsgi writes headers and body in two sends; without TCP_NODELAY the
+        # body waits for the client's delayed ACK (~40 ms per kept-alive response).
+        sock = self.socket
+        if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return super().handle()
+
+    # 0.10.1 routes its access log to a logger that emits nothing; use pywsgi's (server.log).
+    log_request = WSGIHandler.log_request
+
+    def upgrade_websocket(self):
+        result = super().upgrade_websocket()
+        if result:  # 0.10.1's error bodies are str; pywsgi writes bytes only
+            result = [r.encode("utf-8") if isinstance(r, str) else r for r in result]
+        return result
+
+    def upgrade_connection(self):
+        offered = self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
+        if SUBPROTOCOL not in [p.strip() for p in offered.split(",")]:
+            self.close_connection = True
+            self.start_response("501 Not Implemented", [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(_NOT_XMPP_BODY))),
+                ("Connection", "close"),
+            ])
+            return [_NOT_XMPP_BODY]
+        try:
+            return super().upgrade_connection()
+        except (binascii.Error, ValueError):  # 0.10.1 only catches TypeError from b64decode
+            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [b"Invalid Sec-WebSocket-Key\n"]
+
+    def start_response(self, status, headers, exc_info=None):
+        if status.startswith("101") and self.environ.get("wsgi.websocket") is not None:
+            # RFC 7395 §3.1: echo the subprotocol (0.10.1 only does it via app.app_protocol).
+            headers = [(k, v) for k, v in headers if k.lower() != "sec-websocket-protocol"]
+            headers.append(("Sec-WebSocket-Protocol", SUBPROTOCOL))
+        return super().start_response(status, headers, exc_info)
+
+    def run_websocket(self):
+        # Replaces 0.10.1's run_websocket. Its WebSocket object must never write: close() would
+        # send a close frame without status code (also from __del__), so mark it closed.
+        old = self.websocket
+        old.closed = True
+        self.websocket = None
+        self.environ.pop("wsgi.websocket", None)
+        server = self.server
+        conn = WsConnection(
+            self.socket, self.rfile, self.environ.get("REMOTE_ADDR", ""),
+            max_message=getattr(server, "ws_max_message", DEFAULT_MAX_MESSAGE),
+            ping_interval=getattr(server, "ws_ping_interval", DEFAULT_PING_INTERVAL),
+            queue_size=getattr(server, "ws_queue_size", DEFAULT_QUEUE_SIZE),
+            close_grace=getattr(server, "ws_close_grace", DEFAULT_CLOSE_GRACE),
+            flush_timeout=getattr(server, "ws_flush_timeout", DEFAULT_FLUSH_TIMEOUT),
+        )
+        self.environ[ENVIRON_KEY] = conn
+        code, reason = 1000, ""
+        try:
+            result = self.application(self.environ, _ignore_start_response)
+            try:
+                for _ in result or ():
+                    pass
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        except MessageTooLarge:
+            code, reason = 1009, "message too large"
+            raise
+        except GreenletExit:
+            code, reason = 1001, "server shutting down"
+            raise
+        except BaseException:
+            code, reason = 1011, "internal error"
+            raise  # pywsgi logs it; response_length > 0, so it writes no 500 response
+        finally:
+            conn._finish(code, reason)
+            self.close_connection = True
