@@ -1,0 +1,236 @@
+"""Per-user roster cache with single-flight fetching and a grace period.
+
+The session core calls ``hold``/``release`` as resources come and go,
+``get`` to answer a roster get, and ``refresh`` when the backend says a
+roster changed; the HTTP refresh handler calls ``refresh`` for users who are
+online (``is_held``) and ``drop`` for the others (contract §4: "drop any
+cached copy so the next login is fresh").
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from typing import Callable
+
+import gevent
+from gevent.event import AsyncResult
+
+from boshroster.roster import Roster
+from boshroster.roster_backend import RosterFetchError
+
+log = logging.getLogger("boshroster.roster_cache")
+
+__all__ = ["RosterCache"]
+
+
+class _Flight:
+    """One backend fetch for one user, and everyone waiting for it.
+
+    ``result`` is set to ``(old, new)`` or to an exception.  ``started``
+    turns true when the fetching greenlet runs (before that, the GET has not
+    been issued, so anyone may join it and still see fresh data).  ``store``
+    is false once ``drop()`` made the result stale.  ``followup`` is the
+    fetch chained after this one by refreshes that arrived while it ran."""
+
+    __slots__ = ("result", "started", "store", "followup")
+
+    def __init__(self) -> None:
+        self.result: AsyncResult = AsyncResult()
+        self.started = False
+        self.store = True
+        self.followup: _Flight | None = None
+
+
+class RosterCache:
+    """Greenlet-safe roster cache in front of a ``RosterBackend``.
+
+    Shared state (all plain dicts on this object, keyed by prepared username):
+
+    * ``_rosters``  username -> Roster currently cached;
+    * ``_flights``  username -> the _Flight in progress (at most one; a
+      refresh that must see newer data hangs a ``followup`` on it);
+    * ``_holders``  username -> number of online resources (hold/release);
+    * ``_expiry`` + ``_heap``  eviction time of cached rosters whose user has
+      no holder (the heap may hold stale entries; ``_expiry`` is the truth).
+
+    Who mutates it: the public methods (called from session and HTTP
+    greenlets) and ``_run``, the one greenlet spawned per backend fetch,
+    which stores the result and starts the follow-up.
+
+    Why it is greenlet-safe: gevent switches greenlets only where code
+    blocks.  In this class the only yields are (1) ``AsyncResult.get()`` in
+    ``get``/``refresh``, which waits for a flight and touches no state
+    afterwards except reading the result, and (2) ``backend.fetch()`` inside
+    ``_run``, before which ``_run`` has changed nothing and after which it
+    updates the state without yielding again.  ``gevent.spawn``, the clock,
+    dict and heap operations never yield, so every method's read-check-write
+    sequence is atomic with respect to other greenlets.  (Log calls are made
+    only where the state is consistent, in case a handler does socket I/O.)
+    Not thread-safe: use from one gevent hub.
+
+    Eviction is lazy: every public call first evicts rosters whose grace has
+    passed, so nothing grows without bound, and a stale roster is never
+    returned.  Call ``hold`` before ``get`` at login, so a refresh that races
+    with the login sees the user as online.
+    """
+
+    def __init__(self, backend, *, grace_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._backend = backend
+        self._grace = grace_seconds
+        self._clock = clock
+        self._rosters: dict[str, Roster] = {}
+        self._flights: dict[str, _Flight] = {}
+        self._holders: dict[str, int] = {}
+        self._expiry: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    # -- reading ------------------------------------------------------------------
+    def get(self, username: str) -> Roster:
+        """The cached roster, else the result of the (single) fetch for it.
+
+        Raises RosterFetchError, shared with every caller waiting on the same
+        fetch."""
+        self._evict_expired()
+        roster = self._rosters.get(username)
+        if roster is not None:
+            return roster
+        flight = self._flights.get(username)
+        if flight is None or not flight.store:
+            # Nothing in flight, or the fetch in flight was started before a
+            # drop() and its data is stale: wait for a fresh one.
+            flight = self._fresh_flight(username)
+        return flight.result.get()[1]
+
+    def refresh(self, username: str) -> tuple[Roster | None, Roster]:
+        """Fetch the roster again, from a GET issued after this call began.
+
+        Returns ``(old, new)``: ``new`` is now cached, ``old`` is the roster it
+        replaced in the cache (None if there was none).  Transitions chain:
+        successive refreshes return (r0, r1), (r1, r2)...  Refreshes coalesced
+        into the same fetch return the very same tuple (push the diff once per
+        distinct ``new`` if you care; pushing it twice is harmless).  Raises
+        RosterFetchError; the cache then keeps what it had."""
+        self._evict_expired()
+        return self._fresh_flight(username).result.get()
+
+    def cached(self, username: str) -> Roster | None:
+        """The cached roster, or None; never fetches, never waits."""
+        self._evict_expired()
+        return self._rosters.get(username)
+
+    def fetching(self, username: str) -> bool:
+        """Whether a backend fetch for this user is in progress or queued."""
+        return username in self._flights
+
+    def __len__(self) -> int:
+        """Number of cached rosters (for metrics)."""
+        self._evict_expired()
+        return len(self._rosters)
+
+    # -- lifecycle ----------------------------------------------------------------
+    def drop(self, username: str) -> None:
+        """Forget the user's cached roster; a fetch already in flight will not
+        be stored (its waiters still get its result), so the next get fetches
+        afresh."""
+        self._rosters.pop(username, None)
+        self._expiry.pop(username, None)
+        flight = self._flights.get(username)
+        if flight is not None and flight.started:
+            flight.store = False
+
+    def hold(self, username: str) -> None:
+        """One more online resource for this user: keep the roster cached."""
+        self._evict_expired()
+        self._holders[username] = self._holders.get(username, 0) + 1
+        self._expiry.pop(username, None)
+
+    def release(self, username: str) -> None:
+        """One resource fewer; at zero the roster stays ``grace_seconds`` more."""
+        count = self._holders.get(username, 0)
+        if count <= 0:
+            log.warning("roster cache: release(%r) without a matching hold", username)
+            return
+        if count > 1:
+            self._holders[username] = count - 1
+            return
+        del self._holders[username]
+        if username in self._rosters:
+            self._schedule_expiry(username)
+        self._evict_expired()
+
+    def is_held(self, username: str) -> bool:
+        return self._holders.get(username, 0) > 0
+
+    # -- internals -------------------------------------------------------------------
+    def _fresh_flight(self, username: str) -> _Flight:
+        """A flight whose GET has not been issued yet (new, joined or chained)."""
+        flight = self._flights.get(username)
+        if flight is None:
+            return self._launch(username, _Flight())
+        if not flight.started:
+            flight.store = True
+            return flight
+        if flight.followup is None:
+            flight.followup = _Flight()
+        return flight.followup
+
+    def _launch(self, username: str, flight: _Flight) -> _Flight:
+        self._flights[username] = flight
+        gevent.spawn(self._run, username, flight)
+        return flight
+
+    def _run(self, username: str, flight: _Flight) -> None:
+        flight.started = True
+        error: BaseException | None = None
+        try:
+            new = self._backend.fetch(username)
+        except RosterFetchError as exc:
+            error = exc
+        except gevent.GreenletExit:
+            error = RosterFetchError("connection", f"roster fetch for {username!r} aborted")
+        except Exception as exc:  # a bug: log it, but never leave waiters hanging
+            log.exception("roster cache: unexpected error fetching %r", username)
+            error = RosterFetchError(
+                "connection", f"internal error fetching roster of {username!r}: {exc!r}")
+        # From here to the end: no yields.
+        self._evict_expired()
+        outcome: tuple[Roster | None, Roster] | None = None
+        if error is None:
+            if flight.store:
+                old = self._rosters.get(username)
+                self._rosters[username] = new
+                if self.is_held(username):
+                    self._expiry.pop(username, None)
+                else:
+                    self._schedule_expiry(username)
+                outcome = (old, new)
+            else:
+                outcome = (None, new)
+        if self._flights.get(username) is flight:
+            if flight.followup is not None:
+                self._launch(username, flight.followup)
+            else:
+                del self._flights[username]
+        if error is None:
+            flight.result.set(outcome)
+        else:
+            flight.result.set_exception(error)
+
+    def _schedule_expiry(self, username: str) -> None:
+        when = self._clock() + self._grace
+        self._expiry[username] = when
+        heapq.heappush(self._heap, (when, username))
+
+    def _evict_expired(self) -> None:
+        heap = self._heap
+        if not heap:
+            return
+        now = self._clock()
+        while heap and heap[0][0] <= now:
+            when, username = heapq.heappop(heap)
+            if self._expiry.get(username) == when:
+                del self._expiry[username]
+                self._rosters.pop(username, None)
