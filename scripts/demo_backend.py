@@ -287,13 +287,13 @@ class Refresher:
         try:
             r = self.http.post(self.url, data=json.dumps(usernames), headers=headers, timeout=self.timeout)
         except requests.exceptions.ConnectTimeout:
-            return self._failed("timed out connecting to %s after %gs" % (self.url, self.timeout[0]))
+            return self._failed("timed out connecting to %s after %gs." % (self.url, self.timeout[0]))
         except requests.exceptions.ReadTimeout:
-            return self._failed("%s did not answer within %gs" % (self.url, self.timeout[1]))
+            return self._failed("%s did not answer within %gs." % (self.url, self.timeout[1]))
         except requests.exceptions.ConnectionError as e:
-            return self._failed("could not connect to %s (%s); is boshroster running?" % (self.url, _reason(e)))
+            return self._failed("could not connect to %s (%s). Is boshroster running?" % (self.url, _reason(e)))
         except requests.exceptions.RequestException as e:
-            return self._failed("refresh request to %s failed: %s" % (self.url, e))
+            return self._failed("refresh request to %s failed: %s." % (self.url, e))
         try:
             body = r.json()
         except ValueError:
@@ -310,7 +310,7 @@ class Refresher:
 
     def _failed(self, message):
         log.warning("refresh failed: %s", message)
-        return {"ok": False, "error": message + " - the change was saved; users see it at their next login"}
+        return {"ok": False, "error": message + " The change was saved; users will see it at their next login."}
 
 
 def _reason(exc):
@@ -449,6 +449,7 @@ ADMIN_PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Demo web app - contacts admin</title>
+<link rel="icon" href="data:,">
 <style>
   body { font-family: system-ui, sans-serif; margin: 1.5em; max-width: 60em; color: #222; }
   h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
