@@ -133,7 +133,7 @@ class BoshSession:
         while len(self.responses) > self.requests + 1:
             self.responses.popitem(last=False)
 
-    def _finish(self, condition: str | None, error: Element | None = None) -> None:
+    def _finish(self, condition: str | None, error: Element | None = None, linger: bool = True) -> None:
         """The stream is over: build the terminal body, answer held requests, forget the sid."""
         if self.terminal is not None:
             return
@@ -148,7 +148,8 @@ class BoshSession:
         while self.held:
             held = self.held.popleft()
             held.result.set(terminate_body(None))
-        self.manager.forget(self.sid, linger=self.terminal if not self._delivered_terminal() else None)
+        keep = linger and not self._delivered_terminal()
+        self.manager.forget(self.sid, linger=self.terminal if keep else None)
         self._cancel_inactivity()
 
     def _delivered_terminal(self) -> bool:
@@ -172,7 +173,7 @@ class BoshSession:
         log.info("BOSH session of %s timed out after %ss of inactivity", self.session.jid_str or "(unbound)", self.inactivity)
         undelivered = self.pending
         self.pending = []
-        self._finish(None)
+        self._finish(None, linger=False)  # XEP-0124 §10: later requests get item-not-found
         self.session.end("BOSH inactivity timeout")
         self.manager.core.messages.requeue(self.session, undelivered)
 

@@ -330,22 +330,26 @@ class BoshClient(XmppClient):
             self.inbox.put(body)
 
     def _run(self) -> None:
+        # Like Strophe: never more than 'requests' (2) requests outstanding, one parked.
         while self.terminated is None:
-            if self.outgoing or self.restart_pending:
+            if (self.outgoing or self.restart_pending) and self._in_flight < 2:
                 payload, self.outgoing = "".join(self.outgoing), []
                 extra = ""
                 if self.restart_pending:
                     extra, payload, self.restart_pending = " xmpp:restart='true' xmlns:xmpp='urn:xmpp:xbosh' to='localhost'", "", False
-                gevent.spawn(self._request, f"<body xmlns='{NS_BOSH}' rid='{self.next_rid()}' sid='{self.sid}'{extra}>{payload}</body>")
-            if not self._parked:
-                self._parked = True
-                gevent.spawn(self._request, f"<body xmlns='{NS_BOSH}' rid='{self.next_rid()}' sid='{self.sid}'/>", parked=True)
+                self._spawn(f"<body xmlns='{NS_BOSH}' rid='{self.next_rid()}' sid='{self.sid}'{extra}>{payload}</body>")
+            elif self._in_flight == 0:
+                self._spawn(f"<body xmlns='{NS_BOSH}' rid='{self.next_rid()}' sid='{self.sid}'/>")
             self._wake.clear()
             self._wake.wait(0.5)
 
-    _parked = False
+    _in_flight = 0
 
-    def _request(self, body: str, parked: bool = False) -> None:
+    def _spawn(self, body: str) -> None:
+        self._in_flight += 1
+        gevent.spawn(self._request, body)
+
+    def _request(self, body: str) -> None:
         try:
             reply = self.post(body)
         except Exception as exc:  # noqa: BLE001 - surfaced through closed_reason
@@ -353,9 +357,8 @@ class BoshClient(XmppClient):
             self.terminated = ET.Element("error")
             return
         finally:
-            if parked:
-                self._parked = False
-                self._wake.set()
+            self._in_flight -= 1
+            self._wake.set()
         self._deliver(reply)
 
     def send_xml(self, *xml: str) -> None:
