@@ -3,7 +3,7 @@ turned into XML in one place, so that correct errors are the easy path."""
 
 from __future__ import annotations
 
-from .xmlio import E, Element, NS_STANZAS, NS_STREAM, NS_STREAMS_ERR, XML_LANG
+from .xmlio import E, Element, NS_CLIENT, NS_STANZAS, NS_STREAM, NS_STREAMS_ERR, XML_LANG
 
 # RFC 6120 §8.3.3: the usual error type of each defined condition.
 _DEFAULT_TYPES = {
@@ -48,7 +48,7 @@ class StreamError(Exception):
 
 
 def error_element(condition: str, error_type: str, text: str | None = None) -> Element:
-    err = E("error", {"type": error_type}, E(f"{{{NS_STANZAS}}}{condition}"))
+    err = E(f"{{{NS_CLIENT}}}error", {"type": error_type}, E(f"{{{NS_STANZAS}}}{condition}"))
     if text:
         err.append(E(f"{{{NS_STANZAS}}}text", {XML_LANG: "en"}, text=text))
     return err
