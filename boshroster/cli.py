@@ -56,10 +56,10 @@ def main(argv=None) -> int:
         setup_logging(config.log_level)
         try:
             server = Server(config)
+            server.serve_forever()  # binds the listeners first: "address in use" lands here
         except OSError as exc:
             print(f"boshroster: cannot start: {exc}", file=sys.stderr)
             return 1
-        server.serve_forever()
         return 0
     from .accounts import AccountStore
     from .usercli import run_user_command

@@ -97,6 +97,11 @@ def _coerce(name: str, value, default):
         value = [value]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
+    if kind is list and default:
+        item_kind = type(default[0])
+        for item in value:
+            if not isinstance(item, item_kind) or isinstance(item, bool):
+                raise ConfigError(f"{name}: expected a list of {item_kind.__name__}, got an item {item!r}")
     return value
 
 

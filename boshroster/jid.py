@@ -9,6 +9,7 @@ no gevent, safe to call from any greenlet.
 from __future__ import annotations
 
 import functools
+import unicodedata
 from dataclasses import dataclass
 
 import precis_i18n
@@ -54,16 +55,27 @@ def prep_resource(value: str) -> str:
     return prepared
 
 
+def _width_map(value: str) -> str:
+    """RFC 5895 §2 step 2: fullwidth/halfwidth code points to their decomposition."""
+    return "".join(
+        unicodedata.normalize("NFKC", c) if unicodedata.decomposition(c).startswith(("<wide>", "<narrow>")) else c
+        for c in value
+    )
+
+
 @functools.lru_cache(maxsize=4096)
 def prep_domain(value: str) -> str:
-    """Lower-case, drop one trailing dot, check IDNA; raise JIDError."""
+    """Width-map, lower-case, NFC (RFC 7622 §3.2.2 / RFC 5895), drop one trailing dot,
+    check IDNA; raise JIDError."""
+    value = unicodedata.normalize("NFC", _width_map(value).lower())
     if value.endswith("."):
         value = value[:-1]
     if not value:
         raise JIDError("empty domainpart")
     if value.startswith("[") and value.endswith("]"):  # IPv6 literal
-        return value.lower()
-    value = value.lower()
+        return value
+    if any(not label for label in value.split(".")):
+        raise JIDError("empty label in domainpart")
     try:
         labels = value.encode("idna").decode("ascii")
     except UnicodeError:

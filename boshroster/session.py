@@ -172,8 +172,10 @@ class ClientSession:
         if self.state == "ended":
             return
         was_bound = self.jid is not None
+        was_counted = self.state != "new"  # session_opened runs at the first <open/> only
         self.state = "ended"
-        self.core.metrics.session_closed(self.transport.kind)
+        if was_counted:
+            self.core.metrics.session_closed(self.transport.kind)
         if was_bound:
             self.core.session_unbound(self)
             log.info("session end %s (%s, %s): %s", self.jid_str, self.transport.kind, self.peer.ip, reason)

@@ -138,19 +138,20 @@ def tostring(el: Element, parent_ns: str | None = None, declared: Iterable[str] 
     a BOSH body).
     """
     out: list[str] = []
-    _write(el, parent_ns, frozenset(declared), out)
+    _write(el, parent_ns, {ns: _KNOWN_PREFIXES[ns] for ns in declared if ns in _KNOWN_PREFIXES}, out)
     return "".join(out)
 
 
-def _write(el: Element, parent_ns: str | None, declared: frozenset, out: list[str]) -> None:
+def _write(el: Element, parent_ns: str | None, declared: dict[str, str], out: list[str]) -> None:
+    # ``declared``: namespace -> prefix bound by an enclosing element (never mutated).
     ns, local = split_tag(el.tag)
     decls: list[str] = []
     if ns in _KNOWN_PREFIXES and ns != NS_XML:
         prefix = _KNOWN_PREFIXES[ns]
         name = f"{prefix}:{local}"
-        if ns not in declared:
+        if declared.get(ns) != prefix:
             decls.append(f' xmlns:{prefix}="{escape_attr(ns)}"')
-            declared = declared | {ns}
+            declared = {**declared, ns: prefix}
         child_ns = parent_ns
     else:
         name = local
@@ -161,12 +162,18 @@ def _write(el: Element, parent_ns: str | None, declared: frozenset, out: list[st
     for key, value in el.attrib.items():
         if key[:1] == "{":
             ans, alocal = split_tag(key)
-            prefix = _KNOWN_PREFIXES.get(ans)
+            prefix = "xml" if ans == NS_XML else declared.get(ans)
             if prefix is None:
-                prefix = f"ns{len(declared)}"
-            if ans != NS_XML and ans not in declared:
+                # Reuse the prefix an ancestor bound (else it would be unbound here).
+                prefix = _KNOWN_PREFIXES.get(ans)
+                if prefix is None:
+                    used = set(declared.values())
+                    i = len(declared)
+                    while f"ns{i}" in used:
+                        i += 1
+                    prefix = f"ns{i}"
                 decls.append(f' xmlns:{prefix}="{escape_attr(ans)}"')
-                declared = declared | {ans}
+                declared = {**declared, ans: prefix}
             key = f"{prefix}:{alocal}"
         attrs.append(f' {key}="{escape_attr(value)}"')
     out.append(f"<{name}{''.join(decls)}{''.join(attrs)}")
