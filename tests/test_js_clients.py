@@ -1,0 +1,91 @@
+"""Real JavaScript XMPP clients against the real server (issue 4, point 4).
+
+Strophe.js 5 over BOSH and over WebSocket, and xmpp.js (@xmpp/client 0.14) over
+WebSocket, each run by Node from tests/js/ against ``python -m boshroster serve``
+with the demo roster backend. Each client x transport runs the scenario script
+once (one server and one backend per run); every scenario is its own test here,
+so the report is the matrix client x transport x scenario.
+
+Without node or node_modules this skips on a developer machine and fails in CI.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from backend_app import TestBackend
+from conftest import demo_contacts
+from harness import ServerProcess
+from realclients import require_node, run_node_script
+
+RUNS = {
+    # (client, transport): (script, npm packages it needs)
+    ("strophe", "bosh"): ("strophe_scenarios.js", ("strophe.js", "xhr2", "@xmldom/xmldom", "ws")),
+    ("strophe", "websocket"): ("strophe_scenarios.js", ("strophe.js", "@xmldom/xmldom", "ws")),
+    ("xmppjs", "websocket"): ("xmppjs_scenarios.js", ("@xmpp/client", "ws")),
+}
+SCENARIOS = ("login", "wrong_password", "roster", "presence", "messages",
+             "logout_unavailable", "drop_unavailable", "refresh_push")
+
+# BOSH: a vanished client is noticed when its held request times out (wait) and no
+# new one comes within the inactivity period; keep both short so the drop test is quick.
+SERVER_SETTINGS = {"bosh_max_wait": 5, "bosh_max_inactivity": 3}
+
+
+@pytest.fixture(scope="module")
+def js_run(tmp_path_factory):
+    cache = {}
+
+    def run(client, transport):
+        key = (client, transport)
+        if key not in cache:
+            script, packages = RUNS[key]
+            require_node(*packages)
+            workdir = tmp_path_factory.mktemp(f"{client}-{transport}")
+            backend = TestBackend(demo_contacts()).start()
+            server = None
+            try:
+                server = ServerProcess(workdir, http_roster_url=backend.url_template, **SERVER_SETTINGS).start()
+                url = server.bosh_url if transport == "bosh" else server.ws_url
+                args = ["--transport", transport, f"--{transport}", url, "--bosh-wait", "5", "--drop-timeout", "15000"]
+                result = run_node_script(script, args, server=server, backend=backend,
+                                         stderr_path=str(workdir / "node-stderr.log"))
+                result.server_log = server.log()
+            finally:
+                if server is not None:
+                    server.stop()
+                backend.stop()
+            cache[key] = result
+        return cache[key]
+
+    return run
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("client,transport", list(RUNS))
+def test_real_client(js_run, client, transport, scenario):
+    result = js_run(client, transport)
+    line = result.results.get(scenario)
+    context = (f"\n--- node stderr (tail) ---\n{result.stderr_tail()}"
+               f"\n--- server log (tail) ---\n{''.join(result.server_log.splitlines(True)[-40:])}")
+    assert line is not None, (f"{client}/{transport}: no result line for {scenario} "
+                              f"(exit code {result.returncode}, after {result.seconds:.1f}s){context}")
+    assert line["ok"], f"{client}/{transport}/{scenario} failed: {line.get('error')}{context}"
+
+
+@pytest.mark.parametrize("client,transport", list(RUNS))
+def test_every_scenario_ran_and_the_script_exited_cleanly(js_run, client, transport):
+    result = js_run(client, transport)
+    assert result.done is not None, f"no final line (exit code {result.returncode})\n{result.stderr_tail()}"
+    assert set(result.results) == set(SCENARIOS), sorted(result.results)
+    assert result.returncode == (1 if result.done["failed"] else 0), result.returncode
+
+
+def test_scenario_list_matches_the_script():
+    """Keep SCENARIOS in step with tests/js/scenarios.js."""
+    with open(os.path.join(os.path.dirname(__file__), "js", "scenarios.js"), encoding="utf-8") as fh:
+        source = fh.read()
+    for name in SCENARIOS:
+        assert f"runner.run('{name}'" in source, name
