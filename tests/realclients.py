@@ -83,14 +83,22 @@ class NodeRun:
 
 
 def run_node_script(script: str, args: list[str], *, server, backend, timeout: float = 150,
-                    stderr_path: str) -> NodeRun:
-    """Run ``node tests/js/<script> ARGS``, answer its refresh requests, collect its lines.
+                    stderr_path: str, handlers: dict | None = None) -> NodeRun:
+    """Run ``node tests/js/<script> ARGS``, answer its requests, collect its lines.
 
     A ``{"request": "refresh", "id": N, "user": U, "contacts": {...}}`` line makes this
     change U's contacts at the (in-process) backend and POST the refresh to the
     server, then answer ``{"id": N, "ok": true, "reply": {...}}`` on the script's stdin.
+    ``handlers`` maps other request names to ``fn(msg) -> dict`` (merged into the answer;
+    an exception answers ``ok: false``).
     """
     node = require_node()
+
+    def do_refresh(msg):
+        backend.contacts[msg["user"]] = msg["contacts"]
+        return {"reply": refresh(server, [msg["user"]])}
+
+    handlers = {"refresh": do_refresh, **(handlers or {})}
     lines: list[dict] = []
     started = time.monotonic()
     with open(stderr_path, "w") as err:
@@ -107,11 +115,11 @@ def run_node_script(script: str, args: list[str], *, server, backend, timeout: f
                     except ValueError:
                         err.write(f"[non-JSON stdout] {raw}\n")
                         continue
-                    if msg.get("request") == "refresh":
-                        answer = {"id": msg["id"]}
+                    if "request" in msg:
+                        answer = {"id": msg["id"], "ok": True}
                         try:
-                            backend.contacts[msg["user"]] = msg["contacts"]
-                            answer.update(ok=True, reply=refresh(server, [msg["user"]]))
+                            handler = handlers[msg["request"]]
+                            answer.update(handler(msg) or {})
                         except Exception as exc:  # noqa: BLE001 - reported to the script, which fails the scenario
                             answer.update(ok=False, error=repr(exc))
                         proc.stdin.write(json.dumps(answer) + "\n")
