@@ -10,7 +10,6 @@ setup(
         "gevent>=24.2",
         "gevent-websocket==0.10.1",
         "bottle>=0.13",
-        "xmltodict>=0.13",
         "defusedxml>=0.7.1",
         "requests>=2.31",
         "scramp>=1.4.5",
