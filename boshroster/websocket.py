@@ -10,6 +10,7 @@ feeds the session, so stanzas are processed in order (RFC 6120 §10.1).
 from __future__ import annotations
 
 import logging
+import secrets
 
 from . import xmlio
 from .errors import StreamError
@@ -39,7 +40,10 @@ class WebSocketStream:
         self.conn.send(xmlio.tostring(el))
 
     def stream_error(self, error: Element) -> None:
-        # RFC 7395 §3.5: the error, then <close/>, then the WebSocket close.
+        # RFC 6120 §4.9.1.2: an error before the stream is open still opens it first
+        # (as Prosody does); RFC 7395 §3.5: the error, then <close/>, then the WebSocket close.
+        if not self.opened:
+            self._send_open()
         self.conn.send(xmlio.tostring(error))
         self.conn.send(_CLOSE_XML)
         condition = xmlio.split_tag(error[0].tag)[1] if len(error) else ""
@@ -47,15 +51,18 @@ class WebSocketStream:
 
     def _open(self, el: Element) -> None:
         features = self.session.restart() if self.session.state == "restart" else self.session.open_stream(el.get("to"))
+        self._send_open()
+        self.conn.send(xmlio.tostring(features))
+
+    def _send_open(self) -> None:
         self.opened = True
         attrs = {
             "from": self.core.config.domain,
-            "id": self.session.stream_id,
+            "id": self.session.stream_id or secrets.token_urlsafe(12),
             "version": "1.0",
             XML_LANG: "en",
         }
         self.conn.send(xmlio.tostring(E(_OPEN, attrs)))
-        self.conn.send(xmlio.tostring(features))
 
     def run(self) -> None:
         """Read until the socket closes; always ends the session."""
