@@ -109,9 +109,11 @@ class PresenceHandler:
             return
         contact_user = contact.partition("@")[0]
         for session in self.core.registry.sessions_of(username):
+            # RFC 6121 §4.2.2/§4.3: a resource without initial presence neither
+            # broadcasts nor gets probe answers; its initial presence will probe.
             if session.presence is not None:
                 self._deliver_to_user(contact_user, addressed(session.presence, contact), only_available=True)
-            self._send_presence_of(contact_user, session)
+                self._send_presence_of(contact_user, session)
 
     def contact_removed(self, username: str, contact: str) -> None:
         """After a roster push removing ``contact``: unavailable both ways."""
@@ -125,7 +127,8 @@ class PresenceHandler:
         for other in self.core.registry.sessions_of(contact_user):
             if other.presence is not None:
                 for session in self.core.registry.sessions_of(username):
-                    session.send(E(_PRESENCE, {"type": "unavailable", "from": other.jid_str, "to": session.jid_str}))
+                    if session.presence is not None:  # never saw the contact's presence otherwise
+                        session.send(E(_PRESENCE, {"type": "unavailable", "from": other.jid_str, "to": session.jid_str}))
 
     # -- helpers -------------------------------------------------------------
 

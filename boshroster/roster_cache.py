@@ -110,8 +110,9 @@ class RosterCache:
         Returns ``(old, new)``: ``new`` is now cached, ``old`` is the roster it
         replaced in the cache (None if there was none).  Transitions chain:
         successive refreshes return (r0, r1), (r1, r2)...  Refreshes coalesced
-        into the same fetch return the very same tuple (push the diff once per
-        distinct ``new`` if you care; pushing it twice is harmless).  Raises
+        into the same fetch return the very same tuple object: push its diff
+        once (RosterService.refresh_user skips a tuple it has already applied;
+        pushing it again would repeat every push and presence stanza).  Raises
         RosterFetchError; the cache then keeps what it had."""
         self._evict_expired()
         return self._fresh_flight(username).result.get()
