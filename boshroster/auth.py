@@ -58,6 +58,10 @@ class AuthThrottle:
             self._failures.pop(next(iter(self._failures)))
 
 
+class PasswordCheckUnavailable(Exception):
+    """The backend could not answer a password check (down, timeout, 5xx)."""
+
+
 class HttpAuthenticator:
     """Checks username/password with the backend app: POST JSON, any 2xx means valid.
 
@@ -90,8 +94,12 @@ class HttpAuthenticator:
                 timeout=(self.timeout, self.timeout),
             )
         except requests.RequestException as exc:
-            log.warning("password check for %s failed: %s", username, type(exc).__name__)
-            return False
+            # Not the user's fault: sasl.py turns this into <temporary-auth-failure/>.
+            log.warning("password check for %s could not reach %s: %s", username, self.url, type(exc).__name__)
+            raise PasswordCheckUnavailable(type(exc).__name__) from None
+        if reply.status_code >= 500:
+            log.warning("password check for %s: backend answered HTTP %s", username, reply.status_code)
+            raise PasswordCheckUnavailable(f"HTTP {reply.status_code}")
         ok = 200 <= reply.status_code < 300
         log.debug("password check for %s: HTTP %s in %.0f ms", username, reply.status_code, 1000 * (self.clock() - started))
         if ok:

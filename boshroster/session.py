@@ -219,7 +219,7 @@ class ClientSession:
         except sasl.SaslFailure as failure:
             mechanism = self._sasl.mechanism if self._sasl else "?"
             self._sasl = None
-            if failure.condition in ("not-authorized", "temporary-auth-failure"):
+            if failure.condition == "not-authorized":  # a backend outage is nobody's failed login
                 self.core.auth_throttle.failed(self.peer.ip)
             self.core.metrics.login_failed()
             log.warning("login failed from %s (%s, %s): %s", self.peer.ip, mechanism, self.transport.kind, failure.condition)
