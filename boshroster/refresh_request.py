@@ -16,6 +16,7 @@ import re
 from typing import Any, Iterable
 
 from boshroster.jid import JIDError, prep_localpart
+from boshroster.roster import json_type_name
 
 __all__ = ["RefreshBadRequest", "parse_refresh_body", "check_refresh_access", "client_address"]
 
@@ -69,7 +70,7 @@ def parse_refresh_body(body: bytes, *, max_users: int = 10000) -> list[str]:
     except RecursionError:
         raise RefreshBadRequest("malformed JSON: nested too deeply") from None
     if not isinstance(data, list):
-        raise RefreshBadRequest(f"expected a JSON array of usernames, got {_json_type(data)}")
+        raise RefreshBadRequest(f"expected a JSON array of usernames, got {json_type_name(data)}")
     if len(data) > max_users:
         raise RefreshBadRequest(
             f"too many usernames: {len(data)}, at most {max_users} per request")
@@ -77,29 +78,13 @@ def parse_refresh_body(body: bytes, *, max_users: int = 10000) -> list[str]:
     for index, entry in enumerate(data):
         if not isinstance(entry, str):
             raise RefreshBadRequest(
-                f"entry {index} is {_json_type(entry)}, expected a string")
+                f"entry {index} is {json_type_name(entry)}, expected a string")
         try:
             usernames.setdefault(_prep_username(entry), None)
         except JIDError as exc:
             raise RefreshBadRequest(
                 f"entry {index} ({_quote(entry)}) is not a valid username: {exc}") from None
     return list(usernames)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _quote(text: str, limit: int = 64) -> str:

@@ -160,7 +160,7 @@ class Roster:
         Raises RosterFormatError if ``data`` is not a JSON object."""
         if not isinstance(data, dict):
             raise RosterFormatError(
-                f"expected a JSON object of contacts, got {_json_type(data)}")
+                f"expected a JSON object of contacts, got {json_type_name(data)}")
         skips = _SkipLog(log_context)
         items: dict[str, RosterItem] = {}
         for key, value in data.items():
@@ -192,7 +192,8 @@ def _compute_ver(items: Iterable[RosterItem]) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def _json_type(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """How a JSON value is named in error messages: 'an object', 'a number', 'null'…"""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -256,13 +257,13 @@ def _parse_contact(key: Any, value: Any, skips: _SkipLog) -> RosterItem | None:
     if value is None or (isinstance(value, list) and not value):
         value = {}
     elif not isinstance(value, dict):
-        skips.skip(key, f"value is {_json_type(value)}, expected an object")
+        skips.skip(key, f"value is {json_type_name(value)}, expected an object")
         return None
 
     name = value.get("name")
     if name is not None:
         if not isinstance(name, str):
-            skips.skip(key, f"name is {_json_type(name)}, expected a string")
+            skips.skip(key, f"name is {json_type_name(name)}, expected a string")
             return None
         name = _xml_safe(name) or None
 
@@ -274,7 +275,7 @@ def _parse_contact(key: Any, value: Any, skips: _SkipLog) -> RosterItem | None:
     elif isinstance(raw_groups, dict):
         names = list(raw_groups)
     else:
-        skips.skip(key, f"groups is {_json_type(raw_groups)}, expected an array or an object")
+        skips.skip(key, f"groups is {json_type_name(raw_groups)}, expected an array or an object")
         return None
     groups = []
     for entry in names:
