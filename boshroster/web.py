@@ -16,10 +16,12 @@ import os
 import time
 
 import bottle
+from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 
 from . import __version__, xmlio
 from .bosh import BoshManager, terminate_body
 from .refresh_request import RefreshBadRequest, check_refresh_access, client_address, parse_refresh_body
+from .refresh_request import _in_networks, _networks, _parse_ip
 from .session import Peer
 from .websocket import WebSocketStream
 from .wsadapter import ENVIRON_KEY
@@ -38,6 +40,26 @@ do not talk to it directly.</p></body></html>
 """
 
 
+class BackendCollector:
+    """The roster backend's counters (plain attributes of RosterBackend) as
+    Prometheus families, read at scrape time: fetch attempts, failures, and the
+    latency as a summary (count = attempts, sum = seconds)."""
+
+    def __init__(self, core):
+        self.core = core
+
+    def collect(self):
+        backend = self.core.roster_backend
+        fetches = getattr(backend, "fetches", None)
+        if fetches is None:
+            return
+        yield CounterMetricFamily("boshroster_backend_fetches", "Roster fetch attempts to the backend", value=fetches)
+        yield CounterMetricFamily("boshroster_backend_failures", "Failed roster fetches",
+                                  value=getattr(backend, "failures", 0))
+        yield SummaryMetricFamily("boshroster_backend_latency_seconds", "Roster fetch latency, all attempts",
+                                  count_value=fetches, sum_value=getattr(backend, "total_latency", 0.0))
+
+
 class WebApp:
     """The WSGI application of one server."""
 
@@ -47,23 +69,53 @@ class WebApp:
         self.bosh = BoshManager(core)
         self.static_dir = self.config.static_dir or STATIC_DEFAULT
         self.started = time.time()
+        self._install_backend_metrics()
         self.bottle = self._build_bottle()
+
+    def _install_backend_metrics(self) -> None:
+        """Serve the backend series from RosterBackend's own counters. The
+        Metrics object's backend_* collectors are never fed (the backend counts
+        for itself), and exposing both gave duplicate series, which Prometheus
+        rejects; so they are replaced by a collector reading the backend."""
+        metrics = self.core.metrics
+        for name in ("backend_fetches", "backend_failures", "backend_latency"):
+            collector = getattr(metrics, name, None)
+            if collector is not None:
+                try:
+                    metrics.registry.unregister(collector)
+                except KeyError:
+                    pass
+        metrics.registry.register(BackendCollector(self.core))
+        # Labelled series exist from the start (at 0), so a dashboard or an alert
+        # does not see "no data" until the first WebSocket session or refresh.
+        for transport in ("bosh", "websocket"):
+            metrics.sessions.labels(transport)
+        for outcome in ("ok", "bad-request", "refused"):
+            metrics.refreshes.labels(outcome)
 
     # -- request context ---------------------------------------------------
 
     def peer(self, environ, transport: str) -> Peer:
         """The client behind any trusted proxies, and whether its path is TLS."""
         remote = environ.get("REMOTE_ADDR", "")
-        trusted = self.config.trusted_proxies
-        ip = client_address(remote, environ.get("HTTP_X_FORWARDED_FOR"), trusted)
+        ip = client_address(remote, environ.get("HTTP_X_FORWARDED_FOR"), self.config.trusted_proxies)
         secure = environ.get("wsgi.url_scheme") == "https"
-        if ip != remote or remote in trusted:
+        if self.from_trusted_proxy(environ):
             secure = secure or environ.get("HTTP_X_FORWARDED_PROTO", "").lower() == "https"
         if transport == "bosh" and self.config.consider_bosh_secure:
             secure = True
         if transport == "websocket" and self.config.consider_websocket_secure:
             secure = True
         return Peer(ip, secure)
+
+    def from_trusted_proxy(self, environ) -> bool:
+        """Is the TCP peer one of ``trusted_proxies`` (addresses or networks)?
+
+        Network membership, not string equality: a proxy listed as a CIDR
+        (``10.0.0.0/8``) or seen as an IPv4-mapped IPv6 address must count, and
+        an untrusted IPv4-mapped peer must not."""
+        peer = _parse_ip(environ.get("REMOTE_ADDR", ""))
+        return peer is not None and _in_networks(peer, _networks(tuple(self.config.trusted_proxies)))
 
     def cors_headers(self, environ) -> list[tuple[str, str]]:
         allowed = self.config.cors_allowed_origins
@@ -236,19 +288,12 @@ class WebApp:
         return self._json(200, payload)
 
     def metrics(self):
-        backend = self.core.roster_backend
-        extra = ""
-        for name, attr in (("boshroster_backend_fetches_total", "fetches"), ("boshroster_backend_failures_total", "failures"),
-                           ("boshroster_backend_latency_seconds_total", "total_latency")):
-            value = getattr(backend, attr, None)
-            if value is not None:
-                extra += f"# TYPE {name} counter\n{name} {float(value)}\n"
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return self.core.metrics.exposition() + extra.encode("ascii")
+        return self.core.metrics.exposition()
 
     def _base_urls(self) -> tuple[str, str]:
         env = bottle.request.environ
-        host = env.get("HTTP_X_FORWARDED_HOST") if env.get("REMOTE_ADDR") in self.config.trusted_proxies else None
+        host = env.get("HTTP_X_FORWARDED_HOST") if self.from_trusted_proxy(env) else None
         host = host or env.get("HTTP_HOST") or f"{self.config.domain}:{self.config.http_ports[0]}"
         secure = self.peer(env, "http").secure
         return (f"{'https' if secure else 'http'}://{host}", f"{'wss' if secure else 'ws'}://{host}")
