@@ -89,6 +89,7 @@ class BoshSession:
         self.terminal: bytes | None = None  # set once the stream is over
         self._turn = Event()
         self._inactivity_timer = None
+        self._flush_scheduled = False
         self.session = ClientSession(manager.core, self, peer)
 
     # -- called by the session core -------------------------------------------
@@ -101,7 +102,16 @@ class BoshSession:
             self.pending.clear()
             self.session.fail("policy-violation", "too many undelivered stanzas; the client stopped polling")
             return
-        if self.held:
+        if self.held and not self._flush_scheduled:
+            # Answer once the current greenlet step is done, so that everything
+            # it produced (a roster result and its presences, a burst of
+            # messages) leaves in one response instead of one response each.
+            self._flush_scheduled = True
+            gevent.get_hub().loop.run_callback(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.held and self.pending and self.terminal is None:
             self._answer(self.held.popleft())
 
     def stream_error(self, error: Element) -> None:
