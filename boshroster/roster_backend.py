@@ -120,6 +120,8 @@ class RosterBackend:
         self.total_latency = 0.0
         self.in_flight = 0
         self.last_error: str | None = None  # message of the latest failure, for /health
+        self.last_ok: float | None = None  # wall-clock time of the latest success
+        self.last_failure: float | None = None  # wall-clock time of the latest failure
 
     def url_for(self, username: str) -> str:
         return self.url_template.replace("%s", quote(username, safe=""))
@@ -145,6 +147,7 @@ class RosterBackend:
             elapsed = time.monotonic() - started
             self._account(elapsed, failed=True)
             self.last_error = f"{exc.reason}: {exc.message}"
+            self.last_failure = time.time()
             # exc.message starts with "GET <url>", and names the status if any.
             log.warning("roster fetch failed: user=%r reason=%s elapsed_ms=%d: %s",
                         username, exc.reason, elapsed * 1000, exc.message)
@@ -155,6 +158,7 @@ class RosterBackend:
             raise
         elapsed = time.monotonic() - started
         self._account(elapsed, failed=False)
+        self.last_ok = time.time()
         log.debug("roster fetched: user=%r url=%s items=%d ver=%s elapsed_ms=%d",
                   username, shown, len(roster), roster.ver, elapsed * 1000)
         return roster

@@ -60,6 +60,13 @@ class BackendCollector:
                                   count_value=fetches, sum_value=getattr(backend, "total_latency", 0.0))
 
 
+def _reachable(backend) -> bool | None:
+    ok, failed = getattr(backend, "last_ok", None), getattr(backend, "last_failure", None)
+    if ok is None and failed is None:
+        return None
+    return failed is None or (ok is not None and ok >= failed)
+
+
 class WebApp:
     """The WSGI application of one server."""
 
@@ -283,6 +290,10 @@ class WebApp:
                 "fetches": getattr(backend, "fetches", None),
                 "failures": getattr(backend, "failures", None),
                 "last_error": getattr(backend, "last_error", None),
+                "last_ok": getattr(backend, "last_ok", None),
+                "last_failure": getattr(backend, "last_failure", None),
+                # Reachable = the latest fetch succeeded (None before any fetch).
+                "reachable": _reachable(backend),
             },
         }
         return self._json(200, payload)

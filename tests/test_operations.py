@@ -68,7 +68,7 @@ def test_health_reports_uptime_sessions_by_transport_and_backend(make_server, ba
         assert live["sessions"] == {"bosh": 1, "websocket": 1}
         assert live["bosh_sessions"] == 1 and live["online_users"] == 2
         assert live["backend"]["fetches"] >= 2 and live["backend"]["failures"] == 0
-        assert live["backend"]["last_error"] is None
+        assert live["backend"]["last_error"] is None and live["backend"]["reachable"] is True
         assert live["uptime_seconds"] >= first["uptime_seconds"]
 
         # The backend fails for carol: /health says so.
@@ -79,6 +79,7 @@ def test_health_reports_uptime_sessions_by_transport_and_backend(make_server, ba
             carol.get_roster()  # served empty; the failure is counted, the stream stays up
             failing = wait_for(lambda: (h := health(server))["backend"]["failures"] >= 1 and h, what="a backend failure in /health")
             assert "500" in failing["backend"]["last_error"]
+            assert failing["backend"]["reachable"] is False
             assert failing["sessions"]["websocket"] == 2
         finally:
             carol.close()
