@@ -62,6 +62,10 @@ def toml_value(value) -> str:
     raise TypeError(value)
 
 
+class PortTaken(Exception):
+    pass
+
+
 class ServerProcess:
     """The real server in a subprocess, with its own data dir and port."""
 
@@ -78,9 +82,7 @@ class ServerProcess:
         }
         self.settings.update(settings)
         self.config_path = os.path.join(self.workdir, "boshroster.toml")
-        with open(self.config_path, "w") as fh:
-            for key, value in self.settings.items():
-                fh.write(f"{key} = {toml_value(value)}\n")
+        self._write_config()
         self.log_path = os.path.join(self.workdir, "server.log")
         self.proc = None
         if users:
@@ -88,6 +90,11 @@ class ServerProcess:
             with open(users_file, "w") as fh:
                 fh.writelines(f"{u}:{password}\n" for u in users)
             self.cli("user", "import", users_file)
+
+    def _write_config(self) -> None:
+        with open(self.config_path, "w") as fh:
+            for key, value in self.settings.items():
+                fh.write(f"{key} = {toml_value(value)}\n")
 
     @property
     def base_url(self) -> str:
@@ -110,6 +117,17 @@ class ServerProcess:
         return result
 
     def start(self) -> "ServerProcess":
+        for _attempt in range(3):
+            try:
+                return self._start_once()
+            except PortTaken:
+                # free_port() closed its probe socket: someone else may have taken the port since.
+                self.port = free_port()
+                self.settings["http_ports"] = [self.port]
+                self._write_config()
+        raise RuntimeError("no free port after 3 attempts")
+
+    def _start_once(self) -> "ServerProcess":
         self.log_file = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "boshroster", "serve", "--config", self.config_path],
@@ -118,7 +136,11 @@ class ServerProcess:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                self.proc = None
+                self.log_file.close()
+                if "Address already in use" in self.log():
+                    raise PortTaken()
+                raise RuntimeError(f"server exited:\n{self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
