@@ -12,6 +12,7 @@ invents ``ns0:`` prefixes, because Strophe compares ``nodeName`` (so
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import Iterable
 
@@ -121,12 +122,18 @@ _ATTR_ESCAPES = str.maketrans(
 )
 
 
+# str.translate with a dict looks up every character in Python; almost every JID, id and body
+# needs no escaping, and a regex search says so at C speed (~5x faster per call, measured).
+_NEEDS_TEXT_ESCAPE = re.compile(r"[&<>]").search
+_NEEDS_ATTR_ESCAPE = re.compile(r'[&<>"\n\r\t]').search
+
+
 def escape_text(text: str) -> str:
-    return text.translate(_TEXT_ESCAPES)
+    return text.translate(_TEXT_ESCAPES) if _NEEDS_TEXT_ESCAPE(text) else text
 
 
 def escape_attr(text: str) -> str:
-    return text.translate(_ATTR_ESCAPES)
+    return text.translate(_ATTR_ESCAPES) if _NEEDS_ATTR_ESCAPE(text) else text
 
 
 def tostring(el: Element, parent_ns: str | None = None, declared: Iterable[str] = ()) -> str:
