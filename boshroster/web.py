@@ -80,25 +80,9 @@ class WebApp:
         self.bottle = self._build_bottle()
 
     def _install_backend_metrics(self) -> None:
-        """Serve the backend series from RosterBackend's own counters. The
-        Metrics object's backend_* collectors are never fed (the backend counts
-        for itself), and exposing both gave duplicate series, which Prometheus
-        rejects; so they are replaced by a collector reading the backend."""
-        metrics = self.core.metrics
-        for name in ("backend_fetches", "backend_failures", "backend_latency"):
-            collector = getattr(metrics, name, None)
-            if collector is not None:
-                try:
-                    metrics.registry.unregister(collector)
-                except KeyError:
-                    pass
-        metrics.registry.register(BackendCollector(self.core))
-        # Labelled series exist from the start (at 0), so a dashboard or an alert
-        # does not see "no data" until the first WebSocket session or refresh.
-        for transport in ("bosh", "websocket"):
-            metrics.sessions.labels(transport)
-        for outcome in ("ok", "bad-request", "refused"):
-            metrics.refreshes.labels(outcome)
+        """Serve the roster backend's series from RosterBackend's own counters,
+        read at scrape time (the backend counts for itself)."""
+        self.core.metrics.registry.register(BackendCollector(self.core))
 
     # -- request context ---------------------------------------------------
 

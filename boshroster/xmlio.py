@@ -1,9 +1,11 @@
 """XML in and out: safe parsing of complete documents and prefix-free serialization.
 
 Every BOSH body (XEP-0124 §6) and every RFC 7395 message is one complete XML
-document, so no incremental stream parser is needed.  Parsing goes through
-defusedxml (no DTDs, no entities, no external references) with a tree
-builder that refuses comments and processing instructions (RFC 6120 §11.1).
+document, so no incremental stream parser is needed.  Parsing refuses DTDs,
+entity declarations, external references, comments and processing
+instructions (RFC 6120 §11.1): input that could hold any of them goes through
+defusedxml with a restricting tree builder; input that cannot (no "<!", no
+"<?") takes the C expat parser directly.
 
 Serialization writes plain default ``xmlns="…"`` declarations and never
 invents ``ns0:`` prefixes, because Strophe compares ``nodeName`` (so
@@ -78,6 +80,19 @@ def parse(data: bytes | str, max_size: int) -> Element:
         data = data.encode("utf-8")
     if len(data) > max_size:
         raise XMLError("policy-violation", f"XML larger than {max_size} bytes")
+    if b"<!" not in data and b"<?" not in data:
+        # Fast path (almost every stanza): without "<!" there can be no DTD, so
+        # no entity but the five predefined ones and character references (expat
+        # refuses any other), and no comment; without "<?" no PI.  So the plain
+        # C-accelerated parser is as safe here as defusedxml's, at a quarter of
+        # the cost.  Anything it refuses goes through the strict path below,
+        # which gives the precise error.
+        fast = ET.XMLParser()
+        try:
+            fast.feed(data)
+            return fast.close()
+        except ET.ParseError:
+            pass
     parser = DET.XMLParser(target=_RestrictedTreeBuilder(), forbid_dtd=True)
     try:
         parser.feed(data)

@@ -288,3 +288,11 @@ def test_error_is_a_value_error_with_text():
 def test_split_tag():
     assert xmlio.split_tag("{jabber:client}iq") == ("jabber:client", "iq")
     assert xmlio.split_tag("iq") == (None, "iq")
+
+
+def test_cdata_takes_the_strict_path_and_utf16_is_refused():
+    # "<!" sends CDATA through defusedxml; UTF-16 fails the fast path and then the strict one.
+    assert parse("<a><![CDATA[<x/> & y]]></a>").text == "<x/> & y"
+    with pytest.raises(XMLError) as info:  # RFC 6120 §11.6: UTF-8 only, on either path
+        parse("\ufeff<a/>".encode("utf-16"))
+    assert info.value.condition == "not-well-formed"
