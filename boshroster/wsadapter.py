@@ -25,7 +25,12 @@ header encoding/decoding (``Header``). What we replace, and why (all seen in 0.1
 * ``WebSocket.close(code)`` sends a close frame without the status code, and is also called
   from ``__del__`` and from ``run_websocket``: we neutralise that object and send our own close
   frames (``run_websocket`` is replaced entirely);
-* its socket writes are not safe for concurrent greenlets: one writer greenlet per connection;
+* its socket writes are not safe for concurrent greenlets: ours have one writer at a time. A
+  send first tries a non-blocking write from the calling greenlet (almost always enough: the
+  kernel buffer has room); only what does not fit is queued for a writer greenlet that exists
+  while there is a backlog, so a slow reader never blocks the greenlet that routed to it and an
+  idle connection holds no writer greenlet;
+* pings come from one timer greenlet per server (:class:`_Pinger`), not one per connection;
 * its error-path bodies are ``str`` (pywsgi needs bytes) and its access log goes to a silenced
   logger: we encode the bodies and restore pywsgi's ``log_request``;
 * its per-byte Python unmasking and UTF-8 validator are slow: we unmask with one big-int XOR and
@@ -33,15 +38,17 @@ header encoding/decoding (``Header``). What we replace, and why (all seen in 0.1
 """
 
 import binascii
+import errno
 import logging
 import socket
 import struct
+import weakref
+from collections import deque
 
 import gevent
 from gevent import GreenletExit
 from gevent.event import Event
 from gevent.pywsgi import WSGIHandler
-from gevent.queue import Empty, Queue
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Header
@@ -64,6 +71,7 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 _BATCH_BYTES = 256 * 1024  # writer coalesces queued frames up to this size per sendall
 _DISCARD_CHUNK = 64 * 1024
 _CLOSE = object()  # queue sentinel: write the close frame next, then stop writing
+_PING_YIELD_EVERY = 500  # the pinger lets other greenlets run between groups of connections
 
 _NOT_XMPP_BODY = (
     b"This WebSocket endpoint speaks XMPP (RFC 7395) only: the handshake must offer the "
@@ -127,17 +135,21 @@ class WsConnection:
         self.close_code = None
         self.peer_close_code = None
 
-        self._queue = Queue()  # bounded by send() via queue_size; control frames bypass it
+        # Writing state, mutated by any greenlet that sends, never across a yield except in
+        # the writer: frames wait in _out only while _writer (the one greenlet allowed to
+        # write then) exists; when _out is empty and there is no writer, a sender writes
+        # itself, without blocking.
+        self._out = deque()  # bounded by send() via queue_size; control frames bypass it
+        self._partial_head = False  # _out[0] is the unsent rest of a frame: never drop it
+        self._writer = None
         self._close_frame = None
-        self._closing = Event()  # close() called or socket dead: stops the pinger
+        self._closing = False  # close() called or socket dead: nothing more is queued
         self._peer_done = Event()  # peer's close frame received, or socket EOF/error
         self._recv_done = False  # receive() returns None from now on
         self._in_sync = True  # the read side is at a frame boundary
         self._resync = 0  # unread payload bytes of an oversized frame (skipped by _drain)
         self._aborted = False
         self._watchdog = None
-        self._writer = gevent.spawn(self._write_loop)
-        self._pinger = gevent.spawn(self._ping_loop) if self.ping_interval > 0 else None
 
     def __repr__(self):
         state = "closed" if self.closed else "open"
@@ -145,7 +157,7 @@ class WsConnection:
 
     @property
     def closed(self):
-        return self._closing.is_set() or self._peer_done.is_set()
+        return self._closing or self._peer_done.is_set()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -249,7 +261,7 @@ class WsConnection:
                 self._skip(header.length)  # RFC 7395 §3.2: text only; ignore binary like Prosody
             if not header.fin:
                 continue
-            if opcode == OP_TEXT and not self._closing.is_set():
+            if opcode == OP_TEXT and not self._closing:
                 return b"".join(parts).decode("utf-8")
             # binary message, or data arriving after our close frame: drop it, keep reading
             opcode = None
@@ -278,28 +290,54 @@ class WsConnection:
     # -- writing ---------------------------------------------------------------------------
 
     def send(self, text):
-        """Queue one text message; never blocks. Dropped once the connection is closing."""
-        if self._closing.is_set():
+        """Send one text message; never blocks. Dropped once the connection is closing."""
+        if self._closing:
             return
         frame = _frame(OP_TEXT, text.encode("utf-8"))
-        if self._queue.qsize() >= self.queue_size:
+        if len(self._out) >= self.queue_size:
             log.warning("websocket %s: %d messages queued, peer is not reading; closing",
-                        self.remote_addr, self._queue.qsize())
+                        self.remote_addr, len(self._out))
             self._drop_queued()
             self.close(1008, "send queue overflow")
             return
-        self._queue.put_nowait(frame)
+        self._push(frame)
 
     def _enqueue_control(self, frame):
-        if not self._closing.is_set():
-            self._queue.put_nowait(frame)
+        if not self._closing:
+            self._push(frame)
+
+    def _push(self, frame):
+        if self._writer is not None or self._out:
+            self._out.append(frame)
+            return
+        try:  # nobody is writing: try now, from this greenlet, without blocking
+            sent = self._sock.send(frame, 0, 0.0)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            sent = 0
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                log.debug("websocket %s: write failed: %s", self.remote_addr, exc)
+                self._abort()
+                return
+            sent = 0
+        except ValueError:  # socket already closed
+            self._abort()
+            return
+        if sent == len(frame):
+            return
+        self._out.append(frame[sent:])
+        self._partial_head = sent > 0
+        self._start_writer()
+
+    def _start_writer(self):
+        if self._writer is None:
+            self._writer = gevent.spawn(self._write_loop)
 
     def _drop_queued(self):
-        try:
-            while True:
-                self._queue.get_nowait()
-        except Empty:
-            pass
+        head = self._out[0] if self._partial_head and self._out else None
+        self._out.clear()
+        if head is not None:
+            self._out.append(head)
 
     def close(self, code=1000, reason=""):
         """Send a close frame with ``code`` after everything already queued; idempotent.
@@ -308,49 +346,47 @@ class WsConnection:
         ``ws_close_grace`` seconds after ours was written, or ``ws_flush_timeout`` +
         ``ws_close_grace`` seconds from now at the latest.
         """
-        if self._closing.is_set():
+        if self._closing:
             return
         self.close_code = code
         self._close_frame = _frame(OP_CLOSE, _close_payload(code, reason))
-        self._closing.set()
-        self._queue.put_nowait(_CLOSE)
+        self._closing = True
+        self._out.append(_CLOSE)
+        self._start_writer()
         if not self._aborted:
             self._watchdog = gevent.spawn_later(self.flush_timeout + self.close_grace,
                                                 self._abort)
 
     def _write_loop(self):
-        queue = self._queue
+        """Write the backlog, then exit; after the close frame, linger for the peer's."""
+        out = self._out
         sendall = self._sock.sendall
         try:
-            done = False
-            while not done:
-                item = queue.get()
+            while out:
                 batch = []
                 size = 0
-                while True:
+                closing = False
+                while out:
+                    item = out.popleft()
+                    self._partial_head = False
                     if item is _CLOSE:
                         batch.append(self._close_frame)
-                        done = True
+                        closing = True
                         break
                     batch.append(item)
                     size += len(item)
                     if size >= _BATCH_BYTES:
                         break
-                    try:
-                        item = queue.get_nowait()
-                    except Empty:
-                        break
                 sendall(b"".join(batch))
-            # close frame written: give the peer a moment to answer with its own
-            self._peer_done.wait(self.close_grace)
+                if closing:  # close frame written: give the peer a moment to answer
+                    self._peer_done.wait(self.close_grace)
+                    self._abort()
+                    return
         except (OSError, ValueError) as exc:
             log.debug("websocket %s: write failed: %s", self.remote_addr, exc)
-        finally:
             self._abort()
-
-    def _ping_loop(self):
-        while not self._closing.wait(self.ping_interval):
-            self._enqueue_control(_frame(OP_PING, b""))
+        finally:
+            self._writer = None
 
     # -- ending ----------------------------------------------------------------------------
 
@@ -359,7 +395,7 @@ class WsConnection:
         if self._aborted:
             return
         self._aborted = True
-        self._closing.set()
+        self._closing = True
         self._peer_done.set()
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -397,12 +433,56 @@ class WsConnection:
         with gevent.Timeout(self.flush_timeout + self.close_grace + 1.0, False):
             if not self._peer_done.is_set():
                 self._drain()
-            self._writer.join()
+            writer = self._writer
+            if writer is not None:
+                writer.join()
         self._abort()
-        for glet in (self._writer, self._pinger, self._watchdog):
+        for glet in (self._writer, self._watchdog):
             if glet is not None and not glet.dead:
                 glet.kill(block=True, timeout=1)
-        self._drop_queued()
+        self._out.clear()
+
+
+class _Pinger:
+    """One timer greenlet per server sends a ping frame to every open connection each
+    ``interval`` seconds (a greenlet per connection cost ~9 KiB each). It runs only while
+    connections exist. ``_conns`` is mutated by connection greenlets (add/discard) and read by
+    the timer greenlet from a snapshot."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self._conns = weakref.WeakSet()
+        self._timer = None
+
+    def add(self, conn):
+        self._conns.add(conn)
+        if self._timer is None:
+            self._timer = gevent.spawn(self._run)
+
+    def discard(self, conn):
+        self._conns.discard(conn)
+
+    def _run(self):
+        ping = _frame(OP_PING, b"")
+        try:
+            while self._conns:
+                gevent.sleep(self.interval)
+                for n, conn in enumerate(list(self._conns)):
+                    if not conn.closed:
+                        conn._enqueue_control(ping)
+                    if n % _PING_YIELD_EVERY == _PING_YIELD_EVERY - 1:
+                        gevent.sleep(0)
+        finally:
+            self._timer = None
+
+
+def _pinger_for(server, interval):
+    """The server's pinger (created on first use; one per interval setting)."""
+    pinger = getattr(server, "_boshroster_pinger", None)
+    if pinger is None or pinger.interval != interval:
+        pinger = _Pinger(interval)
+        server._boshroster_pinger = pinger
+    return pinger
 
 
 def _ignore_start_response(status, headers, exc_info=None):
@@ -472,6 +552,10 @@ class ServerHandler(WebSocketHandler):
             flush_timeout=getattr(server, "ws_flush_timeout", DEFAULT_FLUSH_TIMEOUT),
         )
         self.environ[ENVIRON_KEY] = conn
+        pinger = None
+        if conn.ping_interval > 0:
+            pinger = _pinger_for(server, conn.ping_interval)
+            pinger.add(conn)
         code, reason = 1000, ""
         try:
             result = self.application(self.environ, _ignore_start_response)
@@ -492,5 +576,7 @@ class ServerHandler(WebSocketHandler):
             code, reason = 1011, "internal error"
             raise  # pywsgi logs it; response_length > 0, so it writes no 500 response
         finally:
+            if pinger is not None:
+                pinger.discard(conn)
             conn._finish(code, reason)
             self.close_connection = True

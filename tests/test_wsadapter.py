@@ -74,9 +74,10 @@ class EchoApp:
             elif cmd == "burst":
                 senders, count = (int(x) for x in arg.split(","))
                 gevent.spawn(self.burst, conn, senders, count)
-            elif cmd == "flood":
-                for i in range(int(arg)):
-                    conn.send("f%d" % i)
+            elif cmd == "flood":  # flood:COUNT,SIZE without yielding
+                count, size = (int(x) for x in arg.split(","))
+                for i in range(count):
+                    conn.send("f%d:%s" % (i, "x" * size))
             elif cmd == "close-later":  # e.g. the session manager kicking this session
                 gevent.spawn_later(0.1, conn.close, int(arg), "kicked")
             elif cmd == "whoami":
@@ -517,9 +518,32 @@ def test_peer_vanishing_returns_none_and_server_keeps_serving(serve):
 def test_send_queue_overflow_closes_1008(serve):
     srv = serve(ws_queue_size=10)
     ws = ws_connect(srv)
-    ws.send("flood:50")  # 50 sends without yielding: the writer never gets to run
-    op, frame = ws.recv_data_frame(control_frame=True)
-    assert op == OP_CLOSE and close_status(frame.data)[0] == 1008
+    # 2,000 x 64 KiB without yielding: the kernel buffers take the first few MB as direct
+    # writes, then 10 frames queue up for a writer that never gets to run, and the 11th
+    # overflows. What was written arrives intact and in order, then the 1008 close frame.
+    ws.send("flood:2000,65536")
+    received = 0
+    while True:
+        op, frame = ws.recv_data_frame(control_frame=True)
+        if op == OP_CLOSE:
+            break
+        assert op == OP_TEXT
+        index, _, pad = frame.data.partition(b":")
+        assert index == b"f%d" % received and len(pad) == 65536
+        received += 1
+    assert close_status(frame.data)[0] == 1008
+    assert 10 <= received < 2000
+    bye(ws)
+
+
+def test_direct_writes_keep_no_writer_greenlet_when_idle(serve):
+    srv = serve(ws_ping_interval=0.2)
+    ws = ws_connect(srv)
+    for i in range(20):
+        ws.send("m%d" % i)
+        assert ws.recv() == "m%d" % i
+    conn = srv.app.conns[0]
+    assert conn._writer is None and not conn._out
     bye(ws)
 
 
@@ -539,6 +563,19 @@ def test_ping_frames_at_configured_interval(serve):
     raw.send_frame(OP_TEXT, "after pings")
     assert raw.recv_data() == (OP_TEXT, b"after pings")
     raw.close()
+
+
+def test_one_server_timer_pings_every_connection(serve):
+    srv = serve(ws_ping_interval=0.2)
+    raws = [Raw(srv.port) for _ in range(3)]
+    for raw in raws:
+        for _ in range(2):
+            fin, op, payload = raw.recv_frame()
+            assert op == OP_PING
+            raw.send_frame(OP_PONG, payload)
+    for raw in raws:
+        raw.close()
+    assert wait_for(lambda: srv.server._boshroster_pinger._timer is None, timeout=3)
 
 
 def test_no_ping_when_disabled(serve):
@@ -594,5 +631,6 @@ def test_no_greenlet_leak_per_connection(serve):
     assert wait_for(lambda: _live_greenlets() <= baseline, timeout=5), \
         "live greenlets: %d, baseline %d" % (_live_greenlets(), baseline)
     for conn in srv.app.conns:
-        assert conn._writer.dead and conn._pinger.dead
+        assert conn._writer is None and not conn._out
+        assert conn not in srv.server._boshroster_pinger._conns
         assert conn._watchdog is None or conn._watchdog.dead
