@@ -114,6 +114,13 @@ class RosterBackend:
             session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
             session.trust_env = trust_env
         self._session = session
+        # Session.get() merges the session's settings with the environment's on
+        # every call (~0.5 ms of CPU, a fifth of a fetch). They are the same for
+        # every roster URL, so they are merged once, on the first fetch, and each
+        # fetch sends a request prepared from them (see _get_body).
+        self._headers = requests.structures.CaseInsensitiveDict(session.headers)
+        self._headers["Accept"] = "application/json"
+        self._send_settings: dict | None = None
         self._slots = BoundedSemaphore(max_concurrency)
         self.fetches = 0
         self.failures = 0
@@ -199,10 +206,15 @@ class RosterBackend:
         response = None
         deadline.start()
         try:
-            response = self._session.get(
-                url, headers={"Accept": "application/json"},
-                timeout=(self.connect_timeout, self.read_timeout), stream=True,
-                allow_redirects=False)
+            session = self._session
+            if self._send_settings is None:
+                self._send_settings = session.merge_environment_settings(
+                    url, {}, True, None, None)
+            prepared = requests.Request("GET", url, headers=self._headers,
+                                        auth=session.auth).prepare()
+            response = session.send(
+                prepared, timeout=(self.connect_timeout, self.read_timeout),
+                allow_redirects=False, **self._send_settings)
             if response.status_code != 200:
                 message = f"GET {shown}: HTTP {response.status_code} {response.reason or ''}".rstrip()
                 location = response.headers.get("Location")
