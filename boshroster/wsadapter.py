@@ -135,13 +135,15 @@ class WsConnection:
         self.close_code = None
         self.peer_close_code = None
 
-        # Writing state, mutated by any greenlet that sends, never across a yield except in
-        # the writer: frames wait in _out only while _writer (the one greenlet allowed to
-        # write then) exists; when _out is empty and there is no writer, a sender writes
-        # itself, without blocking.
+        # Writing state, mutated by any greenlet that sends and by the hub's _flush callback,
+        # never across a yield except in the writer. Frames wait in _out until the end of the
+        # current loop turn (_flush writes them without blocking) or, if the socket is backed
+        # up, until _writer (then the only one allowed to write) has written them.
         self._out = deque()  # bounded by send() via queue_size; control frames bypass it
         self._partial_head = False  # _out[0] is the unsent rest of a frame: never drop it
         self._writer = None
+        self._flush_scheduled = False  # a _flush callback is pending in the hub
+        self._hub = gevent.get_hub()
         self._close_frame = None
         self._closing = False  # close() called or socket dead: nothing more is queued
         self._peer_done = Event()  # peer's close frame received, or socket EOF/error
@@ -293,41 +295,57 @@ class WsConnection:
         """Send one text message; never blocks. Dropped once the connection is closing."""
         if self._closing:
             return
-        frame = _frame(OP_TEXT, text.encode("utf-8"))
-        if len(self._out) >= self.queue_size:
+        if self._writer is not None and len(self._out) >= self.queue_size:
+            # The socket is backed up (a writer is blocked on it) and the peer is not reading.
             log.warning("websocket %s: %d messages queued, peer is not reading; closing",
                         self.remote_addr, len(self._out))
             self._drop_queued()
             self.close(1008, "send queue overflow")
             return
-        self._push(frame)
+        self._push(_frame(OP_TEXT, text.encode("utf-8")))
 
     def _enqueue_control(self, frame):
         if not self._closing:
             self._push(frame)
 
     def _push(self, frame):
-        if self._writer is not None or self._out:
-            self._out.append(frame)
-            return
-        try:  # nobody is writing: try now, from this greenlet, without blocking
-            sent = self._sock.send(frame, 0, 0.0)
-        except (BlockingIOError, InterruptedError, socket.timeout):
-            sent = 0
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                log.debug("websocket %s: write failed: %s", self.remote_addr, exc)
-                self._abort()
-                return
-            sent = 0
-        except ValueError:  # socket already closed
+        self._out.append(frame)
+        if self._writer is None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._hub.loop.run_callback(self._flush)
+
+    def _flush(self):
+        """Runs in the hub once the current greenlet yields, so everything sent to this
+        socket during one turn of the loop goes out in one non-blocking write (one syscall,
+        not one per stanza). What the kernel does not take waits for a writer greenlet."""
+        self._flush_scheduled = False
+        out = self._out
+        try:
+            while self._writer is None and out and out[0] is not _CLOSE:
+                batch = []
+                size = 0
+                while out and out[0] is not _CLOSE and size < _BATCH_BYTES:
+                    item = out.popleft()
+                    batch.append(item)
+                    size += len(item)
+                data = b"".join(batch) if len(batch) > 1 else batch[0]
+                try:
+                    sent = self._sock.send(data, 0, 0.0)
+                except (BlockingIOError, InterruptedError, socket.timeout):
+                    sent = 0
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                        raise
+                    sent = 0
+                if sent < len(data):
+                    out.appendleft(data[sent:])
+                    self._partial_head = sent > 0
+                    break
+            if out and self._writer is None:
+                self._start_writer()
+        except (OSError, ValueError) as exc:  # ValueError: socket already closed
+            log.debug("websocket %s: write failed: %s", self.remote_addr, exc)
             self._abort()
-            return
-        if sent == len(frame):
-            return
-        self._out.append(frame[sent:])
-        self._partial_head = sent > 0
-        self._start_writer()
 
     def _start_writer(self):
         if self._writer is None:

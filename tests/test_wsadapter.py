@@ -74,10 +74,16 @@ class EchoApp:
             elif cmd == "burst":
                 senders, count = (int(x) for x in arg.split(","))
                 gevent.spawn(self.burst, conn, senders, count)
-            elif cmd == "flood":  # flood:COUNT,SIZE without yielding
+            elif cmd == "flood":  # flood:COUNT,SIZE as fast as the kernel takes them
                 count, size = (int(x) for x in arg.split(","))
                 for i in range(count):
                     conn.send("f%d:%s" % (i, "x" * size))
+                    gevent.sleep(0)  # lets the pending write run
+                    if conn.closed:
+                        break
+            elif cmd == "burst-now":  # COUNT sends without yielding
+                for i in range(int(arg)):
+                    conn.send("b%d" % i)
             elif cmd == "close-later":  # e.g. the session manager kicking this session
                 gevent.spawn_later(0.1, conn.close, int(arg), "kicked")
             elif cmd == "whoami":
@@ -518,10 +524,11 @@ def test_peer_vanishing_returns_none_and_server_keeps_serving(serve):
 def test_send_queue_overflow_closes_1008(serve):
     srv = serve(ws_queue_size=10)
     ws = ws_connect(srv)
-    # 2,000 x 64 KiB without yielding: the kernel buffers take the first few MB as direct
-    # writes, then 10 frames queue up for a writer that never gets to run, and the 11th
+    # 2,000 x 64 KiB while the client reads nothing: the kernel buffers take the first few
+    # MB, then a writer blocks on the full socket, 10 frames queue up behind it and the 11th
     # overflows. What was written arrives intact and in order, then the 1008 close frame.
     ws.send("flood:2000,65536")
+    assert wait_for(lambda: srv.app.conns and srv.app.conns[0].close_code == 1008, timeout=10)
     received = 0
     while True:
         op, frame = ws.recv_data_frame(control_frame=True)
@@ -536,7 +543,19 @@ def test_send_queue_overflow_closes_1008(serve):
     bye(ws)
 
 
-def test_direct_writes_keep_no_writer_greenlet_when_idle(serve):
+def test_a_burst_without_yielding_is_not_an_overflow(serve):
+    # e.g. 1,000 offline messages delivered at once: queued within one loop turn, then written.
+    srv = serve(ws_queue_size=10)
+    ws = ws_connect(srv)
+    ws.send("burst-now:500")
+    for i in range(500):
+        assert ws.recv() == "b%d" % i
+    ws.send("still open")
+    assert ws.recv() == "still open"
+    bye(ws)
+
+
+def test_no_writer_greenlet_when_nothing_is_backed_up(serve):
     srv = serve(ws_ping_interval=0.2)
     ws = ws_connect(srv)
     for i in range(20):
