@@ -1,7 +1,7 @@
 """Real JavaScript XMPP clients against the real server (issue 4, point 4).
 
-Strophe.js 5 over BOSH and over WebSocket, and xmpp.js (@xmpp/client 0.14) over
-WebSocket, each run by Node from tests/js/ against ``python -m boshroster serve``
+Strophe.js 5 and StanzaJS 12 over BOSH and over WebSocket, and xmpp.js
+(@xmpp/client 0.14) over WebSocket, each run by Node from tests/js/ against ``python -m boshroster serve``
 with the demo roster backend. Each client x transport runs the scenario script
 once (one server and one backend per run); every scenario is its own test here,
 so the report is the matrix client x transport x scenario.
@@ -25,6 +25,8 @@ RUNS = {
     ("strophe", "bosh"): ("strophe_scenarios.js", ("strophe.js", "xhr2", "@xmldom/xmldom", "ws")),
     ("strophe", "websocket"): ("strophe_scenarios.js", ("strophe.js", "@xmldom/xmldom", "ws")),
     ("xmppjs", "websocket"): ("xmppjs_scenarios.js", ("@xmpp/client", "ws")),
+    ("stanza", "bosh"): ("stanza_scenarios.js", ("stanza",)),
+    ("stanza", "websocket"): ("stanza_scenarios.js", ("stanza",)),
 }
 SCENARIOS = ("login", "wrong_password", "roster", "presence", "messages",
              "logout_unavailable", "drop_unavailable", "refresh_push")
