@@ -25,10 +25,11 @@ header encoding/decoding (``Header``). What we replace, and why (all seen in 0.1
 * ``WebSocket.close(code)`` sends a close frame without the status code, and is also called
   from ``__del__`` and from ``run_websocket``: we neutralise that object and send our own close
   frames (``run_websocket`` is replaced entirely);
-* its socket writes are not safe for concurrent greenlets: ours have one writer at a time. A
-  send first tries a non-blocking write from the calling greenlet (almost always enough: the
-  kernel buffer has room); only what does not fit is queued for a writer greenlet that exists
-  while there is a backlog, so a slow reader never blocks the greenlet that routed to it and an
+* its socket writes are not safe for concurrent greenlets: ours have one writer at a time.
+  ``send`` queues the frame and schedules a hub callback that writes everything queued during
+  this loop turn in one non-blocking write (almost always enough: the kernel buffer has room);
+  only what does not fit waits for a writer greenlet that exists while there is a backlog. So
+  a slow reader never blocks the greenlet that routed to it, a burst costs one syscall, and an
   idle connection holds no writer greenlet;
 * pings come from one timer greenlet per server (:class:`_Pinger`), not one per connection;
 * its error-path bodies are ``str`` (pywsgi needs bytes) and its access log goes to a silenced
