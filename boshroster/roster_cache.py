@@ -3,8 +3,8 @@
 The session core calls ``hold``/``release`` as resources come and go,
 ``get`` to answer a roster get, and ``refresh`` when the backend says a
 roster changed; the HTTP refresh handler calls ``refresh`` for users who are
-online (``is_held``) and ``drop`` for the others (contract §4: "drop any
-cached copy so the next login is fresh").
+online or still cached, and ``drop`` when such a refresh fails for a user who
+is offline (contract §4: no stale copy for the next login).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class RosterService:
     # -- refresh (the backend says rosters changed) -----------------------------
 
     def refresh_users(self, usernames: Iterable[str], timeout: float) -> tuple[int, int]:
-        """Re-fetch online users, drop cached copies of offline ones; (updated, errors).
+        """Re-fetch online and cached users, count the others as updated; (updated, errors).
 
         Bounded in time: the answer comes after ``timeout`` at the latest, and
         a user whose refresh has not finished by then counts as an error (a
@@ -157,14 +157,24 @@ class RosterService:
         return updated, len(usernames) - updated
 
     def refresh_user(self, username: str) -> bool:
-        """True when the user's roster is up to date (or nothing was cached)."""
-        if not self.core.registry.is_online(username):
-            self.cache.drop(username)
+        """True when the user's roster is up to date (or nothing was cached).
+
+        An offline user whose roster is still cached (the grace period after a
+        logout, when a page reload is likely) is re-fetched like an online one,
+        so the reload finds the new roster without a fetch; if that fetch
+        fails, the stale copy is dropped instead, so the next login fetches."""
+        if (not self.core.registry.is_online(username) and self.cache.cached(username) is None
+                and not self.cache.fetching(username)):
             self._applied.pop(username, None)
-            return True
+            return True  # nothing cached: the next login fetches
         try:
             transition = self.cache.refresh(username)
         except RosterFetchError as exc:
+            if not self.core.registry.is_online(username):
+                log.warning("refresh of %s (offline) failed: %s; cached copy dropped", username, exc)
+                self.cache.drop(username)
+                self._applied.pop(username, None)
+                return True
             log.warning("refresh of %s failed: %s", username, exc)
             return False
         if not self.core.registry.is_online(username):

@@ -11,7 +11,8 @@ Point of issue 3 -> tests:
                           test_username_is_url_encoded_in_the_backend_url,
                           test_groups_both_forms_bad_jids_skipped_names_and_subscription
  2 cache ................ test_concurrent_logins_of_one_user_make_one_backend_request,
-                          test_grace_period_after_logout, test_refresh_of_offline_user_drops_the_cached_copy
+                          test_grace_period_after_logout, test_refresh_of_offline_user_refetches_the_cached_copy,
+                          test_failed_refresh_of_offline_cached_user_drops_the_stale_copy
  3 get / ver / set ...... test_first_get_..., test_roster_versioning_result_empty_and_push_ver,
                           test_roster_set_is_refused_and_the_roster_unchanged
  4 refresh .............. test_refresh_pushes_added_removed_changed_to_interested_resources (+ HTTP file)
@@ -443,21 +444,37 @@ def test_refresh_for_user_without_initial_presence(server, backend, connect):
     ping_ok(bob)
 
 
-def test_refresh_of_offline_user_drops_the_cached_copy(server, backend, connect):
+def test_refresh_of_offline_user_refetches_the_cached_copy(server, backend, connect):
     alice = connect()
     alice.login("alice")
     alice.get_roster()
     alice.close()
     assert backend.requests_for("alice") == 1
     backend.contacts["alice"] = {"zoe@example.org": {"name": "Zoe"}}
-    # Offline: counted as updated, no fetch ...
+    # Offline but cached (grace period): re-fetched; never cached: counted, no fetch.
     assert refresh(server, ["alice", "nobody"]) == ok(2)
-    assert backend.requests_for("alice") == 1 and backend.requests_for("nobody") == 0
-    # ... but the copy kept for the grace period is gone: the next login fetches afresh.
+    assert backend.requests_for("alice") == 2 and backend.requests_for("nobody") == 0
+    # A page reload within the grace period finds the new roster without a fetch.
     again = connect()
     again.login("alice", resource="again")
     assert items_of(again.get_roster()) == {"zoe@example.org": ("Zoe", (), "both")}
     assert backend.requests_for("alice") == 2
+
+
+def test_failed_refresh_of_offline_cached_user_drops_the_stale_copy(server, backend, connect):
+    alice = connect()
+    alice.login("alice")
+    alice.get_roster()
+    alice.close()
+    backend.set_fault("alice", "status", 500)
+    assert refresh(server, ["alice"]) == ok(1)  # nothing stale is left: counted as updated
+    assert "cached copy dropped" in server.log()
+    backend.set_fault("alice", None)
+    backend.contacts["alice"] = {"zoe@example.org": {"name": "Zoe"}}
+    again = connect()
+    again.login("alice", resource="again")
+    assert items_of(again.get_roster()) == {"zoe@example.org": ("Zoe", (), "both")}
+    assert backend.requests_for("alice") == 3
 
 
 def test_overlapping_refreshes_push_each_change_once(server, backend, connect):
