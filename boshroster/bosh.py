@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import OrderedDict, deque
+from typing import Callable
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -300,8 +301,12 @@ class BoshManager:
             self._lingering[sid] = linger
             gevent.spawn_later(self.config.bosh_max_wait + 5, self._lingering.pop, sid, None)
 
-    def handle(self, body: Element, peer: Peer) -> bytes:
-        """Answer one BOSH request body (already parsed); never raises for client errors."""
+    def handle(self, body: Element, peer_of: Callable[[], Peer]) -> bytes:
+        """Answer one BOSH request body (already parsed); never raises for client errors.
+
+        ``peer_of`` gives the client's address and security; it is called only
+        when the body creates a session (the only time the peer matters), so
+        the many polls of a session do not pay for parsing addresses."""
         if body.tag != _BODY:
             return terminate_body("bad-request")
         rid = _int_attr(body, "rid")
@@ -309,7 +314,7 @@ class BoshManager:
             return terminate_body("bad-request")
         sid = body.get("sid")
         if sid is None:
-            return self._create(body, rid, peer)
+            return self._create(body, rid, peer_of())
         bosh = self.sessions.get(sid)
         if bosh is None:
             lingering = self._lingering.pop(sid, None)

@@ -67,9 +67,6 @@ def _reachable(backend) -> bool | None:
     return failed is None or (ok is not None and ok >= failed)
 
 
-_PEER_CACHE_SIZE = 4096
-
-
 class WebApp:
     """The WSGI application of one server."""
 
@@ -79,7 +76,6 @@ class WebApp:
         self.bosh = BoshManager(core)
         self.static_dir = self.config.static_dir or STATIC_DEFAULT
         self.started = time.time()
-        self._peers: dict[tuple, Peer] = {}
         self._install_backend_metrics()
         self.bottle = self._build_bottle()
 
@@ -91,22 +87,7 @@ class WebApp:
     # -- request context ---------------------------------------------------
 
     def peer(self, environ, transport: str) -> Peer:
-        """The client behind any trusted proxies, and whether its path is TLS.
-
-        Every BOSH request asks, and parsing addresses and matching networks
-        costs more than the rest of an empty poll, so answers are memoized per
-        (address, headers) in a bounded dict (only this greenlet-free code
-        touches it: no yield between lookup and store)."""
-        key = (environ.get("REMOTE_ADDR", ""), environ.get("HTTP_X_FORWARDED_FOR"),
-               environ.get("wsgi.url_scheme"), environ.get("HTTP_X_FORWARDED_PROTO"), transport)
-        cached = self._peers.get(key)
-        if cached is None:
-            if len(self._peers) >= _PEER_CACHE_SIZE:
-                self._peers.clear()
-            cached = self._peers[key] = self._compute_peer(environ, transport)
-        return cached
-
-    def _compute_peer(self, environ, transport: str) -> Peer:
+        """The client behind any trusted proxies, and whether its path is TLS."""
         remote = environ.get("REMOTE_ADDR", "")
         ip = client_address(remote, environ.get("HTTP_X_FORWARDED_FOR"), self.config.trusted_proxies)
         secure = environ.get("wsgi.url_scheme") == "https"
@@ -179,7 +160,7 @@ class WebApp:
                 log.info("bad BOSH body from %s: %s", environ.get("REMOTE_ADDR"), err.text)
                 reply = terminate_body("bad-request")
             else:
-                reply = self.bosh.handle(body, self.peer(environ, "bosh"))
+                reply = self.bosh.handle(body, lambda: self.peer(environ, "bosh"))
         start_response("200 OK", cors + [("Content-Type", _XML_TYPE), ("Content-Length", str(len(reply)))])
         return [reply]
 
