@@ -29,13 +29,12 @@ class _HotCounters:
         self.metrics = metrics
 
     def collect(self):
-        m = self.metrics
         sessions = GaugeMetricFamily("boshroster_sessions", "Open XMPP streams", labels=["transport"])
-        for transport in sorted(set(TRANSPORTS) | set(m._open)):
-            if transport in TRANSPORTS or m._open[transport]:
-                sessions.add_metric([transport], m._open.get(transport, 0))
+        for transport, count in sorted(self.metrics.open_sessions().items()):
+            sessions.add_metric([transport], count)
         yield sessions
-        yield CounterMetricFamily("boshroster_stanzas_routed", "Stanzas routed from clients", value=m.stanzas_routed)
+        yield CounterMetricFamily("boshroster_stanzas_routed", "Stanzas routed from clients",
+                                  value=self.metrics.stanzas_routed)
 
 
 class Metrics:
@@ -60,6 +59,7 @@ class Metrics:
         self._open[transport] = self._open.get(transport, 0) - 1
 
     def open_sessions(self) -> dict:
+        """Open streams per transport; bosh and websocket always listed, others while open."""
         return {k: v for k, v in self._open.items() if v or k in TRANSPORTS}
 
     def login_ok(self) -> None:
