@@ -39,11 +39,9 @@ header encoding/decoding (``Header``). What we replace, and why (all seen in 0.1
 """
 
 import binascii
-import errno
 import logging
 import socket
 import struct
-import weakref
 from collections import deque
 
 import gevent
@@ -141,7 +139,7 @@ class WsConnection:
         # current loop turn (_flush writes them without blocking) or, if the socket is backed
         # up, until _writer (then the only one allowed to write) has written them.
         self._out = deque()  # bounded by send() via queue_size; control frames bypass it
-        self._partial_head = False  # _out[0] is the unsent rest of a frame: never drop it
+        self._partial_head = False  # _out[0] is what a write left (maybe half a frame): keep it
         self._writer = None
         self._flush_scheduled = False  # a _flush callback is pending in the hub
         self._hub = gevent.get_hub()
@@ -320,33 +318,39 @@ class WsConnection:
         socket during one turn of the loop goes out in one non-blocking write (one syscall,
         not one per stanza). What the kernel does not take waits for a writer greenlet."""
         self._flush_scheduled = False
-        out = self._out
+        if self._writer is not None or self._closing:
+            return  # the writer (close() always starts one) writes what is queued
         try:
-            while self._writer is None and out and out[0] is not _CLOSE:
-                batch = []
-                size = 0
-                while out and out[0] is not _CLOSE and size < _BATCH_BYTES:
-                    item = out.popleft()
-                    batch.append(item)
-                    size += len(item)
-                data = b"".join(batch) if len(batch) > 1 else batch[0]
+            while self._out:
+                data, _ = self._take_batch()  # no close sentinel before close()
                 try:
                     sent = self._sock.send(data, 0, 0.0)
-                except (BlockingIOError, InterruptedError, socket.timeout):
-                    sent = 0
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                        raise
+                except BlockingIOError:  # EAGAIN: the kernel buffer is full
                     sent = 0
                 if sent < len(data):
-                    out.appendleft(data[sent:])
-                    self._partial_head = sent > 0
-                    break
-            if out and self._writer is None:
-                self._start_writer()
+                    self._out.appendleft(data[sent:])
+                    self._partial_head = True
+                    self._start_writer()
+                    return
         except (OSError, ValueError) as exc:  # ValueError: socket already closed
             log.debug("websocket %s: write failed: %s", self.remote_addr, exc)
             self._abort()
+
+    def _take_batch(self):
+        """Pop queued frames, up to _BATCH_BYTES, as one bytes object; and whether the close
+        sentinel was reached (its frame then ends the batch)."""
+        out = self._out
+        self._partial_head = False
+        batch = []
+        size = 0
+        while out and size < _BATCH_BYTES:
+            item = out.popleft()
+            if item is _CLOSE:
+                batch.append(self._close_frame)
+                return b"".join(batch), True
+            batch.append(item)
+            size += len(item)
+        return (batch[0] if len(batch) == 1 else b"".join(batch)), False
 
     def _start_writer(self):
         if self._writer is None:
@@ -378,25 +382,10 @@ class WsConnection:
 
     def _write_loop(self):
         """Write the backlog, then exit; after the close frame, linger for the peer's."""
-        out = self._out
-        sendall = self._sock.sendall
         try:
-            while out:
-                batch = []
-                size = 0
-                closing = False
-                while out:
-                    item = out.popleft()
-                    self._partial_head = False
-                    if item is _CLOSE:
-                        batch.append(self._close_frame)
-                        closing = True
-                        break
-                    batch.append(item)
-                    size += len(item)
-                    if size >= _BATCH_BYTES:
-                        break
-                sendall(b"".join(batch))
+            while self._out:
+                data, closing = self._take_batch()
+                self._sock.sendall(data)
                 if closing:  # close frame written: give the peer a moment to answer
                     self._peer_done.wait(self.close_grace)
                     self._abort()
@@ -465,12 +454,12 @@ class WsConnection:
 class _Pinger:
     """One timer greenlet per server sends a ping frame to every open connection each
     ``interval`` seconds (a greenlet per connection cost ~9 KiB each). It runs only while
-    connections exist. ``_conns`` is mutated by connection greenlets (add/discard) and read by
-    the timer greenlet from a snapshot."""
+    connections exist. ``_conns`` is mutated by connection greenlets (add, and discard when
+    the connection ends) and read by the timer greenlet from a snapshot."""
 
     def __init__(self, interval):
         self.interval = interval
-        self._conns = weakref.WeakSet()
+        self._conns = set()
         self._timer = None
 
     def add(self, conn):
@@ -487,21 +476,11 @@ class _Pinger:
             while self._conns:
                 gevent.sleep(self.interval)
                 for n, conn in enumerate(list(self._conns)):
-                    if not conn.closed:
-                        conn._enqueue_control(ping)
+                    conn._enqueue_control(ping)  # a no-op once the connection is closing
                     if n % _PING_YIELD_EVERY == _PING_YIELD_EVERY - 1:
                         gevent.sleep(0)
         finally:
             self._timer = None
-
-
-def _pinger_for(server, interval):
-    """The server's pinger (created on first use; one per interval setting)."""
-    pinger = getattr(server, "_boshroster_pinger", None)
-    if pinger is None or pinger.interval != interval:
-        pinger = _Pinger(interval)
-        server._boshroster_pinger = pinger
-    return pinger
 
 
 def _ignore_start_response(status, headers, exc_info=None):
@@ -573,7 +552,9 @@ class ServerHandler(WebSocketHandler):
         self.environ[ENVIRON_KEY] = conn
         pinger = None
         if conn.ping_interval > 0:
-            pinger = _pinger_for(server, conn.ping_interval)
+            pinger = server.__dict__.get("_boshroster_pinger")
+            if pinger is None:  # the interval is a server setting: one pinger per server
+                pinger = server._boshroster_pinger = _Pinger(conn.ping_interval)
             pinger.add(conn)
         code, reason = 1000, ""
         try:
