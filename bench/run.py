@@ -23,6 +23,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
@@ -587,6 +588,18 @@ class Ctx:
         print(f"  (boshroster pid {self.server.pid}, port {port})", flush=True)
         return self.server
 
+    @contextlib.contextmanager
+    def serving(self, **overrides):
+        """boshroster for one workload: yields (the server, a list for the workload's clients);
+        afterwards closes those clients and stops the server, whatever happened."""
+        srv = self.start_server(**overrides)
+        clients: list = []
+        try:
+            yield srv, clients
+        finally:
+            close_all(clients)
+            self.stop_server()
+
     def stop_server(self) -> None:
         if self.server is not None:
             self.server.stop(timeout=15)
@@ -904,9 +917,7 @@ def wl_ceiling_idle(ctx: Ctx, transports) -> None:
 
 def wl_login(ctx: Ctx, transport: str) -> None:
     p = ctx.p
-    srv = ctx.start_server()
     r = ctx.results
-    clients: list = []
     names = [f"l{i}" for i in range(p["login_warm"] + p["login_seq"] + p["login_conc"] + p["login_plain"])]
     warm = names[:p["login_warm"]]
     seq = names[p["login_warm"]:p["login_warm"] + p["login_seq"]]
@@ -930,7 +941,7 @@ def wl_login(ctx: Ctx, transport: str) -> None:
         logged_in[0] += 1
         return dt
 
-    try:
+    with ctx.serving() as (srv, clients):
         for u in warm:
             one(u)
         gevent.sleep(0.2)
@@ -963,9 +974,6 @@ def wl_login(ctx: Ctx, transport: str) -> None:
                   meter=d, lower_is_better=False)
             r.add("login", transport, f"{tag}_gets_per_login", d["backend_gets"] / n, "", f"{phase}: backend GETs per login",
                   meter=d, note=f"roster items {min(items_seen)}..{max(items_seen)}")
-    finally:
-        close_all(clients)
-        ctx.stop_server()
 
 
 # -- 2 idle ---------------------------------------------------------------------------------------
@@ -1058,19 +1066,17 @@ RE_BODY = re.compile(r"<body>(\d+) (\d+) ([\d.]+)</body>")
 
 def wl_messages(ctx: Ctx, transport: str) -> None:
     p = ctx.p
-    srv = ctx.start_server()
     r = ctx.results
     pairs, window = p["pairs"], p["window"]
     n_clients = 2 * pairs
-    clients: list = []
-    try:
+    with ctx.serving() as (srv, clients):
         def one(i):
             c = make_client(ctx, transport)
             login(c, f"u{i}", PASSWORD, ctx.scram)
             c.start(poll=True)
             return c
 
-        clients = run_pool(20, range(n_clients), one)
+        clients.extend(run_pool(20, range(n_clients), one))
         gevent.sleep(0.5)
         state = {"received": 0, "target": 0, "dups": 0, "total": 0}
         lat: list[float] = []
@@ -1153,9 +1159,6 @@ def wl_messages(ctx: Ctx, transport: str) -> None:
         r.add("messages", transport, "latency_p99", pct(lat, 99), "s", "latency p99", ceiling=ceil_p50, meter=d)
         r.add("messages", transport, "lost", lost, "", "lost (must be 0)", meter=d,
               note=f"duplicates {state['dups']}; sessions closed {sum(1 for c in clients if c.closed)}")
-    finally:
-        close_all(clients)
-        ctx.stop_server()
 
 
 # -- 4 refresh -------------------------------------------------------------------------------------
@@ -1165,14 +1168,12 @@ RE_PUSH = re.compile(r'<iq\b[^>]*?\bid="([^"]+)"[^>]*><query xmlns="jabber:iq:ro
 
 def wl_refresh(ctx: Ctx, transport: str) -> None:
     p = ctx.p
-    srv = ctx.start_server()
     r = ctx.results
     n = p["refresh_users"]
     names = [f"u{i}" for i in range(n)]
-    clients: list = []
     refresh_prefix = ("POST /roster_admin/refresh HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                       "Content-Type: application/json\r\nContent-Length: ").encode()
-    try:
+    with ctx.serving() as (srv, clients):
         def one(i):
             c = make_client(ctx, transport)
             login(c, names[i], PASSWORD, ctx.scram)
@@ -1180,7 +1181,7 @@ def wl_refresh(ctx: Ctx, transport: str) -> None:
             c.data["pushes"] = 0
             return c
 
-        clients = run_pool(20, range(n), one)
+        clients.extend(run_pool(20, range(n), one))
         gevent.sleep(0.5)
         state = {"pushes": 0, "target": 0, "last": 0.0}
         done = gevent.event.Event()
@@ -1310,9 +1311,6 @@ def wl_refresh(ctx: Ctx, transport: str) -> None:
         for cn in conns + bconns:
             cn.close()
         conn.close()
-    finally:
-        close_all(clients)
-        ctx.stop_server()
 
 
 # -- 5 presence ------------------------------------------------------------------------------------
@@ -1322,11 +1320,9 @@ RE_STATUS = re.compile(r"<status>r(\d+)</status>")
 
 def wl_presence(ctx: Ctx, transport: str) -> None:
     p = ctx.p
-    srv = ctx.start_server()
     r = ctx.results
     hub = p["hub"]
-    clients: list = []
-    try:
+    with ctx.serving() as (srv, clients):
         def one(i):
             c = make_client(ctx, transport)
             login(c, f"h{i}", PASSWORD, ctx.scram)
@@ -1335,7 +1331,7 @@ def wl_presence(ctx: Ctx, transport: str) -> None:
 
         contacts = run_pool(20, range(1, hub + 1), one)
         h0 = one(0)
-        clients = contacts + [h0]
+        clients.extend(contacts + [h0])
         gevent.sleep(0.5)
         state = {"round": -1, "count": 0, "last": 0.0}
         done = gevent.event.Event()
@@ -1382,9 +1378,6 @@ def wl_presence(ctx: Ctx, transport: str) -> None:
               ceiling_label=f"{hub} bare requests" if is_bosh else f"{hub} bare echo msgs", note=f"{rounds} rounds")
         r.add("presence", transport, "time_p50", pct(times, 50), "s", f"fan-out to {hub}: until all received, p50", meter=d)
         r.add("presence", transport, "time_max", max(times), "s", f"fan-out to {hub}: until all received, max", meter=d)
-    finally:
-        close_all(clients)
-        ctx.stop_server()
 
 
 # -- table, compare ------------------------------------------------------------------------------------

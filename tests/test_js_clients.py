@@ -1,8 +1,8 @@
 """Real JavaScript XMPP clients against the real server (issue 4, point 4).
 
 Strophe.js 5 and StanzaJS 12 over BOSH and over WebSocket, and xmpp.js
-(@xmpp/client 0.14) over WebSocket, each run by Node from tests/js/ against ``python -m boshroster serve``
-with the demo roster backend. Each client x transport runs the scenario script
+(@xmpp/client 0.14) over WebSocket, each run by Node from tests/js/ against
+``python -m boshroster serve`` with the demo roster backend. Each client x transport runs the scenario script
 once (one server and one backend per run); every scenario is its own test here,
 so the report is the matrix client x transport x scenario.
 
