@@ -13,7 +13,7 @@ import hmac
 import ipaddress
 import json
 import re
-from typing import Any, Iterable
+from typing import Iterable
 
 from boshroster.jid import JIDError, prep_localpart
 from boshroster.roster import json_type_name

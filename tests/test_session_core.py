@@ -25,7 +25,6 @@ from boshroster.xmlio import (
     NS_SASL,
     NS_STANZAS,
     NS_STREAM,
-    NS_STREAMS_ERR,
 )
 
 DOMAIN = "localhost"
