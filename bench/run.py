@@ -456,7 +456,7 @@ class Ctx:
     def prepare_users(self) -> None:
         """Import users once per (user set, iterations, accounts.py); reuse the data dir after."""
         names = self.user_names()
-        with open(os.path.join(ROOT, "boshroster", "accounts.py"), "rb") as fh:
+        with open(os.path.join(ROOT, "boshroster", "auth", "accounts.py"), "rb") as fh:
             schema = hashlib.sha256(fh.read()).hexdigest()[:12]
         key = hashlib.sha256(f"{','.join(names)}|4096|{schema}".encode()).hexdigest()[:16]
         self.cache_dir = os.path.join(ROOT, "bench-results", "cache", key)
@@ -580,7 +580,7 @@ class Ctx:
         patch = os.environ.get("BENCH_SERVER_PATCH")
         if patch:  # experiments only: run these files (':'-separated) in the server before it starts
             files = [os.path.abspath(f) for f in patch.split(":") if f]
-            argv = [sys.executable, "-c", "import sys; from boshroster import cli\n"
+            argv = [sys.executable, "-c", "import sys; from boshroster.cli import main as cli\n"
                     f"for _f in {files!r}: exec(compile(open(_f).read(), _f, 'exec'), {{'__name__': 'patch'}})\n"
                     "sys.exit(cli.main())", "serve", "--config", cfg]
         self.server = Child("boshroster", argv, self.server_cpu, os.path.join(run_dir, "server.log"), port=port,

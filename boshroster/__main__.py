@@ -2,6 +2,6 @@
 
 import sys
 
-from boshroster.cli import main
+from boshroster.cli.main import main
 
 sys.exit(main())

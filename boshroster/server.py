@@ -16,10 +16,10 @@ import gevent.event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
-from .config import Config
-from .core import Core
-from .web import WebApp
-from .wsadapter import ServerHandler
+from boshroster.config import Config
+from boshroster.wiring import Core
+from boshroster.web.app import WebApp
+from boshroster.transports.http_handler import ServerHandler
 
 log = logging.getLogger("boshroster.server")
 

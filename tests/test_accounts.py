@@ -7,7 +7,7 @@ import time
 import pytest
 import scramp
 
-from boshroster.accounts import (
+from boshroster.auth.accounts import (
     AccountError,
     AccountExists,
     AccountStore,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from boshroster.jid import JID, JIDError, prep_domain, prep_localpart, prep_resource
+from boshroster.xmpp.jid import JID, JIDError, prep_domain, prep_localpart, prep_resource
 
 
 def parse(text: str) -> JID:

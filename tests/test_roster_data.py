@@ -18,13 +18,12 @@ try:  # tests/ is not a package: pytest puts it on sys.path
 except ImportError:  # pragma: no cover
     from tests.backend_app import TestBackend, closed_port_url_template  # noqa: E402
 
-from boshroster.jid import JIDError, prep_localpart  # noqa: E402
-from boshroster.refresh_request import (  # noqa: E402
-    RefreshBadRequest, _prep_username, check_refresh_access, client_address,
-    parse_refresh_body)
-from boshroster.roster import Roster, RosterFormatError, RosterItem  # noqa: E402
-from boshroster.roster_backend import RosterBackend, RosterFetchError  # noqa: E402
-from boshroster.roster_cache import RosterCache  # noqa: E402
+from boshroster.xmpp.jid import JIDError, prep_localpart  # noqa: E402
+from boshroster.roster.refresh import RefreshBadRequest, _prep_username, parse_refresh_body  # noqa: E402
+from boshroster.web.access import check_access as check_refresh_access, client_address  # noqa: E402
+from boshroster.roster.model import Roster, RosterFormatError, RosterItem  # noqa: E402
+from boshroster.roster.backend import RosterBackend, RosterFetchError  # noqa: E402
+from boshroster.roster.cache import RosterCache  # noqa: E402
 
 ALICE = {
     "marie@example.com": {"name": "Marie", "groups": ["Friends"]},

@@ -7,8 +7,8 @@ import pytest
 import scramp
 from scramp.core import Gs2Header
 
-from boshroster.accounts import AccountStore
-from boshroster.sasl import SaslExchange, SaslFailure, mechanisms_for
+from boshroster.auth.accounts import AccountStore
+from boshroster.auth.sasl import SaslExchange, SaslFailure, mechanisms_for
 
 DOMAIN = "example.com"
 PASSWORD = "s3cret-Pässword"

@@ -10,13 +10,13 @@ import base64
 import pytest
 import scramp
 
-from boshroster import xmlio
+from boshroster.xmpp import xmlio
 from boshroster.config import load
-from boshroster.core import Core
-from boshroster.errors import StreamError
-from boshroster.roster import Roster
-from boshroster.session import ClientSession, Peer
-from boshroster.xmlio import (
+from boshroster.wiring import Core
+from boshroster.xmpp.errors import StreamError
+from boshroster.roster.model import Roster
+from boshroster.xmpp.stream import ClientSession, Peer
+from boshroster.xmpp.xmlio import (
     NS_BIND,
     NS_CLIENT,
     NS_DELAY,

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from boshroster.accounts import AccountStore
-from boshroster.usercli import add_user_parser, run_user_command
+from boshroster.auth.accounts import AccountStore
+from boshroster.cli.users import add_user_parser, run_user_command
 
 
 @pytest.fixture

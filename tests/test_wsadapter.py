@@ -1,4 +1,4 @@
-"""boshroster.wsadapter against a real pywsgi server and real clients (tests/conftest.py patches)."""
+"""boshroster.transports (http_handler + ws_connection) against a real pywsgi server and real clients (tests/conftest.py patches)."""
 
 import base64
 import gc
@@ -15,7 +15,8 @@ import websocket
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
-from boshroster.wsadapter import MessageTooLarge, ServerHandler, WsConnection
+from boshroster.transports.http_handler import ServerHandler
+from boshroster.transports.ws_connection import MessageTooLarge, WsConnection
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 

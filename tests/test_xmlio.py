@@ -5,8 +5,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from boshroster import xmlio
-from boshroster.xmlio import (
+from boshroster.xmpp import xmlio
+from boshroster.xmpp.xmlio import (
     E,
     NS_BIND,
     NS_BOSH,
@@ -117,7 +117,7 @@ def test_stream_prefix_is_declared_once_and_children_get_their_own_xmlns():
 
 
 def test_stream_error_serializes_as_rfc7395_wants():
-    from boshroster.errors import stream_error_element
+    from boshroster.xmpp.errors import stream_error_element
 
     text = xmlio.tostring(stream_error_element("policy-violation", "too big"))
     assert text.startswith(f'<stream:error xmlns:stream="{NS_STREAM}">')

@@ -43,7 +43,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
-from boshroster.jid import JID, JIDError
+from boshroster.xmpp.jid import JID, JIDError
 
 log = logging.getLogger("boshroster.roster")
 

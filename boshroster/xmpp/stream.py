@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from . import sasl
-from .errors import StanzaError, StreamError, error_element, stream_error_element
-from .jid import JID, JIDError, prep_resource, prep_domain
-from .xmlio import (
+from boshroster.auth import sasl
+from boshroster.xmpp.errors import StanzaError, StreamError, error_element, stream_error_element
+from boshroster.xmpp.jid import JID, JIDError, prep_resource, prep_domain
+from boshroster.xmpp.xmlio import (
     E,
     Element,
     NS_BIND,
@@ -41,7 +41,7 @@ from .xmlio import (
 )
 
 if TYPE_CHECKING:
-    from .core import Core
+    from boshroster.wiring import Core
 
 log = logging.getLogger("boshroster.session")
 

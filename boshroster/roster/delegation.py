@@ -25,15 +25,15 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from .errors import error_element
-from .roster import Roster, RosterItem
-from .roster_backend import RosterFetchError
-from .xmlio import E, Element, NS_CLIENT, NS_ROSTER
+from boshroster.xmpp.errors import error_element
+from boshroster.roster.model import Roster, RosterItem
+from boshroster.roster.backend import RosterFetchError
+from boshroster.xmpp.xmlio import E, Element, NS_CLIENT, NS_ROSTER
 
 if TYPE_CHECKING:
-    from .core import Core
-    from .roster_cache import RosterCache
-    from .session import ClientSession
+    from boshroster.wiring import Core
+    from boshroster.roster.cache import RosterCache
+    from boshroster.xmpp.stream import ClientSession
 
 log = logging.getLogger("boshroster.roster")
 

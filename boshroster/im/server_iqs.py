@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import StanzaError
-from .jid import JID
-from .xmlio import (
+from boshroster.xmpp.errors import StanzaError
+from boshroster.xmpp.jid import JID
+from boshroster.xmpp.xmlio import (
     E,
     Element,
     NS_CARBONS,
@@ -24,8 +24,8 @@ from .xmlio import (
 )
 
 if TYPE_CHECKING:
-    from .core import Core
-    from .session import ClientSession
+    from boshroster.wiring import Core
+    from boshroster.xmpp.stream import ClientSession
 
 _IQ = f"{{{NS_CLIENT}}}iq"
 _CARBON_TOGGLES = (f"{{{NS_CARBONS}}}enable", f"{{{NS_CARBONS}}}disable")

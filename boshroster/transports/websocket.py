@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import secrets
 
-from . import xmlio
-from .errors import StreamError
-from .session import ClientSession, Peer
-from .wsadapter import MessageTooLarge
-from .xmlio import E, Element, NS_FRAMING, NS_STREAM, XML_LANG
+from boshroster.xmpp import xmlio
+from boshroster.xmpp.errors import StreamError
+from boshroster.xmpp.stream import ClientSession, Peer
+from boshroster.transports.ws_connection import MessageTooLarge
+from boshroster.xmpp.xmlio import E, Element, NS_FRAMING, NS_STREAM, XML_LANG
 
 log = logging.getLogger("boshroster.websocket")
 

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import scramp
 
-from .jid import JIDError, prep_localpart
+from boshroster.xmpp.jid import JIDError, prep_localpart
 
 MECHANISMS = ("SCRAM-SHA-1", "SCRAM-SHA-256")
 MIN_ITERATIONS = 4096

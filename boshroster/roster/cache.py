@@ -17,8 +17,8 @@ from typing import Callable
 import gevent
 from gevent.event import AsyncResult
 
-from boshroster.roster import Roster
-from boshroster.roster_backend import RosterFetchError
+from boshroster.roster.model import Roster
+from boshroster.roster.backend import RosterFetchError
 
 log = logging.getLogger("boshroster.roster_cache")
 

@@ -12,8 +12,8 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from . import __version__  # noqa: E402
-from .config import ConfigError, load  # noqa: E402
+from boshroster import __version__  # noqa: E402
+from boshroster.config import ConfigError, load  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"boshroster {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", parents=[common], help="run the server in the foreground")
-    from .usercli import add_user_parser
+    from boshroster.cli.users import add_user_parser
 
     before = set(sub.choices)
     add_user_parser(sub)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         print(f"boshroster: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        from .server import Server, setup_logging
+        from boshroster.server import Server, setup_logging
 
         setup_logging(config.log_level)
         try:
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
             print(f"boshroster: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0
-    from .accounts import AccountStore
-    from .usercli import run_user_command
+    from boshroster.auth.accounts import AccountStore
+    from boshroster.cli.users import run_user_command
 
     os.makedirs(config.data_dir, exist_ok=True)
     with AccountStore(os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations) as store:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .errors import StanzaError
-from .jid import JID
-from .xmlio import E, Element, NS_CARBONS, NS_CLIENT, NS_FORWARD, NS_HINTS
+from boshroster.xmpp.errors import StanzaError
+from boshroster.xmpp.jid import JID
+from boshroster.xmpp.xmlio import E, Element, NS_CARBONS, NS_CLIENT, NS_FORWARD, NS_HINTS
 
 if TYPE_CHECKING:
-    from .core import Core
-    from .session import ClientSession
+    from boshroster.wiring import Core
+    from boshroster.xmpp.stream import ClientSession
 
 log = logging.getLogger("boshroster.messages")
 

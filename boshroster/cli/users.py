@@ -18,8 +18,8 @@ import argparse
 import getpass
 import sys
 
-from .accounts import AccountError, AccountExists, AccountStore, NoSuchAccount
-from .jid import JIDError, prep_localpart
+from boshroster.auth.accounts import AccountError, AccountExists, AccountStore, NoSuchAccount
+from boshroster.xmpp.jid import JIDError, prep_localpart
 
 
 def add_user_parser(subparsers) -> None:

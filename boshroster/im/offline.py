@@ -14,11 +14,11 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from . import xmlio
-from .xmlio import E, NS_DELAY
+from boshroster.xmpp import xmlio
+from boshroster.xmpp.xmlio import E, NS_DELAY
 
 if TYPE_CHECKING:
-    from .session import ClientSession
+    from boshroster.xmpp.stream import ClientSession
 
 log = logging.getLogger("boshroster.offline")
 

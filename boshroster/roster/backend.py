@@ -36,7 +36,7 @@ import urllib3
 from gevent.lock import BoundedSemaphore
 from requests.adapters import HTTPAdapter
 
-from boshroster.roster import Roster, RosterFormatError
+from boshroster.roster.model import Roster, RosterFormatError
 
 log = logging.getLogger("boshroster.roster_backend")
 

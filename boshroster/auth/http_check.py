@@ -1,4 +1,4 @@
-"""Who may log in: failed-login throttling and the optional HTTP password check.
+"""The optional HTTP password check (``auth = "http"``).
 
 The embedded account store (accounts.py) holds SCRAM keys; with
 ``auth = "http"`` passwords live in the backend app instead and only PLAIN
@@ -8,54 +8,12 @@ can be offered (there are no SCRAM keys to check against).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import time
-from collections import deque
 
 import requests
 
 log = logging.getLogger("boshroster.auth")
-
-
-class AuthThrottle:
-    """Counts failed logins per source address in a sliding window.
-
-    Shared state: ``_failures`` (address -> deque of times), mutated only by
-    ``failed`` and ``blocked``, which never yield.
-    """
-
-    def __init__(self, limit: int, window: float, clock=time.monotonic):
-        self.limit = limit
-        self.window = window
-        self.clock = clock
-        self._failures: dict[str, deque] = {}
-
-    def _recent(self, address: str) -> deque | None:
-        times = self._failures.get(address)
-        if times is None:
-            return None
-        cutoff = self.clock() - self.window
-        while times and times[0] < cutoff:
-            times.popleft()
-        if not times:
-            del self._failures[address]
-            return None
-        return times
-
-    def blocked(self, address: str) -> bool:
-        if self.limit <= 0:
-            return False
-        times = self._recent(address)
-        return times is not None and len(times) >= self.limit
-
-    def failed(self, address: str) -> None:
-        times = self._recent(address)
-        if times is None:
-            times = self._failures[address] = deque()
-        times.append(self.clock())
-        if len(self._failures) > 100000:  # bound memory under a spray of addresses
-            self._failures.pop(next(iter(self._failures)))
 
 
 class PasswordCheckUnavailable(Exception):
@@ -107,10 +65,3 @@ class HttpAuthenticator:
                 self._valid.clear()
             self._valid[key] = self.clock() + self.cache_seconds
         return ok
-
-    def user_exists(self, username: str) -> bool:
-        return True  # the backend knows; messages to unknown names are stored offline
-
-
-def constant_time_equals(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING, Iterator
 
-from .errors import StanzaError
+from boshroster.xmpp.errors import StanzaError
 
 if TYPE_CHECKING:
-    from .session import ClientSession
+    from boshroster.xmpp.stream import ClientSession
 
 
 class SessionRegistry:

@@ -10,21 +10,22 @@ from __future__ import annotations
 import logging
 import os
 
-from .accounts import AccountStore
-from .auth import AuthThrottle, HttpAuthenticator
-from .config import Config
-from .iq import IqHandler
-from .jid import JID
-from .messages import MessageHandler
-from .metrics import Metrics
-from .offline import OfflineStore
-from .presence import PresenceHandler
-from .registry import SessionRegistry
-from .roster_backend import RosterBackend
-from .roster_cache import RosterCache
-from .roster_service import RosterService
-from .router import Router
-from .session import ClientSession
+from boshroster.auth.accounts import AccountStore
+from boshroster.auth.http_check import HttpAuthenticator
+from boshroster.auth.throttle import AuthThrottle
+from boshroster.config import Config
+from boshroster.im.server_iqs import IqHandler
+from boshroster.xmpp.jid import JID
+from boshroster.im.messages import MessageHandler
+from boshroster.web.metrics import Metrics
+from boshroster.im.offline import OfflineStore
+from boshroster.im.presence import PresenceHandler
+from boshroster.xmpp.sessions import SessionRegistry
+from boshroster.roster.backend import RosterBackend
+from boshroster.roster.cache import RosterCache
+from boshroster.roster.delegation import RosterService
+from boshroster.xmpp.router import Router
+from boshroster.xmpp.stream import ClientSession
 
 log = logging.getLogger("boshroster.core")
 

@@ -39,7 +39,7 @@ from typing import Protocol
 
 import scramp
 
-from .jid import JID, JIDError, prep_domain, prep_localpart
+from boshroster.xmpp.jid import JID, JIDError, prep_domain, prep_localpart
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ import copy
 import logging
 from typing import TYPE_CHECKING
 
-from .jid import JID
-from .xmlio import E, Element, NS_CLIENT
+from boshroster.xmpp.jid import JID
+from boshroster.xmpp.xmlio import E, Element, NS_CLIENT
 
 if TYPE_CHECKING:
-    from .core import Core
-    from .session import ClientSession
+    from boshroster.wiring import Core
+    from boshroster.xmpp.stream import ClientSession
 
 log = logging.getLogger("boshroster.presence")
 

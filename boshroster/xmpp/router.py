@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .errors import StanzaError, error_reply
-from .jid import JID, JIDError
-from .xmlio import Element, NS_CLIENT
+from boshroster.xmpp.errors import StanzaError, error_reply
+from boshroster.xmpp.jid import JID, JIDError
+from boshroster.xmpp.xmlio import Element, NS_CLIENT
 
 if TYPE_CHECKING:
-    from .core import Core
-    from .session import ClientSession
+    from boshroster.wiring import Core
+    from boshroster.xmpp.stream import ClientSession
 
 log = logging.getLogger("boshroster.router")
 

@@ -3,7 +3,7 @@ turned into XML in one place, so that correct errors are the easy path."""
 
 from __future__ import annotations
 
-from .xmlio import E, Element, NS_CLIENT, NS_STANZAS, NS_STREAM, NS_STREAMS_ERR, XML_LANG
+from boshroster.xmpp.xmlio import E, Element, NS_CLIENT, NS_STANZAS, NS_STREAM, NS_STREAMS_ERR, XML_LANG
 
 # RFC 6120 §8.3.3: the usual error type of each defined condition.
 _DEFAULT_TYPES = {

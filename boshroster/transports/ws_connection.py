@@ -1,19 +1,6 @@
-"""The one module that knows about the WebSocket library (gevent-websocket 0.10.1).
+"""A WebSocket connection after the upgrade (RFC 6455 frames), on top of gevent-websocket 0.10.1.
 
-Use :class:`ServerHandler` as ``handler_class`` of ``gevent.pywsgi.WSGIServer`` for every
-connection. Plain HTTP requests (BOSH, static files, admin) reach the WSGI app untouched. A
-WebSocket upgrade on any path must offer the ``xmpp`` subprotocol (RFC 7395 §3.1), otherwise it
-gets ``501``; on success the app is called once with ``environ['boshroster.websocket']`` set to a
-:class:`WsConnection` and owns the socket until it returns. What the app returns and any
-``start_response`` call it makes are ignored: nothing more is written as HTTP on that socket.
-
-Settings are read from attributes of the ``WSGIServer`` instance (set them before ``start()``):
-
-``ws_max_message``   largest accepted text message in bytes (default 262144 + 1024)
-``ws_ping_interval`` seconds between ping frames, 0 disables (default 30)
-``ws_queue_size``    outgoing messages queued before a slow reader is cut off (default 1000)
-``ws_close_grace``   seconds to wait for the peer's close frame (default 2.0)
-``ws_flush_timeout`` seconds allowed to flush the queue after ``close()`` (default 10.0)
+http_handler.py does the upgrade and hands the app a :class:`WsConnection`.
 
 What we use from gevent-websocket: the HTTP upgrade handshake (``WebSocketHandler``) and frame
 header encoding/decoding (``Header``). What we replace, and why (all seen in 0.10.1):
@@ -38,21 +25,17 @@ header encoding/decoding (``Header``). What we replace, and why (all seen in 0.1
   decode with ``bytes.decode('utf-8')`` (strict) per complete message.
 """
 
-import binascii
 import logging
 import socket
 import struct
 from collections import deque
 
 import gevent
-from gevent import GreenletExit
 from gevent.event import Event
-from gevent.pywsgi import WSGIHandler
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
-from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import Header
 
-__all__ = ["ServerHandler", "WsConnection", "MessageTooLarge", "ENVIRON_KEY", "SUBPROTOCOL"]
+__all__ = ["WsConnection", "Pinger", "MessageTooLarge", "ENVIRON_KEY", "SUBPROTOCOL"]
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +55,6 @@ _DISCARD_CHUNK = 64 * 1024
 _CLOSE = object()  # queue sentinel: write the close frame next, then stop writing
 _PING_YIELD_EVERY = 500  # the pinger lets other greenlets run between groups of connections
 
-_NOT_XMPP_BODY = (
-    b"This WebSocket endpoint speaks XMPP (RFC 7395) only: the handshake must offer the "
-    b"'xmpp' subprotocol (Sec-WebSocket-Protocol: xmpp).\n"
-)
 
 
 class MessageTooLarge(Exception):
@@ -451,7 +430,7 @@ class WsConnection:
         self._out.clear()
 
 
-class _Pinger:
+class Pinger:
     """One timer greenlet per server sends a ping frame to every open connection each
     ``interval`` seconds (a greenlet per connection cost ~9 KiB each). It runs only while
     connections exist. ``_conns`` is mutated by connection greenlets (add, and discard when
@@ -481,102 +460,3 @@ class _Pinger:
                         gevent.sleep(0)
         finally:
             self._timer = None
-
-
-def _ignore_start_response(status, headers, exc_info=None):
-    return lambda data: None
-
-
-class ServerHandler(WebSocketHandler):
-    """pywsgi handler class for every connection of the server (``handler_class=``)."""
-
-    def handle(self):
-        # Design notes F: pywsgi writes headers and body in two sends; without TCP_NODELAY the
-        # body waits for the client's delayed ACK (~40 ms per kept-alive response).
-        sock = self.socket
-        if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        return super().handle()
-
-    # 0.10.1 routes its access log to a logger that emits nothing; use pywsgi's (server.log).
-    log_request = WSGIHandler.log_request
-
-    def upgrade_websocket(self):
-        result = super().upgrade_websocket()
-        if result:  # 0.10.1's error bodies are str; pywsgi writes bytes only
-            result = [r.encode("utf-8") if isinstance(r, str) else r for r in result]
-        return result
-
-    def upgrade_connection(self):
-        offered = self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
-        if SUBPROTOCOL not in [p.strip() for p in offered.split(",")]:
-            self.close_connection = True
-            self.start_response("501 Not Implemented", [
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(_NOT_XMPP_BODY))),
-                ("Connection", "close"),
-            ])
-            return [_NOT_XMPP_BODY]
-        try:
-            return super().upgrade_connection()
-        except (binascii.Error, ValueError):  # 0.10.1 only catches TypeError from b64decode
-            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
-            return [b"Invalid Sec-WebSocket-Key\n"]
-
-    def start_response(self, status, headers, exc_info=None):
-        if status.startswith("101") and self.environ.get("wsgi.websocket") is not None:
-            # RFC 7395 §3.1: echo the subprotocol (0.10.1 only does it via app.app_protocol).
-            headers = [(k, v) for k, v in headers if k.lower() != "sec-websocket-protocol"]
-            headers.append(("Sec-WebSocket-Protocol", SUBPROTOCOL))
-        return super().start_response(status, headers, exc_info)
-
-    def run_websocket(self):
-        # Replaces 0.10.1's run_websocket. Its WebSocket object must never write: close() would
-        # send a close frame without status code (also from __del__), so mark it closed.
-        old = self.websocket
-        old.closed = True
-        self.websocket = None
-        self.environ.pop("wsgi.websocket", None)
-        server = self.server
-        conn = WsConnection(
-            self.socket, self.rfile, self.environ.get("REMOTE_ADDR", ""),
-            max_message=getattr(server, "ws_max_message", DEFAULT_MAX_MESSAGE),
-            ping_interval=getattr(server, "ws_ping_interval", DEFAULT_PING_INTERVAL),
-            queue_size=getattr(server, "ws_queue_size", DEFAULT_QUEUE_SIZE),
-            close_grace=getattr(server, "ws_close_grace", DEFAULT_CLOSE_GRACE),
-            flush_timeout=getattr(server, "ws_flush_timeout", DEFAULT_FLUSH_TIMEOUT),
-        )
-        self.environ[ENVIRON_KEY] = conn
-        pinger = None
-        if conn.ping_interval > 0:
-            pinger = server.__dict__.get("_boshroster_pinger")
-            if pinger is None:  # the interval is a server setting: one pinger per server
-                pinger = server._boshroster_pinger = _Pinger(conn.ping_interval)
-            pinger.add(conn)
-        code, reason = 1000, ""
-        try:
-            result = self.application(self.environ, _ignore_start_response)
-            try:
-                for _ in result or ():
-                    pass
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()
-        except MessageTooLarge:
-            code, reason = 1009, "message too large"
-            raise
-        except GreenletExit:
-            code, reason = 1001, "server shutting down"
-            raise
-        except BaseException:
-            code, reason = 1011, "internal error"
-            raise  # pywsgi logs it; response_length > 0, so it writes no 500 response
-        finally:
-            if pinger is not None:
-                pinger.discard(conn)
-            conn._finish(code, reason)
-            self.close_connection = True

@@ -1,9 +1,10 @@
-"""Validating ``POST /roster_admin/refresh`` calls (contract §2, design notes C.4, C.8).
+"""Who is calling: the client address behind trusted proxies, and the access
+rule of the app-facing endpoints (refresh, API): an address allowlist plus
+an optional Bearer secret.
 
-Pure functions, no I/O: the HTTP layer reads the body and headers, calls
-these, and turns ``RefreshBadRequest`` into a ``400`` JSON error and a
-``(status, message)`` from ``check_refresh_access`` into that status (add
-``WWW-Authenticate: Bearer`` to a 401).
+Pure functions, no I/O.  A ``(status, message)`` from ``check_access`` is
+turned into that HTTP status by the caller (with ``WWW-Authenticate: Bearer``
+on a 401).
 """
 
 from __future__ import annotations
@@ -11,94 +12,19 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
-import json
-import re
 from typing import Iterable
 
-from boshroster.jid import JIDError, prep_localpart
-from boshroster.roster import json_type_name
-
-__all__ = ["RefreshBadRequest", "parse_refresh_body", "check_refresh_access", "client_address"]
+__all__ = ["check_access", "client_address", "from_trusted_proxy"]
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class RefreshBadRequest(ValueError):
-    """The body is not a JSON array of valid usernames; ``message`` says why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-# -- body -----------------------------------------------------------------------
-
-# Printable ASCII without the characters RFC 7622 §3.3.1 excludes: for such a
-# string the PRECIS UsernameCaseMapped profile is exactly str.lower() (ASCII is
-# PVALID in IdentifierClass; width mapping, NFC and the bidi rule are no-ops).
-# prep_localpart costs ~20 µs a name; this keeps 100,000 names fast.
-# tests/test_roster_data.py checks the equivalence.
-_ASCII_USERNAME = re.compile(r"[!#-%(-.0-9;=?A-~]{1,1023}")
-
-
-def _prep_username(value: str) -> str:
-    if _ASCII_USERNAME.fullmatch(value):
-        return value.lower()
-    if len(value) > 4 * 1023:  # cannot prepare to <= 1023 octets; spare PRECIS the work
-        raise JIDError("localpart too long")
-    return prep_localpart(value)
-
-
-def parse_refresh_body(body: bytes, *, max_users: int = 10000) -> list[str]:
-    """The usernames of a refresh body, prepared and deduplicated in order.
-
-    The body must be a JSON array of at most ``max_users`` strings, each a
-    valid username (localpart).  ``[]`` gives ``[]``.  Anything else raises
-    RefreshBadRequest with a message meant for the backend's developer;
-    entries are numbered from 0 (their index in the array)."""
-    if not body or not body.strip():
-        raise RefreshBadRequest("empty body, expected a JSON array of usernames")
-    try:
-        data = json.loads(body)
-    except UnicodeDecodeError as exc:
-        raise RefreshBadRequest(f"body is not valid UTF-8 (byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise RefreshBadRequest(
-            f"malformed JSON at line {exc.lineno} column {exc.colno} "
-            f"(char {exc.pos}): {exc.msg}") from None
-    except RecursionError:
-        raise RefreshBadRequest("malformed JSON: nested too deeply") from None
-    if not isinstance(data, list):
-        raise RefreshBadRequest(f"expected a JSON array of usernames, got {json_type_name(data)}")
-    if len(data) > max_users:
-        raise RefreshBadRequest(
-            f"too many usernames: {len(data)}, at most {max_users} per request")
-    usernames: dict[str, None] = {}
-    for index, entry in enumerate(data):
-        if not isinstance(entry, str):
-            raise RefreshBadRequest(
-                f"entry {index} is {json_type_name(entry)}, expected a string")
-        try:
-            usernames.setdefault(_prep_username(entry), None)
-        except JIDError as exc:
-            raise RefreshBadRequest(
-                f"entry {index} ({_quote(entry)}) is not a valid username: {exc}") from None
-    return list(usernames)
-
-
-def _quote(text: str, limit: int = 64) -> str:
-    shown = text if len(text) <= limit else text[:limit] + "..."
-    return json.dumps(shown)
-
-
-# -- access ---------------------------------------------------------------------
-
-def check_refresh_access(*, peer_ip: str, forwarded_for: str | None,
-                         trusted_proxies: list[str], allowed_networks: list[str],
-                         secret: str | None, authorization: str | None
-                         ) -> tuple[int, str] | None:
-    """None if the caller may refresh, else ``(403 or 401, message)``.
+def check_access(*, peer_ip: str, forwarded_for: str | None,
+                 trusted_proxies: list[str], allowed_networks: list[str],
+                 secret: str | None, authorization: str | None, action: str = "refresh"
+                 ) -> tuple[int, str] | None:
+    """None if the caller may do ``action``, else ``(403 or 401, message)``.
 
     The client address (``client_address``) must be in ``allowed_networks``
     (CIDRs or single addresses; a whitelist, so an empty list allows no one:
@@ -111,7 +37,7 @@ def check_refresh_access(*, peer_ip: str, forwarded_for: str | None,
     address = _parse_ip(client)
     networks = _networks(tuple(allowed_networks))
     if address is None or not _in_networks(address, networks):
-        return 403, f"refresh not allowed from {client}"
+        return 403, f"{action} not allowed from {client}"
     if secret is not None:
         token = _bearer_token(authorization)
         if token is None:
@@ -193,3 +119,13 @@ def _networks(specs: tuple[str, ...]) -> tuple[_IPNetwork, ...]:
 
 def _in_networks(address: _IPAddress, networks: Iterable[_IPNetwork]) -> bool:
     return any(address.version == net.version and address in net for net in networks)
+
+
+def from_trusted_proxy(peer_ip: str, trusted_proxies: list[str]) -> bool:
+    """Is the TCP peer one of ``trusted_proxies`` (addresses or networks)?
+
+    Network membership, not string equality: a proxy listed as a CIDR
+    (``10.0.0.0/8``) or seen as an IPv4-mapped IPv6 address must count, and
+    an untrusted IPv4-mapped peer must not."""
+    peer = _parse_ip(peer_ip)
+    return peer is not None and _in_networks(peer, _networks(tuple(trusted_proxies)))

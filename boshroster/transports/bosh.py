@@ -22,10 +22,10 @@ from typing import Callable
 import gevent
 from gevent.event import AsyncResult, Event
 
-from . import xmlio
-from .errors import StreamError
-from .session import ClientSession, Peer
-from .xmlio import Element, NS_BOSH, NS_CLIENT, NS_STREAM, NS_XBOSH
+from boshroster.xmpp import xmlio
+from boshroster.xmpp.errors import StreamError
+from boshroster.xmpp.stream import ClientSession, Peer
+from boshroster.xmpp.xmlio import Element, NS_BOSH, NS_CLIENT, NS_STREAM, NS_XBOSH
 
 log = logging.getLogger("boshroster.bosh")
 

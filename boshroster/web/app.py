@@ -18,13 +18,15 @@ import time
 import bottle
 from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 
-from . import __version__, xmlio
-from .bosh import BoshManager, terminate_body
-from .refresh_request import RefreshBadRequest, check_refresh_access, client_address, parse_refresh_body
-from .refresh_request import _in_networks, _networks, _parse_ip
-from .session import Peer
-from .websocket import WebSocketStream
-from .wsadapter import ENVIRON_KEY
+from boshroster import __version__
+
+from boshroster.xmpp import xmlio
+from boshroster.transports.bosh import BoshManager, terminate_body
+from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
+from boshroster.web.access import check_access, client_address, from_trusted_proxy
+from boshroster.xmpp.stream import Peer
+from boshroster.transports.websocket import WebSocketStream
+from boshroster.transports.ws_connection import ENVIRON_KEY
 
 log = logging.getLogger("boshroster.web")
 
@@ -100,13 +102,7 @@ class WebApp:
         return Peer(ip, secure)
 
     def from_trusted_proxy(self, environ) -> bool:
-        """Is the TCP peer one of ``trusted_proxies`` (addresses or networks)?
-
-        Network membership, not string equality: a proxy listed as a CIDR
-        (``10.0.0.0/8``) or seen as an IPv4-mapped IPv6 address must count, and
-        an untrusted IPv4-mapped peer must not."""
-        peer = _parse_ip(environ.get("REMOTE_ADDR", ""))
-        return peer is not None and _in_networks(peer, _networks(tuple(self.config.trusted_proxies)))
+        return from_trusted_proxy(environ.get("REMOTE_ADDR", ""), self.config.trusted_proxies)
 
     def cors_headers(self, environ) -> list[tuple[str, str]]:
         allowed = self.config.cors_allowed_origins
@@ -208,7 +204,7 @@ class WebApp:
 
     def _refresh_denied(self):
         req = bottle.request
-        denied = check_refresh_access(
+        denied = check_access(
             peer_ip=req.environ.get("REMOTE_ADDR", ""),
             forwarded_for=req.environ.get("HTTP_X_FORWARDED_FOR"),
             trusted_proxies=self.config.trusted_proxies,

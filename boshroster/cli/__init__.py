@@ -1,0 +1,1 @@
+"""The command line: ``boshroster serve`` and ``boshroster user ...``."""

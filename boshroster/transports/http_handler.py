@@ -1,0 +1,144 @@
+"""The pywsgi handler of every connection: plain HTTP, or the WebSocket upgrade (RFC 6455, RFC 7395 §3.1).
+
+Use :class:`ServerHandler` as ``handler_class`` of ``gevent.pywsgi.WSGIServer`` for every
+connection. Plain HTTP requests (BOSH, static files, admin) reach the WSGI app untouched. A
+WebSocket upgrade on any path must offer the ``xmpp`` subprotocol (RFC 7395 §3.1), otherwise it
+gets ``501``; on success the app is called once with ``environ['boshroster.websocket']`` set to a
+:class:`~boshroster.transports.ws_connection.WsConnection` and owns the socket until it returns.
+What the app returns and any ``start_response`` call it makes are ignored: nothing more is
+written as HTTP on that socket.
+
+Settings are read from attributes of the ``WSGIServer`` instance (set them before ``start()``):
+
+``ws_max_message``   largest accepted text message in bytes (default 262144 + 1024)
+``ws_ping_interval`` seconds between ping frames, 0 disables (default 30)
+``ws_queue_size``    outgoing messages queued before a slow reader is cut off (default 1000)
+``ws_close_grace``   seconds to wait for the peer's close frame (default 2.0)
+``ws_flush_timeout`` seconds allowed to flush the queue after ``close()`` (default 10.0)
+"""
+
+import binascii
+import socket
+
+from gevent import GreenletExit
+from gevent.pywsgi import WSGIHandler
+from geventwebsocket.handler import WebSocketHandler
+
+from boshroster.transports.ws_connection import (
+    DEFAULT_CLOSE_GRACE,
+    DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_QUEUE_SIZE,
+    ENVIRON_KEY,
+    SUBPROTOCOL,
+    MessageTooLarge,
+    Pinger,
+    WsConnection,
+)
+
+__all__ = ["ServerHandler"]
+
+_NOT_XMPP_BODY = (
+    b"This WebSocket endpoint speaks XMPP (RFC 7395) only: the handshake must offer the "
+    b"'xmpp' subprotocol (Sec-WebSocket-Protocol: xmpp).\n"
+)
+
+
+def _ignore_start_response(status, headers, exc_info=None):
+    return lambda data: None
+
+
+class ServerHandler(WebSocketHandler):
+    """pywsgi handler class for every connection of the server (``handler_class=``)."""
+
+    def handle(self):
+        # Design notes F: pywsgi writes headers and body in two sends; without TCP_NODELAY the
+        # body waits for the client's delayed ACK (~40 ms per kept-alive response).
+        sock = self.socket
+        if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return super().handle()
+
+    # 0.10.1 routes its access log to a logger that emits nothing; use pywsgi's (server.log).
+    log_request = WSGIHandler.log_request
+
+    def upgrade_websocket(self):
+        result = super().upgrade_websocket()
+        if result:  # 0.10.1's error bodies are str; pywsgi writes bytes only
+            result = [r.encode("utf-8") if isinstance(r, str) else r for r in result]
+        return result
+
+    def upgrade_connection(self):
+        offered = self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
+        if SUBPROTOCOL not in [p.strip() for p in offered.split(",")]:
+            self.close_connection = True
+            self.start_response("501 Not Implemented", [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(_NOT_XMPP_BODY))),
+                ("Connection", "close"),
+            ])
+            return [_NOT_XMPP_BODY]
+        try:
+            return super().upgrade_connection()
+        except (binascii.Error, ValueError):  # 0.10.1 only catches TypeError from b64decode
+            self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [b"Invalid Sec-WebSocket-Key\n"]
+
+    def start_response(self, status, headers, exc_info=None):
+        if status.startswith("101") and self.environ.get("wsgi.websocket") is not None:
+            # RFC 7395 §3.1: echo the subprotocol (0.10.1 only does it via app.app_protocol).
+            headers = [(k, v) for k, v in headers if k.lower() != "sec-websocket-protocol"]
+            headers.append(("Sec-WebSocket-Protocol", SUBPROTOCOL))
+        return super().start_response(status, headers, exc_info)
+
+    def run_websocket(self):
+        # Replaces 0.10.1's run_websocket. Its WebSocket object must never write: close() would
+        # send a close frame without status code (also from __del__), so mark it closed.
+        old = self.websocket
+        old.closed = True
+        self.websocket = None
+        self.environ.pop("wsgi.websocket", None)
+        server = self.server
+        conn = WsConnection(
+            self.socket, self.rfile, self.environ.get("REMOTE_ADDR", ""),
+            max_message=getattr(server, "ws_max_message", DEFAULT_MAX_MESSAGE),
+            ping_interval=getattr(server, "ws_ping_interval", DEFAULT_PING_INTERVAL),
+            queue_size=getattr(server, "ws_queue_size", DEFAULT_QUEUE_SIZE),
+            close_grace=getattr(server, "ws_close_grace", DEFAULT_CLOSE_GRACE),
+            flush_timeout=getattr(server, "ws_flush_timeout", DEFAULT_FLUSH_TIMEOUT),
+        )
+        self.environ[ENVIRON_KEY] = conn
+        pinger = None
+        if conn.ping_interval > 0:
+            pinger = server.__dict__.get("_boshroster_pinger")
+            if pinger is None:  # the interval is a server setting: one pinger per server
+                pinger = server._boshroster_pinger = Pinger(conn.ping_interval)
+            pinger.add(conn)
+        code, reason = 1000, ""
+        try:
+            result = self.application(self.environ, _ignore_start_response)
+            try:
+                for _ in result or ():
+                    pass
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        except MessageTooLarge:
+            code, reason = 1009, "message too large"
+            raise
+        except GreenletExit:
+            code, reason = 1001, "server shutting down"
+            raise
+        except BaseException:
+            code, reason = 1011, "internal error"
+            raise  # pywsgi logs it; response_length > 0, so it writes no 500 response
+        finally:
+            if pinger is not None:
+                pinger.discard(conn)
+            conn._finish(code, reason)
+            self.close_connection = True
