@@ -24,7 +24,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from boshroster.auth import sasl
 from boshroster.xmpp.errors import StanzaError, StreamError, error_element, stream_error_element
@@ -180,9 +180,31 @@ class ClientSession:
             self.core.session_unbound(self)
             log.info("session end %s (%s, %s): %s", self.jid_str, self.transport.kind, self.peer.ip, reason)
 
-    def send(self, el: Element) -> None:
-        if self.state != "ended":
+    def send(self, el: Element, delivered: Callable[[bool], None] | None = None) -> None:
+        """Queue ``el`` for the client.
+
+        ``delivered``, if given, is called exactly once: ``True`` once the client
+        has the stanza (WebSocket: written to the socket; BOSH: in a response the
+        client acknowledged, XEP-0124 §9), ``False`` if it never will (the stream
+        ended first).  A transport that cannot tell (no ``tracks_delivery``) counts
+        the hand-over as delivery."""
+        if self.state == "ended":
+            if delivered is not None:
+                delivered(False)
+            return
+        if delivered is None:
             self.transport.send(el)
+        elif getattr(self.transport, "tracks_delivery", False):
+            self.transport.send(el, delivered)
+        else:
+            self.transport.send(el)
+            delivered(True)
+
+    @property
+    def congested(self) -> bool:
+        """The transport's output is full: stanzas from other users should be bounced
+        to their sender (``resource-constraint``) instead of queued (issue 10.5)."""
+        return getattr(self.transport, "congested", False)
 
     # -- SASL (RFC 6120 §6) ------------------------------------------------
 
