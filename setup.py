@@ -15,6 +15,7 @@ setup(
         "scramp>=1.4.5",
         "precis-i18n>=1.1",
         "prometheus-client>=0.19",
+        "cryptography>=41",  # AES as the keyed permutation behind MAM archive ids (im/archive.py)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2", "websocket-client>=1.7"],
