@@ -19,8 +19,13 @@ class ConfigError(ValueError):
     """A config file or value that cannot be used; the message says which key."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """Every setting, with its default (documented in conf/boshroster.toml).
+
+    Frozen: read once at start (``load``), never changed while serving, so no
+    component can surprise another by rewriting a setting."""
+
     # --- serving
     domain: str = "localhost"
     http_interfaces: list[str] = field(default_factory=lambda: ["127.0.0.1"])
@@ -127,9 +132,10 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     defaults = Config()
     kwargs = {name: _coerce(name, value, getattr(defaults, name)) for name, value in values.items()}
+    data_dir = kwargs.get("data_dir", defaults.data_dir)
+    if path and not os.path.isabs(data_dir):
+        kwargs["data_dir"] = os.path.join(os.path.dirname(os.path.abspath(path)), data_dir)
     config = Config(**kwargs)
-    if path and not os.path.isabs(config.data_dir):
-        config.data_dir = os.path.join(os.path.dirname(os.path.abspath(path)), config.data_dir)
     if config.auth not in ("internal", "http"):
         raise ConfigError('auth: must be "internal" or "http"')
     if config.auth == "http" and not config.http_auth_url:

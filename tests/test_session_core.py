@@ -123,7 +123,7 @@ class Client:
 
 def settle(core) -> None:
     """Let background work the stanza started finish (presence sent before the
-    roster is known loads it in the background, issue 10.12)."""
+    roster is known loads it in the background)."""
     for _ in range(100):
         gevent.sleep(0)
         if not core.roster._loading:

@@ -11,7 +11,7 @@ got: it is routed again).  Fires ``message-accepted`` (a StanzaEvent) for a
 ``chat``/``normal`` message with a body to an existing local user, before it
 is delivered or stored: the archive hooks it (it may add a ``<stanza-id/>``).
 
-Back-pressure (issue 10.5): a recipient whose transport is congested gets no
+Back-pressure: a recipient whose transport is congested gets no
 more from other users; the sender is told ``resource-constraint`` (its
 problem, not the recipient's).
 

@@ -10,7 +10,7 @@ with the probed user's presence only if the prober is in *their* roster
 (§4.3.2, as Prosody checks it).  Subscription requests never get here: the
 roster delegation module drops them at ``pre-presence/*``.
 
-Presence never waits for the backend (issue 10.12): ``contacts`` answers from
+Presence never waits for the backend: ``contacts`` answers from
 the roster cache at once; a roster that is not known yet counts as empty, and
 the roster module fires ``roster-item-added`` for every contact once it is
 loaded, which exchanges presence then.

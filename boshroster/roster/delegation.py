@@ -14,8 +14,8 @@ clients.  Hooks, the way the Lua module does it:
 and fires ``roster-item-added`` / ``roster-item-removed`` (presence both ways)
 after pushes.  ``refresh_users`` is what ``POST /roster_admin/refresh`` calls.
 ``contacts``/``shares_with`` answer presence at once from the cache; a roster
-not known yet is loaded in the background (issue 10.12: presence never waits
-on the backend).
+not known yet is loaded in the background (presence never waits on the
+backend, nor blocks the session's other stanzas).
 
 Shared state, all mutated without yielding: ``_retrying`` (usernames with a
 background retry greenlet), ``_loading`` (usernames with a background load

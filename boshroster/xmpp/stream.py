@@ -35,7 +35,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from boshroster.xmpp.errors import SaslFailure, StanzaError, StreamError, error_element, stream_error_element
 from boshroster.xmpp.events import EventBus
@@ -59,12 +59,25 @@ from boshroster.xmpp.tags import (
 )
 from boshroster.xmpp.xmlio import E, Element, NS_SASL
 
-if TYPE_CHECKING:
-    from boshroster.xmpp.router import Router
-    from boshroster.xmpp.sessions import SessionManager
 
 log = logging.getLogger("boshroster.session")
 
+
+
+class StanzaRouter(Protocol):
+    """What a bound stream hands its stanzas to (router.py)."""
+
+    def route(self, origin: "ClientSession", stanza: Element) -> None: ...
+
+
+class Lifecycle(Protocol):
+    """The owner of bind/unbind (sessions.py SessionManager)."""
+
+    def bind(self, session: "ClientSession", resource: str | None) -> JID: ...
+
+    def unbind(self, session: "ClientSession") -> None: ...
+
+    def undelivered(self, session: "ClientSession", stanzas: list[Element]) -> None: ...
 
 
 @dataclass
@@ -73,8 +86,8 @@ class StreamContext:
 
     config: Any  # transports read their settings from it
     domain: str
-    router: "Router"
-    sessions: "SessionManager"
+    router: StanzaRouter
+    sessions: Lifecycle
     bus: EventBus
     mechanisms: Callable[[bool], list[str]]  # secure? -> SASL mechanisms to offer
     start_sasl: Callable[[str, list[str]], Any]  # (mechanism, offered) -> exchange; raises SaslFailure
@@ -252,7 +265,7 @@ class ClientSession:
     @property
     def congested(self) -> bool:
         """The transport's output is full: stanzas from other users should be bounced
-        to their sender (``resource-constraint``) instead of queued (issue 10.5)."""
+        to their sender (``resource-constraint``) instead of queued."""
         return getattr(self.transport, "congested", False)
 
     # -- SASL (RFC 6120 §6) ------------------------------------------------
