@@ -79,6 +79,7 @@ class Config:
     refresh_max_users: int = 10000
     refresh_max_body: int = 1048576
     refresh_timeout: float = 30.0
+    refresh_max_concurrency: int = 20  # users being refreshed at once (each may wait on the backend)
 
     @property
     def bosh_requests(self) -> int:

@@ -86,7 +86,7 @@ class Core:
         self.roster_backend = roster_backend
         self.roster = RosterDelegation(
             RosterCache(roster_backend, grace_seconds=config.roster_cache_grace), self.sessions, bus,
-            max_concurrency=config.roster_max_concurrency,
+            refresh_concurrency=config.refresh_max_concurrency,
             retry_count=config.roster_retry_count, retry_backoff=config.roster_retry_backoff,
         )
 
@@ -98,7 +98,8 @@ class Core:
         disco = Disco()
         self.roster.register(bus)
         PresenceHandler(self.sessions, self.roster, domain, bus).register(bus)
-        MessageHandler(self.sessions, self.offline, self.user_exists, domain, bus).register(bus)
+        self.messages = MessageHandler(self.sessions, self.offline, self.user_exists, domain, bus)
+        self.messages.register(bus)
         bus.hook("presence-initial", self.offline.deliver)
         ServerIqs(disco, self.user_exists).register(bus)
         version.register(bus, disco)

@@ -9,7 +9,9 @@ Hooks ``message/bare``, ``message/full``, ``message/host`` and
 ``stanzas-undelivered`` (a transport gives back what its dead session never
 got: it is routed again).  Fires ``message-accepted`` (a StanzaEvent) for a
 ``chat``/``normal`` message with a body to an existing local user, before it
-is delivered or stored: the archive hooks it (it may add a ``<stanza-id/>``).
+is delivered or stored: the archive hooks it (it may add a ``<stanza-id/>``);
+and ``message-stored`` (StoredMessage) once a message went to offline storage
+(the offline webhook hooks it).
 
 Back-pressure: a recipient whose transport is congested gets no
 more from other users; the sender is told ``resource-constraint`` (its
@@ -22,6 +24,7 @@ sessions' IM fields, never yields (the mailbox's SQLite calls do not yield).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from boshroster.xmpp.errors import StanzaError
@@ -37,6 +40,14 @@ if TYPE_CHECKING:
     from boshroster.xmpp.stream import ClientSession
 
 log = logging.getLogger("boshroster.messages")
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """``message-stored``: ``stanza`` was stored for ``username``, who is offline."""
+
+    username: str
+    stanza: Element
 
 
 class Mailbox(Protocol):
@@ -131,6 +142,7 @@ class MessageHandler:
                 return
             if not self.mailbox.store(username, stanza):
                 raise StanzaError("service-unavailable", "cancel", "offline storage full")
+            self.bus.fire("message-stored", StoredMessage(username, stanza))
             return
         best = max(s.priority for s in available)
         if mtype == "error":

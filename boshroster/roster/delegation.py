@@ -68,11 +68,11 @@ def item_element(item: RosterItem, subscription: str = "both") -> Element:
 
 class RosterDelegation:
     def __init__(self, cache: "RosterCache", sessions: "SessionManager", bus: EventBus, *,
-                 max_concurrency: int, retry_count: int, retry_backoff: float):
+                 refresh_concurrency: int, retry_count: int, retry_backoff: float):
         self.cache = cache
         self.sessions = sessions
         self.bus = bus
-        self.max_concurrency = max(1, max_concurrency)
+        self.refresh_concurrency = max(1, refresh_concurrency)
         self.retry_count = retry_count
         self.retry_backoff = retry_backoff
         self._retrying: set[str] = set()
@@ -171,7 +171,7 @@ class RosterDelegation:
         a user whose refresh has not finished by then counts as an error (a
         fetch already started goes on and its pushes still happen; users not
         started yet are not fetched: the caller was told they failed).  At most
-        ``roster_max_concurrency`` refreshes run at once, so a refresh of
+        ``refresh_max_concurrency`` refreshes run at once, so a refresh of
         10,000 online users is paced instead of queueing 10,000 fetches that
         would time out waiting for a backend slot.
         """
@@ -191,7 +191,7 @@ class RosterDelegation:
             if len(outcome) == len(usernames):
                 done.set()
 
-        pool = gevent.pool.Pool(self.max_concurrency)
+        pool = gevent.pool.Pool(self.refresh_concurrency)
 
         def feed() -> None:
             for name in usernames:
