@@ -80,6 +80,12 @@ class Config:
     refresh_max_body: int = 1048576
     refresh_timeout: float = 30.0
     refresh_max_concurrency: int = 20  # users being refreshed at once (each may wait on the backend)
+    # --- stream management (XEP-0198), Prosody's mod_smacks names
+    smacks_enabled: bool = True
+    smacks_hibernation_time: float = 600.0
+    smacks_max_unacked_stanzas: int = 5
+    smacks_max_queue_size: int = 500
+    smacks_max_old_sessions: int = 1
 
     @property
     def bosh_requests(self) -> int:

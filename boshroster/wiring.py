@@ -32,6 +32,7 @@ from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.router import Router
 from boshroster.xmpp.sessions import SessionManager
 from boshroster.xmpp.stream import StreamContext
+from boshroster.xmpp.stream_management import SmSettings, StreamManagement
 
 log = logging.getLogger("boshroster.wiring")
 
@@ -60,6 +61,13 @@ class Core:
         # The core: sessions, the router, streams.
         self.sessions = SessionManager(bus, domain, config.resource_conflict, config.max_resources_per_user)
         router = Router(bus, self.sessions, domain, self.metrics)
+        sm = None
+        if config.smacks_enabled:
+            sm = StreamManagement(SmSettings(
+                hibernation_time=config.smacks_hibernation_time, max_unacked=config.smacks_max_unacked_stanzas,
+                max_queue=config.smacks_max_queue_size, max_old_sessions=config.smacks_max_old_sessions,
+            ), bus)
+            sm.register(bus)
         self.stream_context = StreamContext(
             config=config,
             domain=domain,
@@ -70,6 +78,7 @@ class Core:
             start_sasl=lambda mechanism, offered: sasl.SaslExchange(mechanism, authenticator, domain, offered),
             auth_throttle=AuthThrottle(config.auth_failure_limit, config.auth_failure_window),
             metrics=self.metrics,
+            sm=sm,
         )
 
         # Rosters, delegated to the web application.

@@ -40,6 +40,7 @@ from typing import Any, Callable, Protocol
 from boshroster.xmpp.errors import SaslFailure, StanzaError, StreamError, error_element, stream_error_element
 from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID, JIDError, prep_resource, prep_domain
+from boshroster.xmpp.stream_management import ENABLE as SM_ENABLE, FAILED as SM_FAILED, RESUME as SM_RESUME, SM_PREFIX
 from boshroster.xmpp.tags import (
     BIND,
     BIND_JID,
@@ -57,7 +58,7 @@ from boshroster.xmpp.tags import (
     SESSION,
     STANZAS,
 )
-from boshroster.xmpp.xmlio import E, Element, NS_SASL
+from boshroster.xmpp.xmlio import E, Element, NS_SASL, NS_STANZAS
 
 
 log = logging.getLogger("boshroster.session")
@@ -93,6 +94,7 @@ class StreamContext:
     start_sasl: Callable[[str, list[str]], Any]  # (mechanism, offered) -> exchange; raises SaslFailure
     auth_throttle: Any
     metrics: Any
+    sm: Any = None  # StreamManagement (stream_management.py), or None when disabled
 
 
 @dataclass(slots=True)
@@ -139,6 +141,7 @@ class ClientSession:
         self.carbons = False
         self.directed: set[str] = set()  # full/bare JIDs sent directed presence (RFC 6121 §4.6)
         self.started = time.monotonic()
+        self.sm = None  # SmState once the client enabled XEP-0198 (stream_management.py)
 
     # -- transport-facing API ---------------------------------------------
 
@@ -196,13 +199,22 @@ class ClientSession:
         try:
             if self.state == "active":
                 if el.tag in STANZAS:
+                    if self.sm is not None:
+                        self.sm.received()
                     self.ctx.router.route(self, el)
+                elif el.tag.startswith(SM_PREFIX) and self.ctx.sm is not None:
+                    self.ctx.sm.handle(self, el)
                 else:
                     raise StreamError("unsupported-stanza-type", f"unexpected element {el.tag}")
             elif self.state == "auth":
                 self._sasl_step(el)
             elif self.state == "bind":
-                self._pre_bind(el)
+                if el.tag == SM_RESUME and self.ctx.sm is not None:
+                    self.ctx.sm.resume(self, el)
+                elif el.tag == SM_ENABLE:
+                    self.send_nonza(E(SM_FAILED, None, E(f"{{{NS_STANZAS}}}unexpected-request")))
+                else:
+                    self._pre_bind(el)
             elif self.state == "restart":
                 raise StreamError("not-authorized", "restart the stream after SASL success")
             else:
@@ -215,8 +227,21 @@ class ClientSession:
         if self.state == "ended":
             return
         log.info("stream error %s for %s from %s: %s", condition, self.jid_str or "(unauthenticated)", self.peer.ip, text or "")
-        self.transport.stream_error(stream_error_element(condition, text))
+        self.fail_with(stream_error_element(condition, text), condition)
+
+    def fail_with(self, error: Element, condition: str) -> None:
+        """Close the stream with a prebuilt ``<stream:error/>``."""
+        if self.state == "ended":
+            return
+        self.transport.stream_error(error)
         self.end(f"stream error {condition}")
+
+    def connection_lost(self, reason: str) -> None:
+        """The transport's connection dropped without a close: a resumable
+        stream (XEP-0198) hibernates, any other ends."""
+        if self.sm is not None and self.state == "active" and self.ctx.sm.connection_lost(self):
+            return
+        self.end(reason)
 
     def end(self, reason: str) -> None:
         """The stream is over (logout, timeout, socket drop, error): clean up once."""
@@ -227,9 +252,38 @@ class ClientSession:
         self.state = "ended"
         if was_counted:
             self.ctx.metrics.session_closed(self.transport.kind)
+        unacked = self.ctx.sm.ended(self) if self.sm is not None else ()
         if was_bound:
             self.ctx.sessions.unbind(self)
             log.info("session end %s (%s, %s): %s", self.jid_str, self.transport.kind, self.peer.ip, reason)
+        if unacked:
+            # XEP-0198 §4: what the client never acknowledged was not delivered.  A
+            # stanza with a delivered callback belongs to its sender (offline store
+            # keeps the row); the rest is routed again.
+            again = [stanza for stanza, delivered in unacked if delivered is None]
+            for _, delivered in unacked:
+                if delivered is not None:
+                    delivered(False)
+            self.return_undelivered(again)
+
+    def hand_over_to(self, old: "ClientSession"):
+        """XEP-0198 resumption: this fresh stream's connection now carries ``old``,
+        and this object ends.  Returns ``old``'s previous transport."""
+        transport, previous = self.transport, old.transport
+        transport.session = old
+        old.transport = transport
+        old.peer = self.peer
+        old.stream_id = self.stream_id
+        self.transport = previous
+        if hasattr(previous, "session"):
+            previous.session = self  # its connection, if still open, ends nothing but this
+        self.end("resumed an earlier session")
+        return previous
+
+    def send_nonza(self, el: Element) -> None:
+        """Send a non-stanza element (XEP-0198 acks and answers): not counted."""
+        if self.state != "ended":
+            self.transport.send(el)
 
     def bound(self, jid: JID) -> None:
         """SessionManager.bind gave this stream its full JID."""
@@ -254,7 +308,12 @@ class ClientSession:
             if delivered is not None:
                 delivered(False)
             return
-        if delivered is None:
+        if self.sm is not None and el.tag in STANZAS:
+            # XEP-0198: delivered means acknowledged by the client, not written.
+            self.sm.on_sent(el, delivered)
+            self.transport.send(el)
+            self.ctx.sm.after_send(self)
+        elif delivered is None:
             self.transport.send(el)
         elif getattr(self.transport, "tracks_delivery", False):
             self.transport.send(el, delivered)
