@@ -86,6 +86,9 @@ class Config:
     smacks_max_unacked_stanzas: int = 5
     smacks_max_queue_size: int = 500
     smacks_max_old_sessions: int = 1
+    # --- per-stream traffic shaping (stanzas a client may send: burst, then per second; 0 = off)
+    c2s_stanza_rate: float = 100.0
+    c2s_stanza_burst: int = 1000
 
     @property
     def bosh_requests(self) -> int:

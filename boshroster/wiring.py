@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+
+import gevent
 
 from boshroster.auth import sasl
 from boshroster.auth.accounts import AccountStore
@@ -31,7 +34,7 @@ from boshroster.web.metrics import Metrics
 from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.router import Router
 from boshroster.xmpp.sessions import SessionManager
-from boshroster.xmpp.stream import StreamContext
+from boshroster.xmpp.stream import Shaper, StreamContext
 from boshroster.xmpp.stream_management import SmSettings, StreamManagement
 
 log = logging.getLogger("boshroster.wiring")
@@ -79,6 +82,8 @@ class Core:
             auth_throttle=AuthThrottle(config.auth_failure_limit, config.auth_failure_window),
             metrics=self.metrics,
             sm=sm,
+            shaper=(lambda: Shaper(config.c2s_stanza_rate, config.c2s_stanza_burst, time.monotonic, gevent.sleep))
+            if config.c2s_stanza_rate > 0 else None,
         )
 
         # Rosters, delegated to the web application.

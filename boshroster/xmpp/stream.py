@@ -95,6 +95,36 @@ class StreamContext:
     auth_throttle: Any
     metrics: Any
     sm: Any = None  # StreamManagement (stream_management.py), or None when disabled
+    shaper: Callable[[], "Shaper"] | None = None  # a traffic shaper per stream, or None
+
+
+class Shaper:
+    """Token bucket of stanzas a client may send (like ejabberd's c2s shaper):
+    ``burst`` at once, then ``rate`` per second.  Over the rate, the stream's own
+    greenlet waits (``sleep``) before routing more: the client is slowed down,
+    nothing is dropped, and nobody else waits."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp", "clock", "sleep", "throttled")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float], sleep: Callable[[float], None]):
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.clock, self.sleep = clock, sleep
+        self.stamp = clock()
+        self.throttled = False
+
+    def take(self) -> float:
+        """Account for one stanza; returns how long the stream waited."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1
+        if self.tokens >= 0:
+            self.throttled = False
+            return 0.0
+        delay = -self.tokens / self.rate
+        self.sleep(delay)
+        return delay
 
 
 @dataclass(slots=True)
@@ -142,6 +172,7 @@ class ClientSession:
         self.directed: set[str] = set()  # full/bare JIDs sent directed presence (RFC 6121 §4.6)
         self.started = time.monotonic()
         self.sm = None  # SmState once the client enabled XEP-0198 (stream_management.py)
+        self._shaper = ctx.shaper() if ctx.shaper is not None else None
 
     # -- transport-facing API ---------------------------------------------
 
@@ -199,6 +230,11 @@ class ClientSession:
         try:
             if self.state == "active":
                 if el.tag in STANZAS:
+                    if self._shaper is not None and self._shaper.take() and not self._shaper.throttled:
+                        self._shaper.throttled = True
+                        log.warning("%s sends faster than %s stanzas/s: slowed down", self.jid_str, self._shaper.rate)
+                    if self.state != "active":
+                        return  # it ended while it waited
                     if self.sm is not None:
                         self.sm.received()
                     self.ctx.router.route(self, el)
