@@ -19,8 +19,13 @@ class ConfigError(ValueError):
     """A config file or value that cannot be used; the message says which key."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
+    """Every setting, with its default (documented in conf/boshroster.toml).
+
+    Frozen: read once at start (``load``), never changed while serving, so no
+    component can surprise another by rewriting a setting."""
+
     # --- serving
     domain: str = "localhost"
     http_interfaces: list[str] = field(default_factory=lambda: ["127.0.0.1"])
@@ -74,6 +79,16 @@ class Config:
     refresh_max_users: int = 10000
     refresh_max_body: int = 1048576
     refresh_timeout: float = 30.0
+    refresh_max_concurrency: int = 20  # users being refreshed at once (each may wait on the backend)
+    # --- stream management (XEP-0198), Prosody's mod_smacks names
+    smacks_enabled: bool = True
+    smacks_hibernation_time: float = 600.0
+    smacks_max_unacked_stanzas: int = 5
+    smacks_max_queue_size: int = 500
+    smacks_max_old_sessions: int = 1
+    # --- per-stream traffic shaping (stanzas a client may send: burst, then per second; 0 = off)
+    c2s_stanza_rate: float = 100.0
+    c2s_stanza_burst: int = 1000
 
     @property
     def bosh_requests(self) -> int:
@@ -127,9 +142,10 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     defaults = Config()
     kwargs = {name: _coerce(name, value, getattr(defaults, name)) for name, value in values.items()}
+    data_dir = kwargs.get("data_dir", defaults.data_dir)
+    if path and not os.path.isabs(data_dir):
+        kwargs["data_dir"] = os.path.join(os.path.dirname(os.path.abspath(path)), data_dir)
     config = Config(**kwargs)
-    if path and not os.path.isabs(config.data_dir):
-        config.data_dir = os.path.join(os.path.dirname(os.path.abspath(path)), config.data_dir)
     if config.auth not in ("internal", "http"):
         raise ConfigError('auth: must be "internal" or "http"')
     if config.auth == "http" and not config.http_auth_url:

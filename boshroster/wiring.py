@@ -1,54 +1,92 @@
-"""The shared session core: one per server, fed by every transport.
+"""The wiring: builds every component, gives each the narrow things it uses, hooks the modules.
 
-It owns the pieces a stanza passes through (router -> presence / messages /
-iq / roster) and the state they share (registry, roster cache, offline
-store).  Nothing here knows about HTTP or WebSocket frames.
+This is the only module that imports the features (im/, roster/, auth/); it is
+imported only by server.py.  Reading it top to bottom tells what the server
+is made of.  A new server-answered IQ is one module and one line here
+(see ``version.register``).
+
+Greenlet safety: everything is built and hooked before the listeners start;
+afterwards only the components' own documented state changes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 
+import gevent
+
+from boshroster.auth import sasl
 from boshroster.auth.accounts import AccountStore
 from boshroster.auth.http_check import HttpAuthenticator
 from boshroster.auth.throttle import AuthThrottle
 from boshroster.config import Config
-from boshroster.im.server_iqs import IqHandler
-from boshroster.xmpp.jid import JID
+from boshroster.im import version
 from boshroster.im.messages import MessageHandler
-from boshroster.web.metrics import Metrics
 from boshroster.im.offline import OfflineStore
 from boshroster.im.presence import PresenceHandler
-from boshroster.xmpp.sessions import SessionRegistry
+from boshroster.im.server_iqs import Disco, ServerIqs
 from boshroster.roster.backend import RosterBackend
 from boshroster.roster.cache import RosterCache
-from boshroster.roster.delegation import RosterService
+from boshroster.roster.delegation import RosterDelegation
+from boshroster.web.metrics import Metrics
+from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.router import Router
-from boshroster.xmpp.stream import ClientSession
+from boshroster.xmpp.sessions import SessionManager
+from boshroster.xmpp.stream import Shaper, StreamContext
+from boshroster.xmpp.stream_management import SmSettings, StreamManagement
 
-log = logging.getLogger("boshroster.core")
+log = logging.getLogger("boshroster.wiring")
 
 
 class Core:
+    """Everything one server process runs, wired together (what the web layer is given)."""
+
     def __init__(self, config: Config, roster_backend=None):
         self.config = config
-        self.metrics = Metrics()
+        domain = config.domain
         os.makedirs(config.data_dir, exist_ok=True)
+        self.metrics = Metrics()
+        self.bus = bus = EventBus()
+
+        # Who may log in.
         if config.auth == "http":
-            self.authenticator = HttpAuthenticator(
-                config.http_auth_url, config.domain, config.http_auth_timeout, config.http_auth_cache_seconds
-            )
             self.accounts = None
+            authenticator = HttpAuthenticator(
+                config.http_auth_url, domain, config.http_auth_timeout, config.http_auth_cache_seconds
+            )
         else:
-            self.accounts = AccountStore(os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations)
-            self.authenticator = self.accounts
-        self.auth_throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window)
-        self.registry = SessionRegistry(config.resource_conflict, config.max_resources_per_user)
-        self.offline = OfflineStore(
-            os.path.join(config.data_dir, "offline.sqlite3"), config.domain, config.offline_max_per_user,
-            config.stanza_size_limit,
+            self.accounts = authenticator = AccountStore(
+                os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations
+            )
+
+        # The core: sessions, the router, streams.
+        self.sessions = SessionManager(bus, domain, config.resource_conflict, config.max_resources_per_user)
+        router = Router(bus, self.sessions, domain, self.metrics)
+        sm = None
+        if config.smacks_enabled:
+            sm = StreamManagement(SmSettings(
+                hibernation_time=config.smacks_hibernation_time, max_unacked=config.smacks_max_unacked_stanzas,
+                max_queue=config.smacks_max_queue_size, max_old_sessions=config.smacks_max_old_sessions,
+            ), bus)
+            sm.register(bus)
+        self.stream_context = StreamContext(
+            config=config,
+            domain=domain,
+            router=router,
+            sessions=self.sessions,
+            bus=bus,
+            mechanisms=lambda secure: sasl.mechanisms_for(authenticator, secure, config.allow_plain_insecure),
+            start_sasl=lambda mechanism, offered: sasl.SaslExchange(mechanism, authenticator, domain, offered),
+            auth_throttle=AuthThrottle(config.auth_failure_limit, config.auth_failure_window),
+            metrics=self.metrics,
+            sm=sm,
+            shaper=(lambda: Shaper(config.c2s_stanza_rate, config.c2s_stanza_burst, time.monotonic, gevent.sleep))
+            if config.c2s_stanza_rate > 0 else None,
         )
+
+        # Rosters, delegated to the web application.
         if roster_backend is None:
             if not config.http_roster_url:
                 log.warning("http_roster_url is not set: every roster is empty")
@@ -60,45 +98,34 @@ class Core:
                 max_concurrency=config.roster_max_concurrency,
             )
         self.roster_backend = roster_backend
-        self.roster = RosterService(self, RosterCache(roster_backend, grace_seconds=config.roster_cache_grace))
-        self.router = Router(self)
-        self.presence = PresenceHandler(self)
-        self.messages = MessageHandler(self)
-        self.iq = IqHandler(self)
+        self.roster = RosterDelegation(
+            RosterCache(roster_backend, grace_seconds=config.roster_cache_grace), self.sessions, bus,
+            refresh_concurrency=config.refresh_max_concurrency,
+            retry_count=config.roster_retry_count, retry_backoff=config.roster_retry_backoff,
+        )
+
+        # Instant messaging.
+        self.offline = OfflineStore(
+            os.path.join(config.data_dir, "offline.sqlite3"), domain, config.offline_max_per_user,
+            config.stanza_size_limit,
+        )
+        disco = Disco()
+        self.roster.register(bus)
+        PresenceHandler(self.sessions, self.roster, domain, bus).register(bus)
+        self.messages = MessageHandler(self.sessions, self.offline, self.user_exists, domain, bus)
+        self.messages.register(bus)
+        bus.hook("presence-initial", self.offline.deliver)
+        ServerIqs(disco, self.user_exists).register(bus)
+        version.register(bus, disco)
 
     def user_exists(self, username: str) -> bool:
         if self.accounts is None:
             return True
-        return self.registry.is_online(username) or self.accounts.exists(username)
-
-    def bind(self, session: ClientSession, resource: str | None) -> None:
-        """Give ``session`` a resource (RFC 6120 §7); raises StanzaError."""
-        resource, kicked = self.registry.bind(session, session.username, resource)
-        session.jid = JID.make(session.username, self.config.domain, resource)
-        session.jid_str = str(session.jid)
-        self.roster.user_online(session.username)
-        if kicked is not None:
-            kicked.jid, kicked_jid = None, kicked.jid  # already unbound: do not unbind the new one
-            kicked.fail("conflict", "replaced by a new session")
-            self._after_unbind(kicked, kicked_jid)
-
-    def session_unbound(self, session: ClientSession) -> None:
-        """Called once by ClientSession.end for a bound session."""
-        self._after_unbind(session, session.jid)
-
-    def _after_unbind(self, session: ClientSession, jid: JID | None) -> None:
-        if jid is None:
-            return
-        self.presence.unavailable(session)  # RFC 6121 §4.5: on the client's behalf
-        self.registry.unbind(jid.local, jid.resource, session)
-        self.roster.user_offline(jid.local)
+        return self.sessions.is_online(username) or self.accounts.exists(username)
 
     def shutdown(self) -> None:
-        """Tell every client the server is going away (system-shutdown)."""
-        sessions = list(self.registry.all_sessions())
-        for session in sessions:
-            session.fail("system-shutdown", "the server is shutting down")
-        log.info("shutdown: %d session(s) closed", len(sessions))
+        """Tell every client the server is going away, then close the stores."""
+        self.sessions.shutdown()
         self.offline.close()
         if self.accounts is not None:
             self.accounts.close()

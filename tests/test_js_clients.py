@@ -32,8 +32,10 @@ SCENARIOS = ("login", "wrong_password", "roster", "presence", "messages",
              "logout_unavailable", "drop_unavailable", "refresh_push")
 
 # BOSH: a vanished client is noticed when its held request times out (wait) and no
-# new one comes within the inactivity period; keep both short so the drop test is quick.
-SERVER_SETTINGS = {"bosh_max_wait": 5, "bosh_max_inactivity": 3}
+# new one comes within the inactivity period; a WebSocket client that enabled
+# resumable stream management (xmpp.js does) hibernates first (XEP-0198): keep all
+# of them short so the drop test is quick.
+SERVER_SETTINGS = {"bosh_max_wait": 5, "bosh_max_inactivity": 3, "smacks_hibernation_time": 3}
 
 
 @pytest.fixture(scope="module")

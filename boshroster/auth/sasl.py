@@ -39,6 +39,7 @@ from typing import Protocol
 
 import scramp
 
+from boshroster.xmpp.errors import SASL_CONDITIONS as CONDITIONS, SaslFailure
 from boshroster.xmpp.jid import JID, JIDError, prep_domain, prep_localpart
 
 log = logging.getLogger(__name__)
@@ -46,27 +47,7 @@ log = logging.getLogger(__name__)
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1")
 ALL_MECHANISMS = (*SCRAM_MECHANISMS, "PLAIN")
 
-CONDITIONS = frozenset(
-    {
-        "not-authorized",
-        "malformed-request",
-        "invalid-mechanism",
-        "aborted",
-        "temporary-auth-failure",
-        "encryption-required",
-    }
-)
 
-
-class SaslFailure(Exception):
-    """An exchange failed; ``condition`` is the RFC 6120 §6.5 element name."""
-
-    def __init__(self, condition: str, text: str | None = None):
-        if condition not in CONDITIONS:
-            raise ValueError(f"unknown SASL failure condition {condition!r}")
-        super().__init__(condition if text is None else f"{condition}: {text}")
-        self.condition = condition
-        self.text = text
 
 
 class Authenticator(Protocol):

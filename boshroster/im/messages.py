@@ -1,27 +1,59 @@
 """Messages (RFC 6121 §8.5) between local users, carbons (XEP-0280), offline storage.
 
 Each branch cites the RFC 6121 rule it implements.  Messages for a user
-with no available resource are stored durably (offline.py) and delivered at
-that user's next initial presence, so nothing is lost across a restart.
+with no available resource go to the mailbox (offline.py: stored durably,
+delivered at that user's next initial presence), so nothing is lost across
+a restart.
+
+Hooks ``message/bare``, ``message/full``, ``message/host`` and
+``stanzas-undelivered`` (a transport gives back what its dead session never
+got: it is routed again).  Fires ``message-accepted`` (a StanzaEvent) for a
+``chat``/``normal`` message with a body to an existing local user, before it
+is delivered or stored: the archive hooks it (it may add a ``<stanza-id/>``);
+and ``message-stored`` (StoredMessage) once a message went to offline storage
+(the offline webhook hooks it).
+
+Back-pressure: a recipient whose transport is congested gets no
+more from other users; the sender is told ``resource-constraint`` (its
+problem, not the recipient's).
+
+Greenlet safety: no state of its own; reads the session registry and the
+sessions' IM fields, never yields (the mailbox's SQLite calls do not yield).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from boshroster.xmpp.errors import StanzaError
+from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID
-from boshroster.xmpp.xmlio import E, Element, NS_CARBONS, NS_CLIENT, NS_FORWARD, NS_HINTS
+from boshroster.xmpp.router import StanzaEvent
+from boshroster.xmpp.sessions import UndeliveredEvent
+from boshroster.xmpp.tags import BODY, CARBONS_PRIVATE, MESSAGE, NO_COPY
+from boshroster.xmpp.xmlio import E, Element, NS_CARBONS, NS_FORWARD
 
 if TYPE_CHECKING:
-    from boshroster.wiring import Core
+    from boshroster.xmpp.sessions import SessionManager
     from boshroster.xmpp.stream import ClientSession
 
 log = logging.getLogger("boshroster.messages")
 
-_MESSAGE = f"{{{NS_CLIENT}}}message"
-_BODY = f"{{{NS_CLIENT}}}body"
+
+@dataclass(slots=True)
+class StoredMessage:
+    """``message-stored``: ``stanza`` was stored for ``username``, who is offline."""
+
+    username: str
+    stanza: Element
+
+
+class Mailbox(Protocol):
+    """Where messages for offline users go (offline.py)."""
+
+    def store(self, username: str, stanza: Element) -> bool: ...
 
 
 def _carbon_eligible(stanza: Element) -> bool:
@@ -29,112 +61,134 @@ def _carbon_eligible(stanza: Element) -> bool:
     mtype = stanza.get("type", "normal")
     if mtype not in ("chat", "normal"):
         return False
-    if mtype == "normal" and stanza.find(_BODY) is None:
+    if mtype == "normal" and stanza.find(BODY) is None:
         return False
-    if stanza.find(f"{{{NS_CARBONS}}}private") is not None or stanza.find(f"{{{NS_HINTS}}}no-copy") is not None:
+    if stanza.find(CARBONS_PRIVATE) is not None or stanza.find(NO_COPY) is not None:
         return False
     return True
 
 
 class MessageHandler:
-    def __init__(self, core: "Core"):
-        self.core = core
+    def __init__(self, sessions: "SessionManager", mailbox: Mailbox, user_exists: Callable[[str], bool],
+                 domain: str, bus: EventBus):
+        self.sessions = sessions
+        self.mailbox = mailbox
+        self.user_exists = user_exists
+        self.domain = domain
+        self.bus = bus
 
-    def outbound(self, origin: "ClientSession", stanza: Element, to: JID | None) -> None:
-        domain = self.core.config.domain
-        if to is None:
-            # RFC 6120 §10.3.1: no 'to' means the sender's own bare JID.
-            to = origin.jid.bare
-        if to.domain != domain:
-            raise StanzaError("remote-server-not-found", text="this server does not federate")
-        if to.local is None:
-            if stanza.get("type") in ("error", "headline"):
-                return
-            raise StanzaError("service-unavailable", text="the server does not accept messages")
+    def register(self, bus: EventBus) -> None:
+        bus.hook("message/bare", self._on_message)
+        bus.hook("message/full", self._on_message)
+        bus.hook("message/host", self._on_host)
+        bus.hook("stanzas-undelivered", self.requeue)
+
+    def _on_host(self, event: StanzaEvent) -> bool:
+        if event.stanza.get("type") in ("error", "headline"):
+            return True
+        raise StanzaError("service-unavailable", text="the server does not accept messages")
+
+    def _on_message(self, event: StanzaEvent) -> bool:
+        origin, stanza = event.origin, event.stanza
         if _carbon_eligible(stanza):
             self._carbon_copies(origin, stanza, "sent", exclude=origin)
-        self.deliver(stanza, to, sender=origin)
+        self.deliver(stanza, event.to, event)
+        return True
 
-    def deliver(self, stanza: Element, to: JID, sender: "ClientSession | None" = None) -> None:
+    def deliver(self, stanza: Element, to: JID, event: StanzaEvent | None = None) -> None:
         mtype = stanza.get("type", "normal")
         username = to.local
-        if not self.core.user_exists(username):
+        if not self.user_exists(username):
             # RFC 6121 §8.5.1: no such user.
             if mtype in ("error", "headline", "groupchat"):
                 return
             raise StanzaError("service-unavailable", text="no such user")
+        if event is not None and mtype in ("chat", "normal") and stanza.find(BODY) is not None:
+            self.bus.fire("message-accepted", event)
         if to.resource is not None:
-            target = self.core.registry.get(username, to.resource)
+            target = self.sessions.get(username, to.resource)
             if target is not None:
                 # §8.5.3.1: a full JID that is online gets it, whatever the type.
+                self._check_room(target, mtype)
                 target.send(stanza)
                 if _carbon_eligible(stanza):
                     self._carbon_copies(target, stanza, "received", exclude=target)
                 return
             # §8.5.3.2.1: an offline full JID: chat/normal are treated as bare.
-            if mtype in ("groupchat",):
+            if mtype == "groupchat":
                 raise StanzaError("service-unavailable")
             if mtype in ("headline", "error"):
                 return
         self._deliver_bare(stanza, username, mtype)
 
+    @staticmethod
+    def _check_room(target: "ClientSession", mtype: str) -> None:
+        if target.congested and mtype != "error":
+            log.warning("%s is not reading fast enough: message bounced to its sender", target.jid_str)
+            raise StanzaError("resource-constraint", "wait", "the recipient is not keeping up; try again later")
+
     def _deliver_bare(self, stanza: Element, username: str, mtype: str) -> None:
-        available = [s for s in self.core.registry.sessions_of(username) if s.presence is not None and s.priority >= 0]
+        available = [s for s in self.sessions.sessions_of(username) if s.presence is not None and s.priority >= 0]
         if mtype == "groupchat":
             raise StanzaError("service-unavailable")  # §8.5.2.1.2
         if mtype == "headline":
             for session in available:  # §8.5.2.1.2: all non-negative resources, or drop
-                session.send(stanza)
+                if not session.congested:
+                    session.send(stanza)
             return
         if not available:
             # §8.5.2.2: no available resource -> offline storage (chat/normal), errors dropped.
             if mtype == "error":
                 return
-            if not self.core.offline.store(username, stanza):
+            if not self.mailbox.store(username, stanza):
                 raise StanzaError("service-unavailable", "cancel", "offline storage full")
+            self.bus.fire("message-stored", StoredMessage(username, stanza))
             return
+        best = max(s.priority for s in available)
         if mtype == "error":
-            best = max(s.priority for s in available)
             next(s for s in available if s.priority == best).send(stanza)
             return
         # §8.5.2.1.1: chat/normal to the highest-priority non-negative resource(s).
-        best = max(s.priority for s in available)
-        receivers = [s for s in available if s.priority == best]
+        receivers = [s for s in available if s.priority == best and not s.congested]
+        if not receivers:
+            self._check_room(next(s for s in available if s.priority == best), mtype)
         for session in receivers:
             session.send(stanza)
         if _carbon_eligible(stanza):
-            for session in self.core.registry.sessions_of(username):
+            for session in self.sessions.sessions_of(username):
                 if session.carbons and session not in receivers:
                     session.send(self._wrap(stanza, "received", session))
 
-    def requeue(self, session: "ClientSession", stanzas: list[Element]) -> None:
+    def requeue(self, event: UndeliveredEvent) -> None:
         """Messages queued for a session that died undelivered go back through routing
-        (other resources, or offline storage) instead of being lost."""
-        if session.username is None:
-            return
-        bare = JID.make(session.username, self.core.config.domain)
-        for stanza in stanzas:
-            if stanza.tag != _MESSAGE or stanza.get("type", "normal") not in ("chat", "normal"):
+        (other resources, or offline storage) instead of being lost.  One stanza that
+        cannot be requeued costs that stanza only (logged), never those behind it."""
+        session = event.session
+        bare = JID.make(session.username, self.domain)
+        for stanza in event.stanzas:
+            if stanza.tag != MESSAGE or stanza.get("type", "normal") not in ("chat", "normal"):
                 continue
-            if stanza.find(_BODY) is None:
+            if stanza.find(BODY) is None:
                 continue  # carbons wrappers, chat states, receipts: not worth keeping
-            copy_ = E(_MESSAGE, dict(stanza.attrib), *list(stanza))
+            copy_ = E(MESSAGE, dict(stanza.attrib), *list(stanza))
             copy_.set("to", str(bare))
             try:
                 self._deliver_bare(copy_, bare.local, copy_.get("type", "normal"))
-            except StanzaError:
-                log.warning("could not requeue a message for %s", bare)
+            except StanzaError as err:
+                log.warning("could not requeue a message for %s: %s", bare, err.condition)
+            except Exception:
+                log.exception("could not requeue a message for %s", bare)
 
     def _carbon_copies(self, owner: "ClientSession", stanza: Element, kind: str, exclude: "ClientSession") -> None:
-        for session in self.core.registry.sessions_of(owner.username):
+        for session in self.sessions.sessions_of(owner.username):
             if session is not exclude and session.carbons:
                 session.send(self._wrap(stanza, kind, session))
 
     def _wrap(self, stanza: Element, kind: str, session: "ClientSession") -> Element:
         """XEP-0280 §7/§8: <message><sent|received><forwarded><message/>…"""
-        bare = f"{session.username}@{self.core.config.domain}"
+        bare = f"{session.username}@{self.domain}"
         return E(
-            _MESSAGE,
+            MESSAGE,
             {"from": bare, "to": session.jid_str, "type": stanza.get("type", "normal")},
             E(f"{{{NS_CARBONS}}}{kind}", None, E(f"{{{NS_FORWARD}}}forwarded", None, stanza)),
         )

@@ -3,7 +3,7 @@
 Pure module: no I/O, no gevent, every object immutable, so a Roster can be
 shared between greenlets and sessions without copying.
 
-The backend contract (roster-delegation-contract.md §1) is a JSON object keyed
+The backend contract (README, "The backend contract": the roster GET) is a JSON object keyed
 by the contact's bare JID, each value an object with an optional ``name`` and
 optional ``groups``.  ``groups`` may be an array of names (what the contract
 documents) or an object whose keys are the names (the only form Prosody's

@@ -1,4 +1,4 @@
-"""Validating the body of ``POST /roster_admin/refresh`` (roster delegation contract §2).
+"""Validating the body of ``POST /roster_admin/refresh`` (README, "The backend contract": refresh).
 
 Pure functions, no I/O: the HTTP layer reads the body, calls
 ``parse_refresh_body`` and turns ``RefreshBadRequest`` into a ``400`` JSON error.

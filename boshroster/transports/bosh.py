@@ -186,7 +186,7 @@ class BoshSession:
         self.pending = []
         self._finish(None, linger=False)  # XEP-0124 §10: later requests get item-not-found
         self.session.end("BOSH inactivity timeout")
-        self.manager.core.messages.requeue(self.session, undelivered)
+        self.session.return_undelivered(undelivered)
 
     # -- one HTTP request --------------------------------------------------------
 
@@ -281,7 +281,7 @@ class BoshSession:
         self.pending = []
         self._finish(condition)
         self.session.end(f"BOSH {condition}: {why}")
-        self.manager.core.messages.requeue(self.session, undelivered)
+        self.session.return_undelivered(undelivered)
         return terminate_body(condition)
 
 

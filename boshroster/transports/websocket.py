@@ -76,7 +76,9 @@ class WebSocketStream:
                     self.session.fail("policy-violation", "stanza too large")
                     return
                 if text is None:
-                    reason = "connection dropped" if not self.conn.closed else "connection closed"
+                    # No close frame either way: the network went away (not a logout).
+                    dropped = self.conn.peer_close_code is None and self.conn.close_code is None
+                    reason = "connection dropped" if dropped else "connection closed"
                     return
                 try:
                     el = xmlio.parse(text, limit)
@@ -102,6 +104,9 @@ class WebSocketStream:
                     self.session.fail(err.condition, err.text)
                     return
         finally:
-            self.session.end(reason)
+            if reason == "connection dropped":
+                self.session.connection_lost(reason)  # XEP-0198: a resumable session hibernates
+            else:
+                self.session.end(reason)
             if not self.conn.closed:
                 self.conn.close(1000)

@@ -75,7 +75,7 @@ class WebApp:
     def __init__(self, core):
         self.core = core
         self.config = core.config
-        self.bosh = BoshManager(core)
+        self.bosh = BoshManager(core.stream_context)
         self.static_dir = self.config.static_dir or STATIC_DEFAULT
         self.started = time.time()
         self._install_backend_metrics()
@@ -178,7 +178,7 @@ class WebApp:
 
     def _websocket(self, environ, start_response):
         conn = environ[ENVIRON_KEY]
-        stream = WebSocketStream(self.core, conn, self.peer(environ, "websocket"))
+        stream = WebSocketStream(self.core.stream_context, conn, self.peer(environ, "websocket"))
         stream.run()
         return []
 
@@ -264,7 +264,7 @@ class WebApp:
             "uptime_seconds": round(time.time() - self.started, 1),
             "sessions": self.core.metrics.open_sessions(),
             "bosh_sessions": len(self.bosh.sessions),
-            "online_users": len(self.core.registry.usernames()),
+            "online_users": len(self.core.sessions.usernames()),
             "backend": {
                 "configured": bool(self.config.http_roster_url),
                 "fetches": getattr(backend, "fetches", None),

@@ -76,3 +76,27 @@ def stream_error_element(condition: str, text: str | None = None) -> Element:
     if text:
         el.append(E(f"{{{NS_STREAMS_ERR}}}text", {XML_LANG: "en"}, text=text))
     return el
+
+
+# RFC 6120 §6.5: the SASL failure conditions.
+SASL_CONDITIONS = frozenset(
+    {
+        "not-authorized",
+        "malformed-request",
+        "invalid-mechanism",
+        "aborted",
+        "temporary-auth-failure",
+        "encryption-required",
+    }
+)
+
+
+class SaslFailure(Exception):
+    """An exchange failed; ``condition`` is the RFC 6120 §6.5 element name."""
+
+    def __init__(self, condition: str, text: str | None = None):
+        if condition not in SASL_CONDITIONS:
+            raise ValueError(f"unknown SASL failure condition {condition!r}")
+        super().__init__(condition if text is None else f"{condition}: {text}")
+        self.condition = condition
+        self.text = text

@@ -139,3 +139,10 @@ def _parse_cached(text: str) -> JID:
     elif not local:
         raise JIDError("empty localpart")
     return JID.make(local, domain, resource if slash else None)
+
+
+def local_user(bare: str, domain: str) -> str | None:
+    """The username of ``bare`` (a prepared bare JID string, as rosters hold them)
+    if it is a user of ``domain``; else None."""
+    local, at, host = bare.partition("@")
+    return local if at and local and host == domain else None

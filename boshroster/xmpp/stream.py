@@ -9,11 +9,22 @@ creates a ClientSession with an object that has two methods:
 then calls ``open_stream`` / ``restart`` / ``feed`` / ``end``.  Tests drive it
 the same way with a list-collecting transport.
 
+It needs only a ``StreamContext``: the domain, the router, the session
+manager, the SASL mechanisms and the event bus (``stream-features`` lets
+features add to the features offered after authentication).
+
+States, named for what the stream is waiting for:
+``new`` (no <open/> yet) -> ``auth`` (SASL) -> ``restart`` (SASL succeeded,
+waiting for the stream restart) -> ``bind`` (waiting for resource binding) ->
+``active`` (bound: stanzas flow) -> ``ended``.
+
 Greenlet safety: a session is fed by one greenlet at a time (the WebSocket
 reader, or the BOSH request holding the session's rid turn); its fields are
-written by that greenlet, except presence state, which the router reads when
-other users' stanzas arrive.  ``end`` may run from a timer greenlet and is
-idempotent.
+written by that greenlet, except the IM state (presence, priority, interested,
+carbons, directed), which im/ handlers write from the greenlet of the stanza
+or event that changes it and other users' deliveries only read.  ``end`` may
+run from a timer greenlet and is idempotent; ``bound`` is called only by
+SessionManager.bind from the session's own greenlet.
 """
 
 from __future__ import annotations
@@ -24,29 +35,102 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Any, Callable, Protocol
 
-from boshroster.auth import sasl
-from boshroster.xmpp.errors import StanzaError, StreamError, error_element, stream_error_element
+from boshroster.xmpp.errors import SaslFailure, StanzaError, StreamError, error_element, stream_error_element
+from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID, JIDError, prep_resource, prep_domain
-from boshroster.xmpp.xmlio import (
-    E,
-    Element,
-    NS_BIND,
-    NS_CLIENT,
-    NS_ROSTERVER,
-    NS_SASL,
-    NS_SESSION,
-    NS_STREAM,
+from boshroster.xmpp.stream_management import ENABLE as SM_ENABLE, FAILED as SM_FAILED, RESUME as SM_RESUME, SM_PREFIX
+from boshroster.xmpp.tags import (
+    BIND,
+    BIND_JID,
+    BIND_RESOURCE,
+    FEATURES,
+    IQ,
+    SASL_ABORT,
+    SASL_AUTH,
+    SASL_CHALLENGE,
+    SASL_FAILURE,
+    SASL_MECHANISM,
+    SASL_MECHANISMS,
+    SASL_RESPONSE,
+    SASL_SUCCESS,
+    SESSION,
+    STANZAS,
 )
+from boshroster.xmpp.xmlio import E, Element, NS_SASL, NS_STANZAS
 
-if TYPE_CHECKING:
-    from boshroster.wiring import Core
 
 log = logging.getLogger("boshroster.session")
 
-STANZA_TAGS = {f"{{{NS_CLIENT}}}message", f"{{{NS_CLIENT}}}presence", f"{{{NS_CLIENT}}}iq"}
-_IQ = f"{{{NS_CLIENT}}}iq"
+
+
+class StanzaRouter(Protocol):
+    """What a bound stream hands its stanzas to (router.py)."""
+
+    def route(self, origin: "ClientSession", stanza: Element) -> None: ...
+
+
+class Lifecycle(Protocol):
+    """The owner of bind/unbind (sessions.py SessionManager)."""
+
+    def bind(self, session: "ClientSession", resource: str | None) -> JID: ...
+
+    def unbind(self, session: "ClientSession") -> None: ...
+
+    def undelivered(self, session: "ClientSession", stanzas: list[Element]) -> None: ...
+
+
+@dataclass
+class StreamContext:
+    """What every stream needs from the server (built once by the wiring)."""
+
+    config: Any  # transports read their settings from it
+    domain: str
+    router: StanzaRouter
+    sessions: Lifecycle
+    bus: EventBus
+    mechanisms: Callable[[bool], list[str]]  # secure? -> SASL mechanisms to offer
+    start_sasl: Callable[[str, list[str]], Any]  # (mechanism, offered) -> exchange; raises SaslFailure
+    auth_throttle: Any
+    metrics: Any
+    sm: Any = None  # StreamManagement (stream_management.py), or None when disabled
+    shaper: Callable[[], "Shaper"] | None = None  # a traffic shaper per stream, or None
+
+
+class Shaper:
+    """Token bucket of stanzas a client may send (like ejabberd's c2s shaper):
+    ``burst`` at once, then ``rate`` per second.  Over the rate, the stream's own
+    greenlet waits (``sleep``) before routing more: the client is slowed down,
+    nothing is dropped, and nobody else waits."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp", "clock", "sleep", "throttled")
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float], sleep: Callable[[float], None]):
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.clock, self.sleep = clock, sleep
+        self.stamp = clock()
+        self.throttled = False
+
+    def take(self) -> float:
+        """Account for one stanza; returns how long the stream waited."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1
+        if self.tokens >= 0:
+            self.throttled = False
+            return 0.0
+        delay = -self.tokens / self.rate
+        self.sleep(delay)
+        return delay
+
+
+@dataclass(slots=True)
+class FeaturesEvent:
+    session: "ClientSession"
+    features: Element
 
 
 class Transport(Protocol):
@@ -70,11 +154,11 @@ class Peer:
 
 
 class ClientSession:
-    def __init__(self, core: "Core", transport: Transport, peer: Peer):
-        self.core = core
+    def __init__(self, ctx: StreamContext, transport: Transport, peer: Peer):
+        self.ctx = ctx
         self.transport = transport
         self.peer = peer
-        self.state = "new"  # new -> auth -> restart -> bind -> active -> ended
+        self.state = "new"  # see the module docstring
         self.stream_id = ""
         self.username: str | None = None
         self.jid: JID | None = None
@@ -87,6 +171,8 @@ class ClientSession:
         self.carbons = False
         self.directed: set[str] = set()  # full/bare JIDs sent directed presence (RFC 6121 §4.6)
         self.started = time.monotonic()
+        self.sm = None  # SmState once the client enabled XEP-0198 (stream_management.py)
+        self._shaper = ctx.shaper() if ctx.shaper is not None else None
 
     # -- transport-facing API ---------------------------------------------
 
@@ -105,13 +191,13 @@ class ClientSession:
         try:
             domain = prep_domain(to or "")
         except JIDError:
-            raise StreamError("host-unknown", "this server serves " + self.core.config.domain) from None
-        if domain != self.core.config.domain:
-            raise StreamError("host-unknown", "this server serves " + self.core.config.domain)
+            raise StreamError("host-unknown", "this server serves " + self.ctx.domain) from None
+        if domain != self.ctx.domain:
+            raise StreamError("host-unknown", "this server serves " + self.ctx.domain)
         self.stream_id = secrets.token_urlsafe(12)
         if self.state == "new":
             self.state = "auth"
-            self.core.metrics.session_opened(self.transport.kind)
+            self.ctx.metrics.session_opened(self.transport.kind)
         elif self.state == "restart":
             self.state = "bind"
         return self.features()
@@ -120,23 +206,22 @@ class ClientSession:
         """A stream restart (after SASL success); returns the new features."""
         if self.state != "restart":
             raise StreamError("not-authorized", "stream restart before authentication")
-        return self.open_stream(self.core.config.domain)
+        return self.open_stream(self.ctx.domain)
 
     def features(self) -> Element:
-        feats = E(f"{{{NS_STREAM}}}features")
+        feats = E(FEATURES)
         if self.state == "auth":
-            mechs = E(f"{{{NS_SASL}}}mechanisms")
+            mechs = E(SASL_MECHANISMS)
             for name in self.mechanisms():
-                mechs.append(E(f"{{{NS_SASL}}}mechanism", text=name))
+                mechs.append(E(SASL_MECHANISM, text=name))
             feats.append(mechs)
         elif self.state == "bind":
-            feats.append(E(f"{{{NS_BIND}}}bind"))
-            feats.append(E(f"{{{NS_ROSTERVER}}}ver"))
+            feats.append(E(BIND))
+            self.ctx.bus.fire("stream-features", FeaturesEvent(self, feats))
         return feats
 
     def mechanisms(self) -> list[str]:
-        secure = self.peer.secure or self.peer.is_loopback
-        return sasl.mechanisms_for(self.core.authenticator, secure, self.core.config.allow_plain_insecure)
+        return self.ctx.mechanisms(self.peer.secure or self.peer.is_loopback)
 
     def feed(self, el: Element) -> None:
         """Process one top-level element from the client."""
@@ -144,14 +229,28 @@ class ClientSession:
             return
         try:
             if self.state == "active":
-                if el.tag in STANZA_TAGS:
-                    self.core.router.route(self, el)
+                if el.tag in STANZAS:
+                    if self._shaper is not None and self._shaper.take() and not self._shaper.throttled:
+                        self._shaper.throttled = True
+                        log.warning("%s sends faster than %s stanzas/s: slowed down", self.jid_str, self._shaper.rate)
+                    if self.state != "active":
+                        return  # it ended while it waited
+                    if self.sm is not None:
+                        self.sm.received()
+                    self.ctx.router.route(self, el)
+                elif el.tag.startswith(SM_PREFIX) and self.ctx.sm is not None:
+                    self.ctx.sm.handle(self, el)
                 else:
                     raise StreamError("unsupported-stanza-type", f"unexpected element {el.tag}")
             elif self.state == "auth":
                 self._sasl_step(el)
             elif self.state == "bind":
-                self._pre_bind(el)
+                if el.tag == SM_RESUME and self.ctx.sm is not None:
+                    self.ctx.sm.resume(self, el)
+                elif el.tag == SM_ENABLE:
+                    self.send_nonza(E(SM_FAILED, None, E(f"{{{NS_STANZAS}}}unexpected-request")))
+                else:
+                    self._pre_bind(el)
             elif self.state == "restart":
                 raise StreamError("not-authorized", "restart the stream after SASL success")
             else:
@@ -164,8 +263,21 @@ class ClientSession:
         if self.state == "ended":
             return
         log.info("stream error %s for %s from %s: %s", condition, self.jid_str or "(unauthenticated)", self.peer.ip, text or "")
-        self.transport.stream_error(stream_error_element(condition, text))
+        self.fail_with(stream_error_element(condition, text), condition)
+
+    def fail_with(self, error: Element, condition: str) -> None:
+        """Close the stream with a prebuilt ``<stream:error/>``."""
+        if self.state == "ended":
+            return
+        self.transport.stream_error(error)
         self.end(f"stream error {condition}")
+
+    def connection_lost(self, reason: str) -> None:
+        """The transport's connection dropped without a close: a resumable
+        stream (XEP-0198) hibernates, any other ends."""
+        if self.sm is not None and self.state == "active" and self.ctx.sm.connection_lost(self):
+            return
+        self.end(reason)
 
     def end(self, reason: str) -> None:
         """The stream is over (logout, timeout, socket drop, error): clean up once."""
@@ -175,10 +287,50 @@ class ClientSession:
         was_counted = self.state != "new"  # session_opened runs at the first <open/> only
         self.state = "ended"
         if was_counted:
-            self.core.metrics.session_closed(self.transport.kind)
+            self.ctx.metrics.session_closed(self.transport.kind)
+        unacked = self.ctx.sm.ended(self) if self.sm is not None else ()
         if was_bound:
-            self.core.session_unbound(self)
+            self.ctx.sessions.unbind(self)
             log.info("session end %s (%s, %s): %s", self.jid_str, self.transport.kind, self.peer.ip, reason)
+        if unacked:
+            # XEP-0198 §4: what the client never acknowledged was not delivered.  A
+            # stanza with a delivered callback belongs to its sender (offline store
+            # keeps the row); the rest is routed again.
+            again = [stanza for stanza, delivered in unacked if delivered is None]
+            for _, delivered in unacked:
+                if delivered is not None:
+                    delivered(False)
+            self.return_undelivered(again)
+
+    def hand_over_to(self, old: "ClientSession"):
+        """XEP-0198 resumption: this fresh stream's connection now carries ``old``,
+        and this object ends.  Returns ``old``'s previous transport."""
+        transport, previous = self.transport, old.transport
+        transport.session = old
+        old.transport = transport
+        old.peer = self.peer
+        old.stream_id = self.stream_id
+        self.transport = previous
+        if hasattr(previous, "session"):
+            previous.session = self  # its connection, if still open, ends nothing but this
+        self.end("resumed an earlier session")
+        return previous
+
+    def send_nonza(self, el: Element) -> None:
+        """Send a non-stanza element (XEP-0198 acks and answers): not counted."""
+        if self.state != "ended":
+            self.transport.send(el)
+
+    def bound(self, jid: JID) -> None:
+        """SessionManager.bind gave this stream its full JID."""
+        self.jid = jid
+        self.jid_str = str(jid)
+
+    def return_undelivered(self, stanzas: list[Element]) -> None:
+        """The transport could not deliver these (the stream died first): route
+        them again (other resources, offline storage) instead of losing them."""
+        if self.jid is not None and stanzas:
+            self.ctx.sessions.undelivered(self, stanzas)
 
     def send(self, el: Element, delivered: Callable[[bool], None] | None = None) -> None:
         """Queue ``el`` for the client.
@@ -192,7 +344,12 @@ class ClientSession:
             if delivered is not None:
                 delivered(False)
             return
-        if delivered is None:
+        if self.sm is not None and el.tag in STANZAS:
+            # XEP-0198: delivered means acknowledged by the client, not written.
+            self.sm.on_sent(el, delivered)
+            self.transport.send(el)
+            self.ctx.sm.after_send(self)
+        elif delivered is None:
             self.transport.send(el)
         elif getattr(self.transport, "tracks_delivery", False):
             self.transport.send(el, delivered)
@@ -203,29 +360,27 @@ class ClientSession:
     @property
     def congested(self) -> bool:
         """The transport's output is full: stanzas from other users should be bounced
-        to their sender (``resource-constraint``) instead of queued (issue 10.5)."""
+        to their sender (``resource-constraint``) instead of queued."""
         return getattr(self.transport, "congested", False)
 
     # -- SASL (RFC 6120 §6) ------------------------------------------------
 
     def _sasl_step(self, el: Element) -> None:
         tag = el.tag
-        if tag == f"{{{NS_SASL}}}auth":
+        if tag == SASL_AUTH:
             self._sasl = None
-            throttle = self.core.auth_throttle
+            throttle = self.ctx.auth_throttle
             if throttle.blocked(self.peer.ip):
                 log.warning("auth throttled for %s", self.peer.ip)
                 return self._sasl_failure("temporary-auth-failure", "too many failed logins, try again later")
             try:
-                self._sasl = sasl.SaslExchange(
-                    el.get("mechanism", ""), self.core.authenticator, self.core.config.domain, self.mechanisms()
-                )
-            except sasl.SaslFailure as failure:
+                self._sasl = self.ctx.start_sasl(el.get("mechanism", ""), self.mechanisms())
+            except SaslFailure as failure:
                 return self._sasl_failure(failure.condition)
-        elif tag == f"{{{NS_SASL}}}response":
+        elif tag == SASL_RESPONSE:
             if self._sasl is None:
                 return self._sasl_failure("malformed-request", "no SASL exchange in progress")
-        elif tag == f"{{{NS_SASL}}}abort":
+        elif tag == SASL_ABORT:
             self._sasl = None
             return self._sasl_failure("aborted")
         else:
@@ -238,27 +393,27 @@ class ClientSession:
             return self._sasl_failure("incorrect-encoding")
         try:
             kind, payload = self._sasl.step(data)
-        except sasl.SaslFailure as failure:
+        except SaslFailure as failure:
             mechanism = self._sasl.mechanism if self._sasl else "?"
             self._sasl = None
             if failure.condition == "not-authorized":  # a backend outage is nobody's failed login
-                self.core.auth_throttle.failed(self.peer.ip)
-            self.core.metrics.login_failed()
+                self.ctx.auth_throttle.failed(self.peer.ip)
+            self.ctx.metrics.login_failed()
             log.warning("login failed from %s (%s, %s): %s", self.peer.ip, mechanism, self.transport.kind, failure.condition)
             return self._sasl_failure(failure.condition)
         encoded = base64.b64encode(payload).decode("ascii") if payload else None
         if kind == "challenge":
-            self.send(E(f"{{{NS_SASL}}}challenge", text=encoded or "="))
+            self.send(E(SASL_CHALLENGE, text=encoded or "="))
             return
         self.username = self._sasl.username
         self._sasl = None
         self.state = "restart"
-        self.core.metrics.login_ok()
+        self.ctx.metrics.login_ok()
         log.info("login %s from %s (%s)", self.username, self.peer.ip, self.transport.kind)
-        self.send(E(f"{{{NS_SASL}}}success", text=encoded))
+        self.send(E(SASL_SUCCESS, text=encoded))
 
     def _sasl_failure(self, condition: str, text: str | None = None) -> None:
-        failure = E(f"{{{NS_SASL}}}failure", None, E(f"{{{NS_SASL}}}{condition}"))
+        failure = E(SASL_FAILURE, None, E(f"{{{NS_SASL}}}{condition}"))
         if text:
             failure.append(E(f"{{{NS_SASL}}}text", text=text))
         self.send(failure)
@@ -266,41 +421,41 @@ class ClientSession:
     # -- resource binding (RFC 6120 §7) -----------------------------------
 
     def _pre_bind(self, el: Element) -> None:
-        if el.tag != _IQ:
+        if el.tag != IQ:
             raise StreamError("not-authorized", "bind a resource first")
         iq_type = el.get("type")
         if iq_type not in ("get", "set"):
             return  # results/errors before bind: nothing to answer
-        payload = el.find(f"{{{NS_BIND}}}bind")
-        session = el.find(f"{{{NS_SESSION}}}session")
+        payload = el.find(BIND)
+        session = el.find(SESSION)
         if iq_type == "set" and payload is not None:
             return self._bind(el, payload)
         if iq_type == "set" and session is not None:
-            return self.send(E(_IQ, {"type": "result", "id": el.get("id")}))
-        reply = E(_IQ, {"type": "error", "id": el.get("id")})
+            return self.send(E(IQ, {"type": "result", "id": el.get("id")}))
+        reply = E(IQ, {"type": "error", "id": el.get("id")})
         reply.append(error_element("not-authorized", "auth", "bind a resource first"))
         self.send(reply)
 
     def _bind(self, iq: Element, payload: Element) -> None:
-        requested = payload.findtext(f"{{{NS_BIND}}}resource")
+        requested = payload.findtext(BIND_RESOURCE)
         try:
             resource = prep_resource(requested.strip()) if requested and requested.strip() else None
         except JIDError:
             return self._reply_error(iq, StanzaError("bad-request", "modify", "invalid resource"))
         try:
-            self.core.bind(self, resource)
+            self.ctx.sessions.bind(self, resource)
         except StanzaError as err:
             return self._reply_error(iq, err)
         self.state = "active"
         result = E(
-            _IQ,
+            IQ,
             {"type": "result", "id": iq.get("id")},
-            E(f"{{{NS_BIND}}}bind", None, E(f"{{{NS_BIND}}}jid", text=self.jid_str)),
+            E(BIND, None, E(BIND_JID, text=self.jid_str)),
         )
         self.send(result)
         log.info("bound %s (%s, %s)", self.jid_str, self.transport.kind, self.peer.ip)
 
     def _reply_error(self, iq: Element, err: StanzaError) -> None:
-        reply = E(_IQ, {"type": "error", "id": iq.get("id")})
+        reply = E(IQ, {"type": "error", "id": iq.get("id")})
         reply.append(error_element(err.condition, err.error_type, err.text))
         self.send(reply)

@@ -1,0 +1,271 @@
+"""XEP-0198 Stream Management: acks both ways, and resumption of a dropped stream.
+
+``SmState`` is the per-stream bookkeeping, pure and sans-I/O (counters wrap at
+2^32, §4): what the client handled (its ``<a h/>``), what we handled from it,
+and the stanzas sent but not yet acknowledged (with their ``delivered``
+callbacks: with SM, delivery means the client's ack, not a socket write).
+
+``StreamManagement`` is the server side: ``<enable/>`` → ``<enabled/>``,
+``<r/>``/``<a/>``, hibernation of a resumable session whose connection
+dropped (its contacts see nothing; stanzas for it are queued, bounded), and
+``<resume previd h/>`` → ``<resumed/>`` plus retransmission of exactly the
+unacknowledged stanzas, or ``<failed/>`` (``item-not-found``) after which a
+fresh bind works.  When hibernation ends unresumed, the session ends as if
+it had dropped: unavailable is broadcast and the unacknowledged stanzas go
+back through routing (``stanzas-undelivered``: other resources or offline
+storage), so nothing vanishes.  Settings keep Prosody's mod_smacks names.
+
+Offered only to transports that keep a stream on one connection (WebSocket):
+Converse.js and Strophe.js use SM over WebSocket only.
+
+Greenlet safety: ``_resumable`` (id -> session) and ``_hibernating`` (session ->
+timer) are mutated by stream greenlets (enable, end, resume) and by the
+hibernation timers, never across a yield.  A session's ``sm`` state is mutated
+by whoever sends to it (any greenlet, without yielding) and by its own stream
+greenlet (acks).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gevent
+
+from boshroster.xmpp.errors import stream_error_element
+from boshroster.xmpp.events import EventBus
+from boshroster.xmpp.tags import q
+from boshroster.xmpp.xmlio import E, Element, NS_STANZAS
+
+# stream.py imports this module, so sessions are typed loosely here.
+ClientSession = FeaturesEvent = Any
+
+log = logging.getLogger("boshroster.sm")
+
+NS_SM = "urn:xmpp:sm:3"
+SM_PREFIX = f"{{{NS_SM}}}"
+ENABLE, ENABLED, RESUME, RESUMED, FAILED = (q(NS_SM, n) for n in ("enable", "enabled", "resume", "resumed", "failed"))
+R, A = q(NS_SM, "r"), q(NS_SM, "a")
+_WRAP = 1 << 32
+
+
+class AckTooHigh(Exception):
+    """The client acknowledged more stanzas than were sent (§4)."""
+
+
+@dataclass
+class SmSettings:
+    hibernation_time: float = 600.0  # smacks_hibernation_time
+    max_unacked: int = 5  # smacks_max_unacked_stanzas: request an ack after this many
+    max_queue: int = 500  # smacks_max_queue_size: unacknowledged stanzas kept at most
+    max_old_sessions: int = 1  # smacks_max_old_sessions: hibernating sessions per user
+
+
+class SmState:
+    """One stream's counters and unacknowledged queue (XEP-0198 §4)."""
+
+    __slots__ = ("id", "handled_in", "sent", "acked", "queue", "requested")
+
+    def __init__(self, sm_id: str | None):
+        self.id = sm_id  # None: enabled without resumption
+        self.handled_in = 0  # stanzas received from the client, mod 2^32
+        self.sent = 0  # stanzas sent to the client, mod 2^32
+        self.acked = 0  # the client's last h, mod 2^32
+        self.queue: deque[tuple[Element, Callable[[bool], None] | None]] = deque()
+        self.requested = False  # an <r/> is outstanding
+
+    def received(self) -> None:
+        self.handled_in = (self.handled_in + 1) % _WRAP
+
+    def on_sent(self, stanza: Element, delivered: Callable[[bool], None] | None) -> None:
+        self.sent = (self.sent + 1) % _WRAP
+        self.queue.append((stanza, delivered))
+
+    def on_ack(self, h: int) -> list:
+        """Drop what ``h`` acknowledges; returns the acknowledged entries (oldest first).
+
+        ``h`` counts modulo 2^32, so "how many new" is ``(h - acked) mod 2^32``;
+        more than what is queued means more than was sent."""
+        newly = (h - self.acked) % _WRAP
+        if newly > len(self.queue):
+            raise AckTooHigh(f"h={h} acknowledges {newly} stanzas, {len(self.queue)} were unacknowledged")
+        self.acked = h % _WRAP
+        self.requested = False
+        return [self.queue.popleft() for _ in range(newly)]
+
+    def unacked(self) -> list[Element]:
+        return [stanza for stanza, _ in self.queue]
+
+    def drop_all(self) -> list:
+        entries = list(self.queue)
+        self.queue.clear()
+        return entries
+
+
+def parse_h(el: Element) -> int | None:
+    value = el.get("h", "")
+    if not value.isascii() or not value.isdigit() or len(value) > 10 or int(value) >= _WRAP:
+        return None
+    return int(value)
+
+
+def _failed(condition: str, h: int | None = None) -> Element:
+    return E(FAILED, {"h": str(h) if h is not None else None}, E(f"{{{NS_STANZAS}}}{condition}"))
+
+
+class _Detached:
+    """The transport of a hibernating session: nothing is written anywhere
+    (everything it would get is kept in the unacknowledged queue)."""
+
+    tracks_delivery = True
+    congested = False
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def send(self, el: Element, delivered=None) -> None:
+        pass
+
+    def stream_error(self, el: Element) -> None:
+        pass
+
+
+class StreamManagement:
+    """The server side of XEP-0198, shared by every stream."""
+
+    def __init__(self, settings: SmSettings, bus: EventBus, spawn_later=gevent.spawn_later):
+        self.settings = settings
+        self.bus = bus
+        self.spawn_later = spawn_later
+        self._resumable: dict[str, ClientSession] = {}
+        self._hibernating: dict[ClientSession, object] = {}
+
+    def register(self, bus: EventBus) -> None:
+        bus.hook("stream-features", self._features)
+
+    def _features(self, event: FeaturesEvent) -> None:
+        if event.session.transport.kind == "websocket":
+            event.features.append(E(q(NS_SM, "sm")))
+
+    # -- nonzas of an active stream ------------------------------------------------
+
+    def handle(self, session: ClientSession, el: Element) -> None:
+        """``<enable/>``, ``<r/>``, ``<a/>`` from a bound client."""
+        sm = session.sm
+        if el.tag == R:
+            if sm is None:
+                return session.fail("unsupported-stanza-type", "stream management is not enabled")
+            return session.send_nonza(E(A, {"h": str(sm.handled_in)}))
+        if el.tag == A:
+            if sm is None:
+                return session.fail("unsupported-stanza-type", "stream management is not enabled")
+            return self.ack(session, el)
+        if el.tag == ENABLE:
+            return self.enable(session, el)
+        session.fail("unsupported-stanza-type", f"unexpected element {el.tag}")
+
+    def enable(self, session: ClientSession, el: Element) -> None:
+        if session.sm is not None or session.transport.kind != "websocket":
+            return session.send_nonza(_failed("unexpected-request"))
+        resume = el.get("resume") in ("true", "1")
+        sm_id = secrets.token_urlsafe(18) if resume else None
+        session.sm = SmState(sm_id)
+        attrs = {"id": sm_id}
+        if resume:
+            self._resumable[sm_id] = session
+            attrs.update({"resume": "true", "max": str(int(self.settings.hibernation_time))})
+        session.send_nonza(E(ENABLED, attrs))
+        log.debug("stream management enabled for %s (resumable: %s)", session.jid_str, resume)
+
+    def ack(self, session: ClientSession, el: Element) -> None:
+        h = parse_h(el)
+        if h is None:
+            return session.fail("bad-format", "<a/> needs an 'h' between 0 and 2^32-1")
+        try:
+            entries = session.sm.on_ack(h)
+        except AckTooHigh as exc:
+            error = stream_error_element("undefined-condition", str(exc))
+            error.append(E(q(NS_SM, "handled-count-too-high"), {"h": str(h), "send-count": str(session.sm.sent)}))
+            return session.fail_with(error, "undefined-condition")
+        for _, delivered in entries:
+            if delivered is not None:
+                delivered(True)
+
+    def after_send(self, session: ClientSession) -> None:
+        """Ask for an ack when enough is unacknowledged; end a stream that never acks."""
+        sm = session.sm
+        if len(sm.queue) > self.settings.max_queue:
+            if session in self._hibernating:
+                log.warning("%s: %d stanzas queued while hibernating; ending the session",
+                            session.jid_str, len(sm.queue))
+                self._expire(session, "too many stanzas while hibernating")
+            else:
+                session.fail("resource-constraint", "too many unacknowledged stanzas")
+            return
+        if not sm.requested and len(sm.queue) >= self.settings.max_unacked and session not in self._hibernating:
+            sm.requested = True
+            session.send_nonza(E(R))
+
+    # -- hibernation and resumption --------------------------------------------------
+
+    def connection_lost(self, session: ClientSession) -> bool:
+        """The connection of ``session`` dropped: hibernate it if it is resumable."""
+        sm = session.sm
+        if sm is None or sm.id is None or self._resumable.get(sm.id) is not session:
+            return False
+        others = [s for s in self._hibernating if s.username == session.username]
+        while len(others) >= max(1, self.settings.max_old_sessions):
+            self._expire(others.pop(0), "replaced by a newer hibernating session")
+        session.transport = _Detached(session.transport.kind)
+        self._hibernating[session] = self.spawn_later(self.settings.hibernation_time, self._expire, session,
+                                                      "hibernation timed out")
+        log.info("%s hibernating for up to %ss (%d unacknowledged)", session.jid_str,
+                 self.settings.hibernation_time, len(sm.queue))
+        return True
+
+    def _expire(self, session: ClientSession, why: str) -> None:
+        timer = self._hibernating.pop(session, None)
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+        log.info("%s: %s", session.jid_str, why)
+        session.end(why)
+
+    def ended(self, session: ClientSession) -> list:
+        """The session is over (called once from ClientSession.end): forget it and
+        hand back its unacknowledged entries."""
+        sm = session.sm
+        if sm.id is not None and self._resumable.get(sm.id) is session:
+            del self._resumable[sm.id]
+        timer = self._hibernating.pop(session, None)
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+        return sm.drop_all()
+
+    def resume(self, fresh: ClientSession, el: Element) -> None:
+        """``<resume previd h/>`` on a stream that authenticated but did not bind (§5)."""
+        previd, h = el.get("previd", ""), parse_h(el)
+        old = self._resumable.get(previd)
+        if old is None or old.username != fresh.username or old.ended or h is None:
+            log.info("resume refused for %s from %s: unknown or expired id", fresh.username, fresh.peer.ip)
+            return fresh.send_nonza(_failed("item-not-found"))
+        try:
+            entries = old.sm.on_ack(h)
+        except AckTooHigh:
+            return fresh.send_nonza(_failed("unexpected-request", old.sm.handled_in))
+        timer = self._hibernating.pop(old, None)
+        if timer is not None:
+            timer.kill(block=False)
+        previous = fresh.hand_over_to(old)
+        if timer is None:  # its old connection has not noticed it is dead yet: close it
+            previous.stream_error(stream_error_element("conflict", "the session was resumed on another connection"))
+        for _, delivered in entries:
+            if delivered is not None:
+                delivered(True)
+        old.send_nonza(E(RESUMED, {"previd": previd, "h": str(old.sm.handled_in)}))
+        for stanza in old.sm.unacked():  # §5: exactly what the client did not acknowledge
+            old.transport.send(stanza)
+        old.sm.requested = False
+        log.info("%s resumed (%d stanzas retransmitted)", old.jid_str, len(old.sm.queue))

@@ -1,0 +1,265 @@
+"""XEP-0198 stream management, without sockets: the counters (wrap-around at 2^32),
+acks both ways, hibernation and resumption with retransmission of exactly the
+unacknowledged stanzas, and the errors the XEP names.
+
+A real Core; clients are ClientSessions over an in-test transport of kind
+``websocket`` (SM is offered to WebSocket streams only).  Hibernation timers
+are injected: a test fires them instead of sleeping.
+"""
+
+import gevent
+import pytest
+
+from boshroster.xmpp import xmlio
+from boshroster.xmpp.stream import ClientSession
+from boshroster.xmpp.stream_management import NS_SM, AckTooHigh, SmState
+from boshroster.xmpp.xmlio import NS_CLIENT, NS_STANZAS, NS_STREAM, NS_STREAMS_ERR
+from test_session_core import DOMAIN, LOOPBACK, Client, backend, core, q  # noqa: F401  (fixtures)
+
+WRAP = 1 << 32
+
+
+# -- the counters ------------------------------------------------------------------------
+
+def test_h_wraps_at_2_32_for_sent_and_acked():
+    sm = SmState("id")
+    sm.sent = sm.acked = WRAP - 2
+    for n in range(4):
+        sm.on_sent(xmlio.E(f"{{{NS_CLIENT}}}message", {"id": str(n)}), None)
+    assert sm.sent == 2 and len(sm.queue) == 4
+    acked = sm.on_ack(1)  # 2^32-2 -> 1 is three stanzas
+    assert [s.get("id") for s, _ in acked] == ["0", "1", "2"]
+    assert [s.get("id") for s in sm.unacked()] == ["3"]
+    with pytest.raises(AckTooHigh):
+        sm.on_ack(3)  # two more than the one unacknowledged
+    assert sm.on_ack(1) == []  # a repeated ack acknowledges nothing new
+
+
+def test_received_counter_wraps():
+    sm = SmState(None)
+    sm.handled_in = WRAP - 1
+    sm.received()
+    assert sm.handled_in == 0
+
+
+# -- over the session core ----------------------------------------------------------------
+
+class WsLikeTransport:
+    kind = "websocket"
+    tracks_delivery = False
+
+    def __init__(self):
+        self.out, self.errors, self.session = [], [], None
+
+    def send(self, el, delivered=None):
+        self.out.append(el)
+
+    def stream_error(self, el):
+        self.errors.append(el)
+
+
+class WsClient(Client):
+    def __init__(self, core):  # noqa: F811
+        self.core = core
+        self.transport = WsLikeTransport()
+        self.session = ClientSession(core.stream_context, self.transport, LOOPBACK)
+        self.transport.session = self.session
+
+    def sm(self, xml: str):
+        self.feed(xml.replace("<sm:", f"<").replace("/>", f" xmlns='{NS_SM}'/>", 1))
+
+
+def sm_el(name, **attrs):
+    attr = "".join(f" {k}='{v}'" for k, v in attrs.items())
+    return f"<{name} xmlns='{NS_SM}'{attr}/>"
+
+
+def ws_login(core, user, resume=None):  # noqa: F811
+    client = WsClient(core)
+    feats = client.session.open_stream(DOMAIN)
+    assert client.plain(user).tag.endswith("success")
+    feats = client.session.restart()
+    assert feats.find(q(NS_SM, "sm")) is not None, "sm is advertised after authentication"
+    if resume is not None:
+        client.feed(sm_el("resume", previd=resume[0], h=resume[1]))
+        return client
+    assert client.bind("res").get("type") == "result"
+    client.take()
+    return client
+
+
+@pytest.fixture
+def timers(core):  # noqa: F811
+    """Hibernation timers, fired by the test."""
+    pending = []
+
+    class Timer:
+        def __init__(self, fn, args):
+            self.fn, self.args, self.killed = fn, args, False
+
+        def kill(self, block=False):
+            self.killed = True
+
+        def fire(self):
+            if not self.killed:
+                self.fn(*self.args)
+
+    def spawn_later(delay, fn, *args):
+        timer = Timer(fn, args)
+        pending.append(timer)
+        return timer
+
+    core.stream_context.sm.spawn_later = spawn_later
+    return pending
+
+
+def enable(client, resume=True):
+    client.feed(sm_el("enable", resume="true") if resume else sm_el("enable"))
+    enabled = client.take_one()
+    assert enabled.tag == q(NS_SM, "enabled")
+    return enabled
+
+
+def message(sender, to, body, id_):
+    sender.feed(f"<message xmlns='{NS_CLIENT}' to='{to}' type='chat' id='{id_}'><body>{body}</body></message>")
+
+
+def bodies(stanzas):
+    return [s.findtext(q(NS_CLIENT, "body")) for s in stanzas if s.tag == q(NS_CLIENT, "message")]
+
+
+def test_enable_then_acks_both_ways(core):  # noqa: F811
+    alice, bob = ws_login(core, "alice"), ws_login(core, "bob")
+    enabled = enable(alice)
+    assert enabled.get("resume") == "true" and enabled.get("id") and enabled.get("max") == "600"
+    for n in range(3):
+        message(bob, "alice@localhost/res", f"m{n}", n)
+    got = alice.take()
+    assert bodies(got) == ["m0", "m1", "m2"]
+    assert core.sessions.get("alice", "res").sm.sent == 3
+    alice.feed(sm_el("a", h=2))
+    assert [s.findtext(q(NS_CLIENT, "body")) for s in core.sessions.get("alice", "res").sm.unacked()] == ["m2"]
+    # the server answers <r/> with what it handled from the client (stanzas only, not nonzas)
+    message(alice, "bob@localhost/res", "hi", "x")
+    alice.feed(sm_el("r"))
+    a = alice.take_one()
+    assert a.tag == q(NS_SM, "a") and a.get("h") == "1"
+
+
+def test_the_server_asks_for_an_ack_after_max_unacked(core):  # noqa: F811
+    alice, bob = ws_login(core, "alice"), ws_login(core, "bob")
+    enable(alice, resume=False)
+    for n in range(5):
+        message(bob, "alice@localhost/res", f"m{n}", n)
+    got = alice.take()
+    assert [el.tag for el in got].count(q(NS_SM, "r")) == 1 and got[-1].tag == q(NS_SM, "r")
+
+
+def test_an_ack_of_more_than_was_sent_is_a_stream_error(core):  # noqa: F811
+    alice = ws_login(core, "alice")
+    enable(alice)
+    alice.feed(sm_el("a", h=1))
+    error = alice.errors[0]
+    assert error.tag == q(NS_STREAM, "error") and error.find(q(NS_STREAMS_ERR, "undefined-condition")) is not None
+    assert error.find(q(NS_SM, "handled-count-too-high")).get("send-count") == "0"
+    assert alice.session.ended
+
+
+@pytest.mark.parametrize("h", ["", "-1", "4294967296", "²", "x"])
+def test_a_malformed_h_is_bad_format(core, h):  # noqa: F811
+    alice = ws_login(core, "alice")
+    enable(alice)
+    alice.feed(sm_el("a", h=h))
+    assert alice.errors[0].find(q(NS_STREAMS_ERR, "bad-format")) is not None
+
+
+def test_enable_before_bind_or_twice_fails_with_unexpected_request(core):  # noqa: F811
+    client = WsClient(core)
+    client.session.open_stream(DOMAIN)
+    client.plain("alice")
+    client.session.restart()
+    client.feed(sm_el("enable"))
+    failed = client.take_one()
+    assert failed.tag == q(NS_SM, "failed") and failed.find(q(NS_STANZAS, "unexpected-request")) is not None
+    assert client.bind("res").get("type") == "result"
+    enable(client)
+    client.feed(sm_el("enable"))
+    assert client.take_one().tag == q(NS_SM, "failed")
+    assert not client.session.ended
+
+
+def test_sm_is_not_offered_over_bosh(core):  # noqa: F811
+    client = Client(core)  # a transport of another kind (BOSH-like)
+    client.session.open_stream(DOMAIN)
+    client.plain("alice")
+    assert client.session.restart().find(q(NS_SM, "sm")) is None
+
+
+def test_dropped_stream_hibernates_and_resumes_with_exactly_the_unacked(core, timers):  # noqa: F811
+    alice, bob = ws_login(core, "alice"), ws_login(core, "bob")
+    for c in (alice, bob):
+        c.presence()
+    alice.take(), bob.take()
+    sm_id = enable(alice).get("id")
+    message(bob, "alice@localhost", "before-1", 1)
+    message(bob, "alice@localhost", "before-2", 2)
+    assert bodies(alice.take()) == ["before-1", "before-2"]
+    alice.feed(sm_el("a", h=1))  # the client had only the first
+    alice.session.connection_lost("connection dropped")
+    assert not alice.session.ended and len(timers) == 1
+    message(bob, "alice@localhost", "during", 3)
+    assert [p.get("type") for p in bob.take() if p.tag == q(NS_CLIENT, "presence")] == []  # never unavailable
+    fresh = ws_login(core, "alice", resume=(sm_id, 1))
+    got = fresh.take()
+    assert got[0].tag == q(NS_SM, "resumed") and got[0].get("previd") == sm_id
+    assert bodies(got[1:]) == ["before-2", "during"]  # exactly once each, in order
+    assert core.sessions.get("alice", "res").transport is fresh.transport
+    message(bob, "alice@localhost", "after", 4)
+    assert bodies(fresh.take()) == ["after"]
+    assert timers[0].killed
+    # carbons, presence, the JID: the same session goes on
+    assert core.sessions.get("alice", "res").presence is not None
+
+
+def test_resume_with_an_unknown_id_fails_and_a_fresh_bind_works(core, timers):  # noqa: F811
+    fresh = ws_login(core, "alice", resume=("nope", 0))
+    failed = fresh.take_one()
+    assert failed.tag == q(NS_SM, "failed") and failed.find(q(NS_STANZAS, "item-not-found")) is not None
+    assert fresh.bind("res").get("type") == "result"
+
+
+def test_resume_of_another_users_session_fails(core, timers):  # noqa: F811
+    alice = ws_login(core, "alice")
+    sm_id = enable(alice).get("id")
+    alice.session.connection_lost("connection dropped")
+    mallory = ws_login(core, "bob", resume=(sm_id, 0))
+    assert mallory.take_one().find(q(NS_STANZAS, "item-not-found")) is not None
+    assert not alice.session.ended  # still hibernating for alice
+
+
+def test_hibernation_timeout_broadcasts_unavailable_and_stores_the_unacked(core, timers):  # noqa: F811
+    alice, bob = ws_login(core, "alice"), ws_login(core, "bob")
+    for c in (alice, bob):
+        c.presence()
+    alice.take(), bob.take()
+    sm_id = enable(alice).get("id")
+    message(bob, "alice@localhost", "unacked", 1)
+    alice.session.connection_lost("connection dropped")
+    message(bob, "alice@localhost", "while away", 2)
+    timers[0].fire()
+    assert alice.session.ended
+    unavailable = [p for p in bob.take() if p.get("type") == "unavailable"]
+    assert [p.get("from") for p in unavailable] == ["alice@localhost/res"]
+    assert core.offline.count("alice") == 2  # nothing vanished
+    fresh = ws_login(core, "alice", resume=(sm_id, 0))
+    assert fresh.take_one().tag == q(NS_SM, "failed")  # expired
+
+
+def test_resume_takes_over_a_connection_that_has_not_noticed_it_is_dead(core, timers):  # noqa: F811
+    alice = ws_login(core, "alice")
+    sm_id = enable(alice).get("id")
+    fresh = ws_login(core, "alice", resume=(sm_id, 0))
+    assert fresh.take()[0].tag == q(NS_SM, "resumed")
+    assert alice.errors and alice.errors[0].find(q(NS_STREAMS_ERR, "conflict")) is not None
+    assert core.sessions.get("alice", "res").transport is fresh.transport
+    gevent.sleep(0)
