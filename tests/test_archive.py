@@ -1,4 +1,4 @@
-"""Archive storage (boshroster/im/archive.py) on a real SQLite file: no sockets, no server.
+"""Archive storage (boshroster/im/archive*.py) on a real SQLite file: no sockets, no server.
 
 Queries, RSM paging both ways, 'with' filters, date bounds, ids, counts, retention,
 preferences, persistence across reopen (and across a simulated crash), the bounded write
@@ -13,14 +13,8 @@ import sqlite3
 import gevent
 import pytest
 
-from boshroster.im.archive import (
-    ArchiveQuery,
-    Copy,
-    ItemNotFound,
-    Prefs,
-    SqliteArchive,
-    parse_duration,
-)
+from boshroster.im.archive import ArchiveQuery, Copy, ItemNotFound, Prefs, parse_duration
+from boshroster.im.archive_sqlite import SqliteArchive
 
 A, B, C = "alice@localhost", "bob@localhost", "carol@localhost"
 T0 = 1_700_000_000.0

@@ -10,7 +10,8 @@ import logging
 
 import pytest
 
-from boshroster.im.archive import ArchivedMessage, ArchiveQuery, Prefs, SqliteArchive
+from boshroster.im.archive import ArchivedMessage, ArchiveQuery, Prefs
+from boshroster.im.archive_sqlite import SqliteArchive
 from boshroster.im.mam import (
     ACCOUNT_FEATURES,
     NS_MAM,
