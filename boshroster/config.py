@@ -89,6 +89,15 @@ class Config:
     # --- per-stream traffic shaping (stanzas a client may send: burst, then per second; 0 = off)
     c2s_stanza_rate: float = 100.0
     c2s_stanza_burst: int = 1000
+    # --- message archive (XEP-0313 MAM): im/archive*.py, im/mam.py
+    archive_enabled: bool = True
+    archive_expires_after: str = "1w"  # Prosody's name and default; "never", "30d", "3600" (seconds)
+    archive_cleanup_interval: float = 3600.0
+    archive_default_policy: str = "always"  # XEP-0441 default for users who set none
+    archive_flush_interval: float = 0.05  # seconds a stored message may wait for the batched commit
+    archive_queue_max: int = 10000  # messages waiting for the commit; more flushes in the sender's greenlet
+    mam_default_page: int = 50  # results per query without RSM <max/>
+    mam_max_page: int = 250  # a larger <max/> is clamped to this
 
     @property
     def bosh_requests(self) -> int:
@@ -152,6 +161,22 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError('auth = "http" needs http_auth_url')
     if config.resource_conflict not in ("random", "kick_old"):
         raise ConfigError('resource_conflict: must be "random" or "kick_old"')
+    from boshroster.im.archive import POLICIES, parse_duration  # pure module, no I/O
+
+    try:
+        parse_duration(config.archive_expires_after)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.archive_default_policy not in POLICIES:
+        raise ConfigError(f"archive_default_policy: must be one of {', '.join(POLICIES)}")
+    if config.mam_max_page < 1 or not 1 <= config.mam_default_page <= config.mam_max_page:
+        raise ConfigError("mam_default_page and mam_max_page: need 1 <= mam_default_page <= mam_max_page")
+    if config.archive_queue_max < 1:
+        raise ConfigError("archive_queue_max: must be at least 1")
+    if config.archive_flush_interval < 0:
+        raise ConfigError("archive_flush_interval: must not be negative")
+    if config.archive_cleanup_interval <= 0:
+        raise ConfigError("archive_cleanup_interval: must be positive")
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
     return config

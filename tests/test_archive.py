@@ -458,3 +458,40 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_refuses(bad):
     with pytest.raises(ValueError):
         parse_duration(bad)
+
+
+@pytest.mark.parametrize("setting, key", [
+    ({"archive_expires_after": "soon"}, "archive_expires_after"),
+    ({"archive_expires_after": "0"}, "archive_expires_after"),
+    ({"archive_default_policy": "sometimes"}, "archive_default_policy"),
+    ({"mam_default_page": 300}, "mam_default_page"),
+    ({"mam_max_page": 0}, "mam_max_page"),
+    ({"archive_queue_max": 0}, "archive_queue_max"),
+    ({"archive_flush_interval": -1.0}, "archive_flush_interval"),
+    ({"archive_cleanup_interval": 0.0}, "archive_cleanup_interval"),
+])
+def test_bad_archive_settings_are_refused_naming_the_key(setting, key):
+    from boshroster import config
+
+    with pytest.raises(config.ConfigError, match=key):
+        config.load(env={}, **setting)
+
+
+def test_archive_settings_reach_the_store(tmp_path):
+    from boshroster import config
+    from boshroster.im.archive_sqlite import open_archive
+
+    cfg = config.load(env={}, data_dir=str(tmp_path), archive_expires_after="2d", archive_default_policy="roster",
+                      archive_flush_interval=0.2, archive_queue_max=7, archive_cleanup_interval=60.0)
+    store = open_archive(cfg)
+    try:
+        assert store.expires_after == 172800.0 and store.default_policy == "roster"
+        assert store.flush_interval == 0.2 and store.max_pending == 7 and store.cleanup_interval == 60.0
+        assert (tmp_path / "archive.sqlite3").exists()
+    finally:
+        store.close()
+    never = open_archive(config.load(env={}, data_dir=str(tmp_path), archive_expires_after="never"))
+    try:
+        assert never.expires_after is None
+    finally:
+        never.close()
