@@ -23,6 +23,8 @@ from boshroster.auth.http_check import HttpAuthenticator
 from boshroster.auth.throttle import AuthThrottle
 from boshroster.config import Config
 from boshroster.im import version
+from boshroster.im.archive_sqlite import open_archive
+from boshroster.im.mam import MamService
 from boshroster.im.messages import MessageHandler
 from boshroster.im.offline import OfflineStore
 from boshroster.im.presence import PresenceHandler
@@ -118,6 +120,15 @@ class Core:
         ServerIqs(disco, self.user_exists).register(bus)
         version.register(bus, disco)
 
+        # The message archive (XEP-0313): stamps <stanza-id/>, answers MAM queries.
+        self.archive = None
+        if config.archive_enabled:
+            self.archive = open_archive(config)
+            MamService(self.archive, domain, default_page=config.mam_default_page, max_page=config.mam_max_page,
+                       stanza_size_limit=config.stanza_size_limit, in_roster=self.roster.shares_with,
+                       ).register(bus, disco.account_features)
+            self.archive.start()  # retention, in the background
+
     def user_exists(self, username: str) -> bool:
         if self.accounts is None:
             return True
@@ -127,5 +138,7 @@ class Core:
         """Tell every client the server is going away, then close the stores."""
         self.sessions.shutdown()
         self.offline.close()
+        if self.archive is not None:
+            self.archive.close()  # commits what is still queued
         if self.accounts is not None:
             self.accounts.close()

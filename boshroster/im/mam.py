@@ -29,7 +29,9 @@ from boshroster.im.archive import ArchivedMessage, ArchivePage, ArchiveQuery, Co
 from boshroster.im.archive import MAX_PREF_JIDS, POLICIES
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StanzaError
+from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID, JIDError
+from boshroster.xmpp.router import HANDLED, StanzaEvent
 from boshroster.xmpp.xmlio import E, Element, NS_CLIENT, NS_DELAY, NS_FORWARD, NS_HINTS
 
 log = logging.getLogger("boshroster.mam")
@@ -321,10 +323,53 @@ class MamService:
         self.stanza_size_limit = stanza_size_limit
         self.in_roster = in_roster
 
-    # -- IQs -------------------------------------------------------------------------------
+    def register(self, bus: EventBus, account_features: list[str]) -> None:
+        """Hook the bus (router.py names the events) and advertise on the account (XEP-0313 §6).
 
-    def handles(self, payload: Element) -> bool:
-        return payload.tag in (_QUERY, _PREFS, _METADATA)
+        - ``iq-get|set/self/urn:xmpp:mam:2:query|prefs|metadata``: the user's own archive
+          (no 'to', or their bare JID); ``…/bare/…``: someone else's -> forbidden.  An IQ
+          to the domain is hooked by nobody: service-unavailable.
+        - ``pre-message/bare|full`` (first): forged <stanza-id/>s go before anything sees them.
+        - ``message-accepted``: archive for both parties, stamp the recipient's id on the
+          stanza that is then delivered, carbon-copied to the recipient or stored offline.
+        - ``message-stored``: commit the archive at once, so that what offline storage
+          holds (with its id) is in the archive too, even across a crash."""
+        account_features.extend(f for f in ACCOUNT_FEATURES if f not in account_features)
+        for kind in ("get", "set"):
+            for name in ("query", "prefs", "metadata"):
+                for target in ("self", "bare"):
+                    bus.hook(f"iq-{kind}/{target}/{NS_MAM}:{name}", self._on_iq)
+        for target in ("bare", "full"):
+            bus.hook(f"pre-message/{target}", self._on_pre_message, priority=100)
+        bus.hook("message-accepted", self._on_accepted)
+        bus.hook("message-stored", lambda event: self._flush())
+
+    def _on_iq(self, event: StanzaEvent):
+        for stanza in self.handle_iq(event.origin.username, event.stanza, event.to):
+            event.origin.send(stanza)
+        return HANDLED
+
+    def _on_pre_message(self, event: StanzaEvent) -> None:
+        strip_stanza_ids(event.stanza, self.domain)
+
+    def _on_accepted(self, event: StanzaEvent) -> None:
+        recipient = event.to
+        try:
+            _, recipient_id = self.archive_message(event.stanza, event.origin.jid, recipient)
+        except Exception:  # noqa: BLE001 - the archive failing must not cost the live message
+            log.exception("archiving a message from %s failed; delivered without a stanza-id", event.origin.jid_str)
+            return None
+        if recipient_id is not None:
+            stamp_stanza_id(event.stanza, str(recipient.bare), recipient_id)
+        return None
+
+    def _flush(self) -> None:
+        try:
+            self.archive.flush()
+        except Exception:  # noqa: BLE001 - logged; offline storage already has the message
+            log.exception("archive flush after an offline store failed")
+
+    # -- IQs -------------------------------------------------------------------------------
 
     def handle_iq(self, username: str, iq: Element, to: JID | None) -> list[Element]:
         """Answer one MAM IQ get/set from ``username``; the stanzas to send, in order."""
