@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 POLICIES = ("always", "never", "roster")  # XEP-0441 §2.1.1 'default' values
 MAX_PREF_JIDS = 1000  # per list; a longer list is refused (policy-violation in mam.py)
@@ -25,9 +25,9 @@ class ItemNotFound(LookupError):
     """An id given in a query is not in this archive (XEP-0313 §4.1.3 / §4.3.2: item-not-found)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Copy:
-    """One archive entry for one message: whose archive, and who the other party is."""
+class Copy(NamedTuple):
+    """One archive entry for one message: whose archive, and who the other party is.
+    (A NamedTuple: one or two are made per chat message, and it is cheap to make.)"""
 
     owner: str  # bare JID of the archive owner
     peer: str  # bare JID of the other party (the owner's own for a note to self)

@@ -45,6 +45,7 @@ import logging
 import os
 import sqlite3
 import time
+from binascii import b2a_base64
 from typing import Callable, Sequence
 
 import gevent
@@ -70,6 +71,7 @@ _CHUNK = 500  # messages per write transaction (a few ms); the writer yields bet
 _EXPIRE_CHUNK = 2000  # archive entries deleted per transaction by retention
 _CACHE_MAX = 100_000  # owners / peers / pairs remembered in memory before the caches are reset
 _PREFS_CACHE_MAX = 10_000
+_URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64url (RFC 4648 §5), as base64.urlsafe_b64encode
 
 
 class SqliteArchive(SqliteReads, MessageArchive):
@@ -156,12 +158,17 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._last_stamp = now
         self._body_seq += 1
         rows = []
-        ids = []
+        blocks = []
+        epoch = self._epoch.to_bytes(4, "big")
         for c in copies:
             owner = self._owner(c.owner, create=True)
             owner.last_n += 1
             rows.append((owner.id, owner.last_n, c.peer, c.resource, c.outgoing))
-            ids.append(self._encode(owner.last_n, owner, self._epoch))
+            blocks.append(owner.last_n.to_bytes(6, "big") + epoch + owner.check)
+        # One AES call for all the ids (ECB: block by block, the same as one call each).
+        sealed = self._enc.update(b"".join(blocks))
+        ids = [b2a_base64(sealed[i: i + 16], newline=False)[:22].translate(_URLSAFE).decode("ascii")
+               for i in range(0, len(sealed), 16)]
         self._pending.append(((self._body_seq, now, stanza), rows))
         if len(self._pending) >= self.max_pending:
             if now / 1e6 - self._last_full_warning > 60:

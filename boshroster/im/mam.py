@@ -300,11 +300,13 @@ def strip_stanza_ids(stanza: Element, domain: str) -> None:
             stanza.remove(sid)
 
 
-def stamp_stanza_id(stanza: Element, by: str, sid: str) -> None:
-    """XEP-0359 §3: at most one <stanza-id/> per 'by' at the top level."""
-    for old in stanza.findall(_STANZA_ID):
-        if old.get("by") == by:
-            stanza.remove(old)
+def stamp_stanza_id(stanza: Element, by: str, sid: str, replace: bool = True) -> None:
+    """XEP-0359 §3: at most one <stanza-id/> per 'by' at the top level (``replace=False``:
+    the caller knows there is none, e.g. strip_stanza_ids ran)."""
+    if replace:
+        for old in stanza.findall(_STANZA_ID):
+            if old.get("by") == by:
+                stanza.remove(old)
     stanza.append(E(_STANZA_ID, {"by": by, "id": sid}))
 
 
@@ -355,12 +357,13 @@ class MamService:
     def _on_accepted(self, event: StanzaEvent) -> None:
         recipient = event.to
         try:
-            _, recipient_id = self.archive_message(event.stanza, event.origin.jid, recipient)
+            # pre-message already removed forged ids: no second pass.
+            _, recipient_id = self.archive_message(event.stanza, event.origin.jid, recipient, strip=False)
         except Exception:  # noqa: BLE001 - the archive failing must not cost the live message
             log.exception("archiving a message from %s failed; delivered without a stanza-id", event.origin.jid_str)
             return None
         if recipient_id is not None:
-            stamp_stanza_id(event.stanza, str(recipient.bare), recipient_id)
+            stamp_stanza_id(event.stanza, f"{recipient.local}@{recipient.domain}", recipient_id, replace=False)
         return None
 
     def _flush(self) -> None:
@@ -422,16 +425,18 @@ class MamService:
 
     # -- messages --------------------------------------------------------------------------
 
-    def archive_message(self, stanza: Element, sender: JID, recipient: JID,
-                        sender_local: bool = True, recipient_local: bool = True) -> tuple[str | None, str | None]:
+    def archive_message(self, stanza: Element, sender: JID, recipient: JID, sender_local: bool = True,
+                        recipient_local: bool = True, strip: bool = True) -> tuple[str | None, str | None]:
         """Archive a one-to-one message in the archives of its local parties (XEP-0313 §5.1.1),
         as their preferences say (XEP-0441); return (sender's id, recipient's id), None where
-        not archived.  Forged stanza-ids are removed from ``stanza`` first, and the stanza is
-        stored without any: the caller stamps the returned id on the copies it delivers."""
-        strip_stanza_ids(stanza, self.domain)
+        not archived.  Forged stanza-ids are removed from ``stanza`` first (``strip=False``:
+        already done), and the stanza is stored without any: the caller stamps the returned
+        id on the copies it delivers."""
+        if strip:
+            strip_stanza_ids(stanza, self.domain)
         if not archivable(stanza):
             return None, None
-        sender_bare, recipient_bare = str(sender.bare), str(recipient.bare)
+        sender_bare, recipient_bare = f"{sender.local}@{sender.domain}", f"{recipient.local}@{recipient.domain}"
         copies: list[Copy] = []
         if sender_local and self._archives(sender, sender_bare, recipient, recipient_bare):
             copies.append(Copy(sender_bare, recipient_bare, recipient.resource, True))
