@@ -68,17 +68,24 @@ def build(path: str, messages: int, peers: int, start: float) -> dict:
     clock = Clock(start)
     store = SqliteArchive(path, clock=clock, max_pending=1_000_000, flush_interval=3600)
     step = YEAR / messages
+    # store() takes what it needs at once, so one element per direction is reused, changed.
+    out = xmlio.parse(STANZA.format(frm=f"{OWNER}/web", to="x", id=0, i=0), 1 << 20)
+    inc = xmlio.parse(STANZA.format(frm="x", to=OWNER, id=0, i=0), 1 << 20)
     t0, c0 = time.perf_counter(), cpu()
     for i in range(messages):
         peer = f"user{i % peers}@localhost"
         clock.now += step
         if i % 2 == 0:
-            text = STANZA.format(frm=f"{OWNER}/web", to=peer, id=i, i=i)
+            el = out
+            el.set("to", peer)
             copies = [Copy(OWNER, peer, None, True), Copy(peer, OWNER, "web", False)]
         else:
-            text = STANZA.format(frm=f"{peer}/phone", to=OWNER, id=i, i=i)
+            el = inc
+            el.set("from", f"{peer}/phone")
             copies = [Copy(peer, OWNER, None, True), Copy(OWNER, peer, "phone", False)]
-        store.store(text, copies)
+        el.set("id", str(i))
+        el[0].text = f"message number {i}: a typical line of chat, about this long, with some words in it"
+        store.store(el, copies)
         if i % 5000 == 4999:
             store.flush()
     store.close()

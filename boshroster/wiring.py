@@ -125,8 +125,7 @@ class Core:
         if config.archive_enabled:
             self.archive = open_archive(config)
             MamService(self.archive, domain, default_page=config.mam_default_page, max_page=config.mam_max_page,
-                       stanza_size_limit=config.stanza_size_limit, in_roster=self.roster.shares_with,
-                       ).register(bus, disco.account_features)
+                       in_roster=self.roster.shares_with).register(bus, disco.account_features)
             self.archive.start()  # retention, in the background
 
     def user_exists(self, username: str) -> bool:

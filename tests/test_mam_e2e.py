@@ -6,6 +6,7 @@ has the same ids; offline copies agree with the archive; another user's archive 
 forbidden; the account advertises urn:xmpp:mam:2; a restart keeps the archive.
 """
 
+import os
 import xml.etree.ElementTree as ET
 
 from harness import NS_CLIENT, NS_STANZAS, q
@@ -194,3 +195,26 @@ def test_archive_survives_a_restart(make_server):
         assert [forwarded_message(r).findtext(q(NS_CLIENT, "body")) for r in results] == [f"before {i}" for i in range(3)]
     finally:
         again.stop()
+
+
+def test_archive_disabled_is_neither_advertised_nor_stamped(make_server):
+    from harness import WsClient
+
+    server = make_server(archive_enabled=False)
+    alice, bob = WsClient(server.ws_url), WsClient(server.ws_url)
+    try:
+        alice.login("alice", resource="web")
+        bob.login("bob", resource="web")
+        bob.presence()
+        alice.message("bob@localhost", "off the record")
+        got = bob.recv_message()
+        assert got.findtext(q(NS_CLIENT, "body")) == "off the record" and stanza_ids(got) == {}
+        info = alice.iq(f"<query xmlns='{NS_DISCO_INFO}'/>", to="alice@localhost")
+        features = {f.get("var") for f in info.iter(q(NS_DISCO_INFO, "feature"))}
+        assert not any(f.startswith("urn:xmpp:mam") for f in features) and NS_SID not in features
+        results, final = mam_query(alice, "x", "<max>10</max>")
+        assert results == [] and error_condition(final) == "service-unavailable"
+        assert not os.path.exists(os.path.join(server.settings["data_dir"], "archive.sqlite3"))
+    finally:
+        alice.stop()
+        bob.stop()

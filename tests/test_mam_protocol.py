@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from boshroster.im.archive import ArchivedMessage, ArchiveQuery, Prefs
+from boshroster.im.archive import ArchiveQuery, Prefs
 from boshroster.im.archive_sqlite import SqliteArchive
 from boshroster.im.mam import (
     ACCOUNT_FEATURES,
@@ -243,6 +243,10 @@ def test_form_filters(mam, clock):
 
     assert run(**{"with": BOB}) == ["m1", "m3", "m5", "from phone", "from laptop"]
     assert run(**{"with": "bob@localhost/phone"}) == ["from phone"]
+    results, final = split(mam.handle_iq("alice", iq(query(form(**{"with": "bob@localhost/phone"}))), None))
+    fin, first_el, _, count = fin_set(final)
+    assert count is None and first_el.get("index") is None and fin.get("complete") == "true"
+    assert error_of(mam, iq(query(form(**{"with": "bob@localhost/phone"}), rsm(index=0)))) == "feature-not-implemented"
     assert run(start=format_datetime(T0 + 2), end=format_datetime(T0 + 4)) == ["m1", "m2", "m3"]
     assert run(after_id=ids[3]) == ["m4", "m5", "from phone", "from laptop"]
     assert run(before_id=ids[2]) == ["m0", "m1"]
@@ -358,10 +362,14 @@ def test_metadata_set_is_service_unavailable(mam):
     assert error_of(mam, iq('<metadata xmlns="urn:xmpp:mam:2"/>', kind="set")) == "service-unavailable"
 
 
-def test_an_unreadable_stored_stanza_is_sent_without_its_message(caplog):
-    item = ArchivedMessage("x" * 22, T0, True, BOB, None, "<message><body>broken")
-    with caplog.at_level(logging.ERROR, logger="boshroster.mam"):
-        msg = result_message("alice@localhost/pc", ALICE, "q", item, 1 << 20)
+def test_an_unreadable_stored_stanza_is_sent_without_its_message(caplog, archive, mam, clock):
+    sent, _ = send(mam, clock, "alice@localhost/pc", BOB, "fine")
+    archive.flush()
+    archive.db.execute("UPDATE body SET stanza='<message><body>not our format'")
+    with caplog.at_level(logging.ERROR):
+        item = archive.query(ALICE, ArchiveQuery()).items[0]
+        assert item.id == sent and item.stanza is None
+        msg = result_message("alice@localhost/pc", ALICE, "q", item)
     forwarded = msg.find(f"{q(NS_MAM, 'result')}/{q('urn:xmpp:forward:0', 'forwarded')}")
     assert forwarded.find(q("urn:xmpp:delay", "delay")) is not None
     assert forwarded.find(q(CLIENT, "message")) is None
@@ -455,7 +463,7 @@ def test_archive_message_both_directions_and_forged_ids_removed(mam, archive):
     mine, theirs = archive.query(ALICE, ArchiveQuery()).items, archive.query(BOB, ArchiveQuery()).items
     assert [m.id for m in mine] == [sender_id] and mine[0].outgoing and mine[0].peer == BOB
     assert [m.id for m in theirs] == [recipient_id] and not theirs[0].outgoing and theirs[0].resource == "pc"
-    assert "forged" not in mine[0].stanza
+    assert [s.get("id") for s in mine[0].stanza.findall(q(NS_SID, "stanza-id"))] == ["theirs"]
 
 
 def test_note_to_self_is_stored_once(mam, archive):

@@ -3,7 +3,8 @@
 ``MessageArchive`` is what mam.py and the wiring use; ``archive_sqlite.SqliteArchive``
 implements it in one SQLite file in ``data_dir``.  Another database (PostgreSQL)
 can implement the same methods later.  Owners and peers are bare JID strings,
-times are seconds since the epoch (UTC), stanzas are serialized XML.
+times are seconds since the epoch (UTC), stanzas are ElementTree elements (each
+store keeps them in a format of its own).
 
 What a stored message is (XEP-0313 §3): per archive owner, the peer's bare JID
 and resource, the direction, a server-assigned id (XEP-0359), a timestamp, and
@@ -16,6 +17,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
+from xml.etree.ElementTree import Element
 
 POLICIES = ("always", "never", "roster")  # XEP-0441 §2.1.1 'default' values
 MAX_PREF_JIDS = 1000  # per list; a longer list is refused (policy-violation in mam.py)
@@ -23,6 +25,10 @@ MAX_PREF_JIDS = 1000  # per list; a longer list is refused (policy-violation in 
 
 class ItemNotFound(LookupError):
     """An id given in a query is not in this archive (XEP-0313 §4.1.3 / §4.3.2: item-not-found)."""
+
+
+class Unsupported(Exception):
+    """A query this store cannot answer cheaply (XEP-0059 §2.5: feature-not-implemented)."""
 
 
 class Copy(NamedTuple):
@@ -42,7 +48,7 @@ class ArchivedMessage:
     outgoing: bool
     peer: str
     resource: str | None
-    stanza: str
+    stanza: Element | None  # a fresh element; None if the stored form could not be read back
 
 
 @dataclass
@@ -66,8 +72,8 @@ class ArchiveQuery:
 class ArchivePage:
     items: list[ArchivedMessage]  # chronological
     complete: bool  # no more items in the paging direction (XEP-0313 §4.3.2 'complete')
-    count: int  # size of the full result set (form filters, not the page)
-    first_index: int | None  # position of items[0] in the full set
+    count: int | None  # size of the full result set (form filters, not the page); None: not counted
+    first_index: int | None  # position of items[0] in the full set (None: empty page, or not counted)
 
 
 @dataclass(frozen=True)
@@ -116,13 +122,15 @@ class MessageArchive(ABC):
     """What the protocol layer needs from a store.  Owners and peers are bare JID strings."""
 
     @abstractmethod
-    def store(self, stanza: str, copies: Sequence[Copy]) -> list[str]:
-        """Archive ``stanza`` (serialized) in each copy's archive; return the ids, in order.
+    def store(self, stanza: Element, copies: Sequence[Copy]) -> list[str]:
+        """Archive ``stanza`` in each copy's archive; return the ids, in order.  The store
+        takes what it needs at once: the caller goes on to add the recipient's id to it.
         Must not block on I/O for long: the id is needed before the live copy is sent."""
 
     @abstractmethod
     def query(self, owner: str, q: ArchiveQuery) -> ArchivePage:
-        """One page; raise ItemNotFound for an unknown id in after_id/before_id/ids/after/before."""
+        """One page; raise ItemNotFound for an unknown id in after_id/before_id/ids/after/before,
+        Unsupported for what the store cannot do cheaply."""
 
     @abstractmethod
     def bounds(self, owner: str) -> tuple[ArchivedMessage, ArchivedMessage] | None:

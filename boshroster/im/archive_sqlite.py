@@ -47,6 +47,7 @@ import sqlite3
 import time
 from binascii import b2a_base64
 from typing import Callable, Sequence
+from xml.etree.ElementTree import Element
 
 import gevent
 import gevent.lock
@@ -62,6 +63,7 @@ from boshroster.im.archive_sqlite_read import (
     SCHEMA,
     OwnerState,
     SqliteReads,
+    encode_stanza,
     owner_check,
 )
 
@@ -147,7 +149,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
             state = self._owners[owner] = OwnerState(row[0], row[1], owner_check(owner))
         return state
 
-    def store(self, stanza: str, copies: Sequence[Copy]) -> list[str]:
+    def store(self, stanza: Element, copies: Sequence[Copy]) -> list[str]:
         if self._closed:
             raise RuntimeError("archive is closed")
         if not copies:
@@ -169,7 +171,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         sealed = self._enc.update(b"".join(blocks))
         ids = [b2a_base64(sealed[i: i + 16], newline=False)[:22].translate(_URLSAFE).decode("ascii")
                for i in range(0, len(sealed), 16)]
-        self._pending.append(((self._body_seq, now, stanza), rows))
+        self._pending.append(((self._body_seq, now, encode_stanza(stanza)), rows))
         if len(self._pending) >= self.max_pending:
             if now / 1e6 - self._last_full_warning > 60:
                 self._last_full_warning = now / 1e6

@@ -25,9 +25,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from boshroster.im.archive import ArchivedMessage, ArchivePage, ArchiveQuery, Copy, ItemNotFound, MessageArchive, Prefs
+from boshroster.im.archive import (
+    ArchivedMessage,
+    ArchivePage,
+    ArchiveQuery,
+    Copy,
+    ItemNotFound,
+    MessageArchive,
+    Prefs,
+    Unsupported,
+)
 from boshroster.im.archive import MAX_PREF_JIDS, POLICIES
-from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StanzaError
 from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID, JIDError
@@ -216,14 +224,13 @@ def query_form() -> Element:
     return E(_QUERY, None, x)
 
 
-def result_message(to: str | None, archive_jid: str, queryid: str | None, item: ArchivedMessage,
-                   max_size: int) -> Element:
+def result_message(to: str | None, archive_jid: str, queryid: str | None, item: ArchivedMessage) -> Element:
     """XEP-0313 §4.2: <message><result queryid id><forwarded><delay/><message/></forwarded></result>."""
     forwarded = E(f"{{{NS_FORWARD}}}forwarded", None,
                   E(f"{{{NS_DELAY}}}delay", {"stamp": format_datetime(item.stamp)}))
-    try:
-        forwarded.append(xmlio.parse(item.stanza, max_size))
-    except xmlio.XMLError:
+    if item.stanza is not None:
+        forwarded.append(item.stanza)
+    else:
         # §3.2 allows a result without the message; better than failing the whole page.
         log.error("archived message %s is unreadable; sent without its stanza", item.id)
     result = E(f"{{{NS_MAM}}}result", {"queryid": queryid, "id": item.id}, forwarded)
@@ -234,9 +241,11 @@ def fin_element(queryid: str | None, page: ArchivePage) -> Element:
     """XEP-0313 §4.3: <fin complete><set><first index/><last/><count/></set></fin>."""
     rsm = E(f"{{{NS_RSM}}}set")
     if page.items:  # XEP-0059 §2.2: no first/last for an empty page
-        rsm.append(E(f"{{{NS_RSM}}}first", {"index": str(page.first_index)}, text=page.items[0].id))
+        index = str(page.first_index) if page.first_index is not None else None
+        rsm.append(E(f"{{{NS_RSM}}}first", {"index": index}, text=page.items[0].id))
         rsm.append(E(f"{{{NS_RSM}}}last", text=page.items[-1].id))
-    rsm.append(E(f"{{{NS_RSM}}}count", text=str(page.count)))
+    if page.count is not None:
+        rsm.append(E(f"{{{NS_RSM}}}count", text=str(page.count)))
     return E(f"{{{NS_MAM}}}fin", {"queryid": queryid, "complete": "true" if page.complete else None}, rsm)
 
 
@@ -317,12 +326,11 @@ class MamService:
     """
 
     def __init__(self, archive: MessageArchive, domain: str, *, default_page: int = 50, max_page: int = 250,
-                 stanza_size_limit: int = 262144, in_roster: Callable[[str, str], bool] | None = None):
+                 in_roster: Callable[[str, str], bool] | None = None):
         self.archive = archive
         self.domain = domain
         self.max_page = max(1, max_page)
         self.default_page = min(max(1, default_page), self.max_page)
-        self.stanza_size_limit = stanza_size_limit
         self.in_roster = in_roster
 
     def register(self, bus: EventBus, account_features: list[str]) -> None:
@@ -406,9 +414,10 @@ class MamService:
             page = self.archive.query(owner, request.query)
         except ItemNotFound as exc:
             raise StanzaError("item-not-found", text=f"no message {exc.args[0]!r} in this archive") from None
+        except Unsupported as exc:
+            raise StanzaError("feature-not-implemented", text=str(exc)) from None
         to = iq.get("from")
-        results = [result_message(to, owner, request.queryid, item, self.stanza_size_limit * 2)
-                   for item in page.items]
+        results = [result_message(to, owner, request.queryid, item) for item in page.items]
         if request.flip:
             results.reverse()
         results.append(_result(iq, fin_element(request.queryid, page)))
@@ -445,7 +454,7 @@ class MamService:
             copies.append(Copy(recipient_bare, sender_bare, sender.resource, False))
         if not copies:
             return None, None
-        ids = self.archive.store(xmlio.tostring(stanza), copies)
+        ids = self.archive.store(stanza, copies)
         sender_id = ids[0] if copies[0].outgoing else None
         recipient_id = ids[-1] if not copies[-1].outgoing else (sender_id if self_note else None)
         return sender_id, recipient_id
