@@ -142,7 +142,7 @@ def queries(path: str, info: dict, runs: int) -> list[tuple[str, dict]]:
     row("time window (start/end: one day mid-year, max 50)",
         lambda: store.query(OWNER, ArchiveQuery(start=mid, end=mid + 86400, max=50)))
     row("count only (max=0)", lambda: store.query(OWNER, ArchiveQuery(max=0)))
-    row("with a full JID (COUNT over the conversation), max 50",
+    row("with a full JID (no count: the resource is filtered row by row), max 50",
         lambda: store.query(OWNER, ArchiveQuery(with_jid=peer, with_resource="phone", max=50, before="")))
     store.close()
     rows.append(("first query after reopening the file (open + query)", {"median_ms": round(cold, 3)}))
