@@ -61,6 +61,8 @@ class Core:
                 os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations
             )
 
+        throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window)
+
         # The core: sessions, the router, streams.
         self.sessions = SessionManager(bus, domain, config.resource_conflict, config.max_resources_per_user)
         router = Router(bus, self.sessions, domain, self.metrics)
@@ -78,8 +80,8 @@ class Core:
             sessions=self.sessions,
             bus=bus,
             mechanisms=lambda secure: sasl.mechanisms_for(authenticator, secure, config.allow_plain_insecure),
-            start_sasl=lambda mechanism, offered: sasl.SaslExchange(mechanism, authenticator, domain, offered),
-            auth_throttle=AuthThrottle(config.auth_failure_limit, config.auth_failure_window),
+            start_sasl=lambda mechanism, offered, address: sasl.SaslExchange(
+                mechanism, authenticator, domain, offered, throttle=throttle, address=address),
             metrics=self.metrics,
             sm=sm,
             shaper=(lambda: Shaper(config.c2s_stanza_rate, config.c2s_stanza_burst, time.monotonic, gevent.sleep))
