@@ -18,9 +18,7 @@ import time
 import gevent
 
 from boshroster.auth import sasl
-from boshroster.auth.accounts import AccountStore
-from boshroster.auth.http_check import HttpAuthenticator
-from boshroster.auth.throttle import AuthThrottle
+from boshroster.auth.factory import build_auth
 from boshroster.config import Config
 from boshroster.im import version
 from boshroster.im.messages import MessageHandler
@@ -50,18 +48,12 @@ class Core:
         self.metrics = Metrics()
         self.bus = bus = EventBus()
 
-        # Who may log in.
-        if config.auth == "http":
-            self.accounts = None
-            authenticator = HttpAuthenticator(
-                config.http_auth_url, domain, config.http_auth_timeout, config.http_auth_cache_seconds
-            )
-        else:
-            self.accounts = authenticator = AccountStore(
-                os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations
-            )
-
-        throttle = AuthThrottle(config.auth_failure_limit, config.auth_failure_window)
+        # Who may log in: auth/factory.py (accounts or the HTTP check, JWT tokens, the login throttle).
+        self.auth = build_auth(config)
+        authenticator = self.auth.authenticator  # check_password, user_exists (, scram_auth_info)
+        self.accounts = self.auth.accounts  # AccountStore, or None with auth = "http"
+        self.tokens = self.auth.tokens  # TokenState (revoke_tokens, ...), or None without jwt_key
+        throttle = self.auth.throttle
 
         # The core: sessions, the router, streams.
         self.sessions = SessionManager(bus, domain, config.resource_conflict, config.max_resources_per_user)
