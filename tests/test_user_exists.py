@@ -14,7 +14,6 @@ below: it starts passing, and so must lose its marker, once that is wired.
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 from urllib.parse import unquote
 
 import gevent

@@ -78,7 +78,9 @@ def mechanisms_for(authenticator, secure: bool, allow_plain_insecure: bool) -> l
     """Mechanisms to advertise, strongest first; never a ``-PLUS`` variant.
 
     SCRAM only if the authenticator holds SCRAM keys (has ``scram_auth_info``);
-    PLAIN only over a secure channel unless ``allow_plain_insecure``.
+    PLAIN only over a secure channel unless ``allow_plain_insecure``.  Token
+    login (tokens.py) travels as the PLAIN password and keeps that rule: a
+    token sent in clear could be replayed until it expires.
     """
     mechs: list[str] = []
     if _has(authenticator, "scram_auth_info"):
