@@ -27,7 +27,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from boshroster.auth.tokens import TokenRefused, TokenState, TokenVerifier, load_keys, looks_like_jwt
+from boshroster.auth.token_state import TokenState
+from boshroster.auth.tokens import TokenRefused, TokenVerifier, load_keys, looks_like_jwt
 from boshroster.config import ConfigError, load
 from harness import NS_SASL, ROOT, BoshClient, WsClient, q
 

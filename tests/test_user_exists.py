@@ -161,7 +161,7 @@ def test_http_authenticator_user_exists(app):
     assert app.gets == ["ghost"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs Core.user_exists -> registry.is_online(u) or "
+@pytest.mark.xfail(strict=True, reason="needs Core.user_exists -> sessions.is_online(u) or "
                                        "authenticator.user_exists(u) (wiring.py, the lead's)")
 @pytest.mark.parametrize("transport", ["bosh", "websocket"])
 def test_messages_to_made_up_users_bounce_end_to_end(make_server, app, transport):

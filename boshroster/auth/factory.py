@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from boshroster.auth.accounts import AccountStore
 from boshroster.auth.http_check import HttpAuthenticator, HttpUserCheck
 from boshroster.auth.throttle import AuthThrottle
-from boshroster.auth.tokens import TokenAuthenticator, TokenState, TokenVerifier
+from boshroster.auth.token_state import TokenState
+from boshroster.auth.tokens import TokenAuthenticator, TokenVerifier
 
 
 @dataclass
