@@ -113,13 +113,12 @@ class Core:
         version.register(bus, disco)
 
     def user_exists(self, username: str) -> bool:
-        if self.accounts is None:
-            return True
-        return self.sessions.is_online(username) or self.accounts.exists(username)
+        """RFC 6121 §8.5.1: is there such a local user?  (May ask the backend with
+        auth = "http" and http_user_exists_url: cached, and "yes" when it is down.)"""
+        return self.sessions.is_online(username) or self.auth.user_exists(username)
 
     def shutdown(self) -> None:
         """Tell every client the server is going away, then close the stores."""
         self.sessions.shutdown()
         self.offline.close()
-        if self.accounts is not None:
-            self.accounts.close()
+        self.auth.close()

@@ -6,9 +6,7 @@ answers ``user_exists`` from ``http_user_exists_url`` (2xx yes, 404/410 no,
 anything else: assume yes and back off), cached.
 
 These tests drive HttpUserCheck / HttpAuthenticator against a real HTTP app
-(an in-process gevent server); the end-to-end bounce needs Core.user_exists to
-ask ``authenticator.user_exists`` (the lead's wiring), hence the strict xfail
-below: it starts passing, and so must lose its marker, once that is wired.
+(an in-process gevent server), and the bounce end to end through the server.
 """
 
 from __future__ import annotations
@@ -161,8 +159,6 @@ def test_http_authenticator_user_exists(app):
     assert app.gets == ["ghost"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs Core.user_exists -> sessions.is_online(u) or "
-                                       "authenticator.user_exists(u) (wiring.py, the lead's)")
 @pytest.mark.parametrize("transport", ["bosh", "websocket"])
 def test_messages_to_made_up_users_bounce_end_to_end(make_server, app, transport):
     server = make_server(auth="http", http_auth_url=app.check_url, http_user_exists_url=app.users_url,
