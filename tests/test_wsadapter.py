@@ -680,6 +680,28 @@ def test_no_greenlet_leak_per_connection(serve):
         assert conn._watchdog is None or conn._watchdog.dead
 
 
+# -- handshake version (RFC 6455 §4.4) -----------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["8", "7", "12", "14", "13, 8", "abc"])
+def test_other_websocket_versions_get_426_naming_13(serve, version):
+    srv = serve()
+    raw = Raw(srv.port, version=version)
+    assert raw.status == 426
+    assert raw.headers["sec-websocket-version"] == ["13"]
+    assert b"13" in raw.read_to_eof()
+    raw.close()
+    assert srv.app.conns == []
+
+
+def test_missing_websocket_version_gets_426_naming_13(serve):
+    srv = serve()
+    raw = Raw(srv.port, version=None)
+    assert raw.status == 426
+    assert raw.headers["sec-websocket-version"] == ["13"]
+    raw.close()
+    assert srv.app.conns == []
+
+
 # -- tracked delivery ------------------------------------------------------------------------
 
 def test_tracked_frames_are_reported_delivered_in_order(serve):

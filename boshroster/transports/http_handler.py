@@ -45,6 +45,10 @@ from boshroster.transports.ws_connection import (
 
 __all__ = ["ServerHandler"]
 
+_VERSION = "13"  # RFC 6455; 0.10.1 also accepts the drafts' 7 and 8
+_WRONG_VERSION_BODY = (
+    b"This server speaks WebSocket version 13 (RFC 6455) only.\n"
+)
 _NOT_XMPP_BODY = (
     b"This WebSocket endpoint speaks XMPP (RFC 7395) only: the handshake must offer the "
     b"'xmpp' subprotocol (Sec-WebSocket-Protocol: xmpp).\n"
@@ -57,6 +61,9 @@ def _ignore_start_response(status, headers, exc_info=None):
 
 class ServerHandler(WebSocketHandler):
     """pywsgi handler class for every connection of the server (``handler_class=``)."""
+
+    # 0.10.1 names these in its 426 for a handshake without a version header
+    SUPPORTED_VERSIONS = (_VERSION,)
 
     def handle(self):
         # Design notes F: pywsgi writes headers and body in two sends; without TCP_NODELAY the
@@ -79,6 +86,19 @@ class ServerHandler(WebSocketHandler):
         return result
 
     def upgrade_connection(self):
+        version = self.environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip()
+        if version != _VERSION:
+            # RFC 6455 §4.2.2 and §4.4: refuse, naming the version we speak (0.10.1 would
+            # accept the drafts' 7 and 8, or answer 400).
+            self.close_connection = True
+            self.start_response("426 Upgrade Required", [
+                ("Sec-WebSocket-Version", _VERSION),
+                ("Upgrade", "websocket"),
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(_WRONG_VERSION_BODY))),
+                ("Connection", "close"),
+            ])
+            return [_WRONG_VERSION_BODY]
         offered = self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
         if SUBPROTOCOL not in [p.strip() for p in offered.split(",")]:
             self.close_connection = True
