@@ -103,6 +103,11 @@ class Config:
     jwt_leeway: float = 30.0  # seconds of clock skew allowed for exp / nbf / iat
     jwt_single_use: bool = False  # refuse a second login with the same jti (until its exp)
     password_logins: bool = True  # false: only tokens (jwt_key) log in; SCRAM is not offered
+    # --- WebSocket limits (issue 10: points 8, 9, 11)
+    websocket_max_queue_bytes: int = 2097152  # output bytes queued for a slow reader, then cut off
+    websocket_max_message_frames: int = 128  # frames per incoming message (control frames inside count)
+    websocket_max_message_wire_bytes: int = 0  # wire bytes per incoming message; 0 = 2 x the frame cap
+    c2s_negotiation_timeout: float = 30.0  # seconds to get from connect to a bound session; 0 = off
 
     @property
     def bosh_requests(self) -> int:
