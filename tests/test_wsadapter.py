@@ -7,6 +7,8 @@ import os
 import socket
 import struct
 import time
+import types
+import xml.etree.ElementTree as ET
 
 import gevent
 import greenlet
@@ -15,8 +17,12 @@ import websocket
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
+from boshroster.config import Config
 from boshroster.transports.http_handler import ServerHandler
+from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import MessageTooLarge, WsConnection
+from boshroster.xmpp.stream import Peer
+from boshroster.xmpp.xmlio import E
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -122,9 +128,33 @@ class EchoApp:
         conn.send("burst-done")
 
 
+class SessionApp:
+    """The XMPP layer's transport object (WebSocketStream) on the connection, driven through
+    ClientSession.send(el, delivered) as the offline store does: each text message 'N' makes
+    it send N messages of 64 KiB, recording what their callbacks report."""
+
+    def __init__(self):
+        self.delivery = []
+        self.streams = []
+
+    def __call__(self, environ, start_response):
+        conn = environ["boshroster.websocket"]
+        core = types.SimpleNamespace(config=Config(c2s_negotiation_timeout=0))
+        stream = WebSocketStream(core, conn, Peer("127.0.0.1", False))
+        self.streams.append(stream)
+        while True:
+            msg = conn.receive()
+            if msg is None:
+                return []
+            for i in range(int(msg)):
+                el = E("{jabber:client}message", {"id": str(i)}, E("{jabber:client}body", text="x" * 65536))
+                stream.session.send(el, lambda ok, i=i: self.delivery.append((i, ok)))
+                gevent.sleep(0)
+
+
 class Running:
-    def __init__(self, **attrs):
-        self.app = EchoApp()
+    def __init__(self, app=None, **attrs):
+        self.app = app or EchoApp()
         self.server = WSGIServer(("127.0.0.1", 0), self.app, handler_class=ServerHandler,
                                  log=None)
         for k, v in attrs.items():
@@ -904,3 +934,57 @@ def test_wire_bytes_per_message_are_capped(serve):
     assert op == OP_CLOSE
     raw.close()
     assert wait_for(lambda: srv.app.events == ["too-large"])
+
+
+# -- the XMPP transport object: ClientSession.send(el, delivered) over WebSocketStream ----------
+
+def test_session_send_reports_delivery_through_the_websocket_stream(serve):
+    srv = serve(app=SessionApp())
+    ws = ws_connect(srv)
+    ws.send("20")
+    for i in range(20):
+        assert ET.fromstring(ws.recv()).get("id") == str(i)
+    assert wait_for(lambda: len(srv.app.delivery) == 20)
+    assert srv.app.delivery == [(i, True) for i in range(20)]
+    assert srv.app.streams[0].tracks_delivery and not srv.app.streams[0].congested
+    bye(ws)
+
+
+def test_session_send_to_a_reader_that_vanishes_reports_the_rest_lost(serve):
+    srv = serve(app=SessionApp(), ws_max_queue_bytes=64 * 1024 * 1024, ws_queue_size=100000)
+    raw = Raw(srv.port, rcvbuf=4096)
+    raw.send_frame(OP_TEXT, "300")
+    assert wait_for(lambda: srv.app.streams and srv.app.streams[0].conn.queued_bytes > 8 * 1024 * 1024, 10)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()  # RST: the session's next sends are refused (the stream ended)
+    assert wait_for(lambda: len(srv.app.delivery) == 300, 10)
+    written = _assert_prefix_delivered(srv.app.delivery, 300)
+    assert 0 < written < 300
+
+
+def test_overflow_ends_the_stream_with_resource_constraint(serve):
+    srv = serve(app=SessionApp())  # default cap: 2 MiB
+    raw = Raw(srv.port, rcvbuf=4096)
+    raw.send_frame(OP_TEXT, "400")
+    assert wait_for(lambda: srv.app.streams and srv.app.streams[0].session.ended, 10)
+    assert srv.app.streams[0].conn.close_code == 1008
+    raw.sock.settimeout(10)
+    texts = []
+    while True:
+        fin, op, payload = raw.recv_frame()
+        if op == OP_CLOSE:
+            break
+        if op == OP_TEXT:
+            texts.append(ET.fromstring(payload))
+    assert close_status(payload)[0] == 1008
+    messages = [t for t in texts if t.tag == "{jabber:client}message"]
+    tail = [t.tag for t in texts[len(messages):]]
+    # the stream was never opened: RFC 6120 §4.9.1.2 opens it before the error (RFC 7395 §3.5)
+    assert tail == ["{urn:ietf:params:xml:ns:xmpp-framing}open", "{http://etherx.jabber.org/streams}error",
+                    "{urn:ietf:params:xml:ns:xmpp-framing}close"], tail
+    error = texts[-2]
+    assert error[0].tag == "{urn:ietf:params:xml:ns:xmpp-streams}resource-constraint"
+    assert wait_for(lambda: len(srv.app.delivery) == 400, 5)
+    written = _assert_prefix_delivered(srv.app.delivery, 400)
+    assert written == len(messages)
+    raw.close()
