@@ -139,8 +139,8 @@ class SessionApp:
 
     def __call__(self, environ, start_response):
         conn = environ["boshroster.websocket"]
-        core = types.SimpleNamespace(config=Config(c2s_negotiation_timeout=0))
-        stream = WebSocketStream(core, conn, Peer("127.0.0.1", False))
+        ctx = types.SimpleNamespace(config=Config(c2s_negotiation_timeout=0), domain="localhost", shaper=None, sm=None)
+        stream = WebSocketStream(ctx, conn, Peer("127.0.0.1", False))
         self.streams.append(stream)
         while True:
             msg = conn.receive()

@@ -171,7 +171,6 @@ class WebSocketStream:
                     return
         finally:
             self._stop_negotiation_timer()
-            self._stop_negotiation_timer()
             self.conn.on_overflow = None  # no cycle conn <-> stream left behind
             if reason == "connection dropped":
                 self.session.connection_lost(reason)  # XEP-0198: a resumable session hibernates
