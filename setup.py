@@ -15,7 +15,9 @@ setup(
         "scramp>=1.4.5",
         "precis-i18n>=1.1",
         "prometheus-client>=0.19",
-        "cryptography>=41",  # AES as the keyed permutation behind MAM archive ids (im/archive.py)
+        # Token login (auth/tokens.py): PyJWT verifies, cryptography for RSA/EC/EdDSA keys.
+        "PyJWT>=2.10",
+        "cryptography>=42",  # also AES behind the MAM archive ids (im/archive_sqlite_read.py)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.2", "websocket-client>=1.7"],

@@ -46,8 +46,8 @@ class Config:
     http_auth_timeout: float = 5.0
     http_auth_cache_seconds: float = 60.0
     scram_iterations: int = 4096
-    auth_failure_limit: int = 5  # failed logins per source address ...
-    auth_failure_window: float = 60.0  # ... within this many seconds, then temporary-auth-failure
+    auth_failure_limit: int = 5  # failed logins per (address, username), then a lockout (0: no throttling)
+    auth_failure_window: float = 900.0  # a pair's failures are forgotten this long after its last one
     # --- XMPP limits
     stanza_size_limit: int = 262144
     resource_conflict: str = "random"  # "random" (server picks a new resource) or "kick_old"
@@ -89,6 +89,25 @@ class Config:
     # --- per-stream traffic shaping (stanzas a client may send: burst, then per second; 0 = off)
     c2s_stanza_rate: float = 100.0
     c2s_stanza_burst: int = 1000
+    # --- login throttling (issue 10.13) and token login (issue 13); auth/throttle.py, auth/tokens.py
+    auth_lockout_seconds: float = 60.0  # first lockout of an (address, username) pair; doubles per failure
+    auth_lockout_max_seconds: float = 900.0
+    auth_address_failure_limit: int = 50  # failures per address (any usernames) ...
+    auth_address_failure_window: float = 3600.0  # ... in this sliding window: no new usernames (0 limit: off)
+    auth_throttle_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    http_user_exists_url: str = ""  # GET, %s = username: 2xx exists, 404/410 does not
+    http_user_exists_cache_seconds: float = 60.0
+    jwt_key: str = ""  # path: HS256 secret, PEM public key, or JWK / JWK set; empty: no token login
+    jwt_jid_field: str = "jid"
+    jwt_algorithms: list[str] = field(default_factory=list)  # empty: every algorithm the key type allows
+    jwt_leeway: float = 30.0  # seconds of clock skew allowed for exp / nbf / iat
+    jwt_single_use: bool = False  # refuse a second login with the same jti (until its exp)
+    password_logins: bool = True  # false: only tokens (jwt_key) log in; SCRAM is not offered
+    # --- WebSocket limits (issue 10: points 8, 9, 11)
+    websocket_max_queue_bytes: int = 2097152  # output bytes queued for a slow reader, then cut off
+    websocket_max_message_frames: int = 128  # frames per incoming message (control frames inside count)
+    websocket_max_message_wire_bytes: int = 0  # wire bytes per incoming message; 0 = 2 x the frame cap
+    c2s_negotiation_timeout: float = 30.0  # seconds to get from connect to a bound session; 0 = off
     # --- message archive (XEP-0313 MAM): im/archive*.py, im/mam.py
     archive_enabled: bool = True
     archive_expires_after: str = "1w"  # Prosody's name and default; "never", "30d", "3600" (seconds)
@@ -151,14 +170,18 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     defaults = Config()
     kwargs = {name: _coerce(name, value, getattr(defaults, name)) for name, value in values.items()}
-    data_dir = kwargs.get("data_dir", defaults.data_dir)
-    if path and not os.path.isabs(data_dir):
-        kwargs["data_dir"] = os.path.join(os.path.dirname(os.path.abspath(path)), data_dir)
+    for name in ("data_dir", "jwt_key"):  # paths relative to the config file's folder
+        value = kwargs.get(name, getattr(defaults, name))
+        if path and value and not os.path.isabs(value):
+            kwargs[name] = os.path.join(os.path.dirname(os.path.abspath(path)), value)
     config = Config(**kwargs)
     if config.auth not in ("internal", "http"):
         raise ConfigError('auth: must be "internal" or "http"')
     if config.auth == "http" and not config.http_auth_url:
         raise ConfigError('auth = "http" needs http_auth_url')
+    _check_auth(config)
+    if not config.password_logins and not config.jwt_key:
+        raise ConfigError("password_logins = false needs jwt_key (nobody could log in)")
     if config.resource_conflict not in ("random", "kick_old"):
         raise ConfigError('resource_conflict: must be "random" or "kick_old"')
     from boshroster.im.archive import POLICIES, parse_duration  # pure module, no I/O
@@ -180,3 +203,28 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
     return config
+
+
+def _check_auth(config: Config) -> None:
+    """Throttle networks and the JWT key are checked here so a mistake stops startup with a clear message."""
+    import ipaddress
+
+    for spec in config.auth_throttle_exempt:
+        try:
+            ipaddress.ip_network(spec, strict=False)
+        except ValueError:
+            raise ConfigError(f"auth_throttle_exempt: {spec!r} is not an IP address or network") from None
+    if not all(isinstance(a, str) for a in config.jwt_algorithms):
+        raise ConfigError("jwt_algorithms: expected a list of str")
+    if not config.jwt_key:
+        if config.jwt_algorithms or config.jwt_single_use:
+            raise ConfigError("jwt_algorithms / jwt_single_use need jwt_key")
+        return
+    if not config.jwt_jid_field:
+        raise ConfigError("jwt_jid_field must not be empty")
+    from boshroster.auth.tokens import KeyFileError, load_keys
+
+    try:
+        load_keys(config.jwt_key, config.jwt_algorithms)
+    except KeyFileError as exc:
+        raise ConfigError(str(exc)) from None

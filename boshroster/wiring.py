@@ -18,9 +18,7 @@ import time
 import gevent
 
 from boshroster.auth import sasl
-from boshroster.auth.accounts import AccountStore
-from boshroster.auth.http_check import HttpAuthenticator
-from boshroster.auth.throttle import AuthThrottle
+from boshroster.auth.factory import build_auth
 from boshroster.config import Config
 from boshroster.im import version
 from boshroster.im.archive_sqlite import open_archive
@@ -52,16 +50,12 @@ class Core:
         self.metrics = Metrics()
         self.bus = bus = EventBus()
 
-        # Who may log in.
-        if config.auth == "http":
-            self.accounts = None
-            authenticator = HttpAuthenticator(
-                config.http_auth_url, domain, config.http_auth_timeout, config.http_auth_cache_seconds
-            )
-        else:
-            self.accounts = authenticator = AccountStore(
-                os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations
-            )
+        # Who may log in: auth/factory.py (accounts or the HTTP check, JWT tokens, the login throttle).
+        self.auth = build_auth(config)
+        authenticator = self.auth.authenticator  # check_password, user_exists (, scram_auth_info)
+        self.accounts = self.auth.accounts  # AccountStore, or None with auth = "http"
+        self.tokens = self.auth.tokens  # TokenState (revoke_tokens, ...), or None without jwt_key
+        throttle = self.auth.throttle
 
         # The core: sessions, the router, streams.
         self.sessions = SessionManager(bus, domain, config.resource_conflict, config.max_resources_per_user)
@@ -80,8 +74,8 @@ class Core:
             sessions=self.sessions,
             bus=bus,
             mechanisms=lambda secure: sasl.mechanisms_for(authenticator, secure, config.allow_plain_insecure),
-            start_sasl=lambda mechanism, offered: sasl.SaslExchange(mechanism, authenticator, domain, offered),
-            auth_throttle=AuthThrottle(config.auth_failure_limit, config.auth_failure_window),
+            start_sasl=lambda mechanism, offered, address: sasl.SaslExchange(
+                mechanism, authenticator, domain, offered, throttle=throttle, address=address),
             metrics=self.metrics,
             sm=sm,
             shaper=(lambda: Shaper(config.c2s_stanza_rate, config.c2s_stanza_burst, time.monotonic, gevent.sleep))
@@ -129,9 +123,9 @@ class Core:
             self.archive.start()  # retention, in the background
 
     def user_exists(self, username: str) -> bool:
-        if self.accounts is None:
-            return True
-        return self.sessions.is_online(username) or self.accounts.exists(username)
+        """RFC 6121 §8.5.1: is there such a local user?  (May ask the backend with
+        auth = "http" and http_user_exists_url: cached, and "yes" when it is down.)"""
+        return self.sessions.is_online(username) or self.auth.user_exists(username)
 
     def shutdown(self) -> None:
         """Tell every client the server is going away, then close the stores."""
@@ -139,5 +133,4 @@ class Core:
         self.offline.close()
         if self.archive is not None:
             self.archive.close()  # commits what is still queued
-        if self.accounts is not None:
-            self.accounts.close()
+        self.auth.close()

@@ -726,7 +726,7 @@ def test_http_auth_backend_down_is_a_temporary_failure_not_a_wrong_password(make
     from backend_app import closed_port_url_template
 
     server = make_server(auth="http", http_auth_url=closed_port_url_template().replace("%s", "check"),
-                         http_auth_timeout=1.0, auth_failure_limit=2, users=(), bosh_max_wait=5)
+                         http_auth_timeout=1.0, auth_failure_limit=2, auth_throttle_exempt=[], users=(), bosh_max_wait=5)
     for _ in range(3):  # more than auth_failure_limit: an outage must not lock people out
         client = clients(server, transport)
         client.wait_features()

@@ -331,3 +331,31 @@ def test_failure_conditions_are_validated():
     with pytest.raises(ValueError):
         SaslFailure("bogus")
     assert SaslFailure("aborted").condition == "aborted"
+
+
+# -- throttling hooks (issue 10 point 13; end to end in test_throttle.py) ------------------------
+
+
+def test_exchange_throttles_the_named_user(store):
+    from boshroster.auth.throttle import AuthThrottle
+
+    throttle = AuthThrottle(limit=2, exempt=[])
+    for _ in range(2):
+        ex = SaslExchange("PLAIN", store, DOMAIN, ALL, throttle=throttle, address="10.0.0.1")
+        assert failure(ex.step, b"\0Alice\0wrong").condition == "not-authorized"
+        assert ex.attempted == "alice"  # counted under the prepared name
+    # alice is locked before her password is even checked; bob is not.
+    ex = SaslExchange("PLAIN", store, DOMAIN, ALL, throttle=throttle, address="10.0.0.1")
+    f = failure(ex.step, b"\0alice\0" + PASSWORD.encode())
+    assert f.condition == "temporary-auth-failure" and f.text
+    ex = SaslExchange("PLAIN", store, DOMAIN, ALL, throttle=throttle, address="10.0.0.1")
+    assert ex.step(b"\0bob\0bob-password") == ("success", None)
+    # SCRAM: the lock answers the client-first.
+    client = scramp.ScramClient(["SCRAM-SHA-256"], "alice", PASSWORD)
+    ex = SaslExchange("SCRAM-SHA-256", store, DOMAIN, ALL, throttle=throttle, address="10.0.0.1")
+    assert failure(ex.step, client.get_client_first().encode()).condition == "temporary-auth-failure"
+    # Malformed requests and backend outages are nobody's failed password.
+    for data in (b"garbage", b"\0\0x"):
+        failure(SaslExchange("PLAIN", store, DOMAIN, ALL, throttle=throttle, address="10.0.0.2").step, data)
+    failure(SaslExchange("PLAIN", Broken(), DOMAIN, ALL, throttle=throttle, address="10.0.0.2").step, b"\0x\0y")
+    assert throttle.check("10.0.0.2", "x") is None and not throttle._pairs.get(("10.0.0.2", "x"))

@@ -215,6 +215,10 @@ class AccountStore:
             return False
         return self._exists(self._db, user)
 
+    def user_exists(self, username: str) -> bool:
+        """The authenticator interface every credential source offers (see sasl.py)."""
+        return self.exists(username)
+
     def list(self) -> list[str]:
         """All prepared usernames, sorted by code point."""
         return sorted(r[0] for r in self._db.execute("SELECT username FROM accounts"))

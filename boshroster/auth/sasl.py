@@ -25,7 +25,15 @@ glued here:
   ``malformed-request`` (checked by our own patterns before scramp sees
   them); everything scramp rejects after that is ``not-authorized``.
 
-Passwords are never logged nor put in exception messages.
+Throttling (issue 10 point 13): the username is known only inside the
+exchange (the PLAIN message, the SCRAM client-first), so the exchange itself
+asks its ``throttle`` (throttle.AuthThrottle) whether (peer address, username)
+may try now, before any password is checked, and tells it of each
+``not-authorized`` failure and each success.  A throttled attempt fails with
+``temporary-auth-failure``.
+
+Passwords (and tokens, which travel as PLAIN passwords) are never logged nor
+put in exception messages.
 """
 
 from __future__ import annotations
@@ -70,7 +78,9 @@ def mechanisms_for(authenticator, secure: bool, allow_plain_insecure: bool) -> l
     """Mechanisms to advertise, strongest first; never a ``-PLUS`` variant.
 
     SCRAM only if the authenticator holds SCRAM keys (has ``scram_auth_info``);
-    PLAIN only over a secure channel unless ``allow_plain_insecure``.
+    PLAIN only over a secure channel unless ``allow_plain_insecure``.  Token
+    login (tokens.py) travels as the PLAIN password and keeps that rule: a
+    token sent in clear could be replayed until it expires.
     """
     mechs: list[str] = []
     if _has(authenticator, "scram_auth_info"):
@@ -101,9 +111,14 @@ def _dummy_auth_info(mechanism: str, username: str, iterations: int):
 
 
 class SaslExchange:
-    """One SASL exchange on one stream.  Create a new one for a retry."""
+    """One SASL exchange on one stream.  Create a new one for a retry.
 
-    def __init__(self, mechanism: str, authenticator, domain: str, offered: list[str]):
+    ``throttle`` (optional, an AuthThrottle shared by every stream of the server)
+    and ``address`` (the peer's IP) enable login throttling; see the module doc.
+    """
+
+    def __init__(self, mechanism: str, authenticator, domain: str, offered: list[str],
+                 throttle=None, address: str | None = None):
         if mechanism not in offered or mechanism not in ALL_MECHANISMS:
             raise SaslFailure("invalid-mechanism")
         if mechanism in SCRAM_MECHANISMS and not _has(authenticator, "scram_auth_info"):
@@ -118,6 +133,10 @@ class SaslExchange:
         self._scram = None
         self._candidate: str | None = None  # SCRAM username captured in auth_fn
         self._backend_error = False
+        self.throttle = throttle
+        self.address = address
+        self.attempted: str | None = None  # prepared username tried, once known
+        self._named = False  # the client has named a user (maybe not a valid localpart)
 
     # -- driver ------------------------------------------------------------
 
@@ -132,14 +151,30 @@ class SaslExchange:
                 result = self._step_plain(bytes(data))
             else:
                 result = self._step_scram(bytes(data))
-        except SaslFailure:
+        except SaslFailure as failure:
             self._stage = -1
             self._scram = None
+            if failure.condition == "not-authorized" and self._named and self._throttled():
+                self.throttle.failed(self.address, self.attempted)
             raise
         if result[0] == "success":
             self._stage = -1
             self._scram = None
+            if self._throttled():
+                self.throttle.succeeded(self.address, self.username)
         return result
+
+    # -- throttling (issue 10 point 13) ------------------------------------
+
+    def _throttled(self) -> bool:
+        return self.throttle is not None and self.address is not None
+
+    def _named_user(self, user: str | None) -> None:
+        """The client named ``user`` (None: not a valid localpart): may it try now?"""
+        self._named = True
+        self.attempted = user
+        if self._throttled() and self.throttle.check(self.address, user) is not None:
+            raise SaslFailure("temporary-auth-failure", "too many failed logins, try again later")
 
     # -- PLAIN (RFC 4616) --------------------------------------------------
 
@@ -161,7 +196,9 @@ class SaslExchange:
         try:
             user = prep_localpart(authcid)
         except JIDError:
+            self._named_user(None)
             raise SaslFailure("not-authorized") from None
+        self._named_user(user)
         if authzid:
             try:
                 wanted = JID.parse(authzid)
@@ -190,7 +227,9 @@ class SaslExchange:
             user = prep_localpart(username)
         except JIDError:
             self._candidate = None
+            self._named, self.attempted = True, None
             return _dummy_auth_info(self.mechanism, username, iterations)
+        self._named, self.attempted = True, user
         try:
             info = self.authenticator.scram_auth_info(user, self.mechanism)
         except Exception:
@@ -218,6 +257,11 @@ class SaslExchange:
             self._scram = scramp.ScramMechanism(self.mechanism).make_server(self._auth_fn)
             try:
                 self._scram.set_client_first(text)
+            except scramp.ScramException as exc:
+                raise self._scram_failure(exc) from None
+            if self._named:  # auth_fn ran: the username is known
+                self._named_user(self.attempted)
+            try:
                 server_first = self._scram.get_server_first()
             except scramp.ScramException as exc:
                 raise self._scram_failure(exc) from None

@@ -91,8 +91,8 @@ class StreamContext:
     sessions: Lifecycle
     bus: EventBus
     mechanisms: Callable[[bool], list[str]]  # secure? -> SASL mechanisms to offer
-    start_sasl: Callable[[str, list[str]], Any]  # (mechanism, offered) -> exchange; raises SaslFailure
-    auth_throttle: Any
+    # (mechanism, offered, peer address) -> exchange, which throttles logins itself; raises SaslFailure
+    start_sasl: Callable[[str, list[str], str], Any]
     metrics: Any
     sm: Any = None  # StreamManagement (stream_management.py), or None when disabled
     shaper: Callable[[], "Shaper"] | None = None  # a traffic shaper per stream, or None
@@ -369,12 +369,9 @@ class ClientSession:
         tag = el.tag
         if tag == SASL_AUTH:
             self._sasl = None
-            throttle = self.ctx.auth_throttle
-            if throttle.blocked(self.peer.ip):
-                log.warning("auth throttled for %s", self.peer.ip)
-                return self._sasl_failure("temporary-auth-failure", "too many failed logins, try again later")
             try:
-                self._sasl = self.ctx.start_sasl(el.get("mechanism", ""), self.mechanisms())
+                # The exchange throttles per (address, username) once it knows the username.
+                self._sasl = self.ctx.start_sasl(el.get("mechanism", ""), self.mechanisms(), self.peer.ip)
             except SaslFailure as failure:
                 return self._sasl_failure(failure.condition)
         elif tag == SASL_RESPONSE:
@@ -396,11 +393,10 @@ class ClientSession:
         except SaslFailure as failure:
             mechanism = self._sasl.mechanism if self._sasl else "?"
             self._sasl = None
-            if failure.condition == "not-authorized":  # a backend outage is nobody's failed login
-                self.ctx.auth_throttle.failed(self.peer.ip)
             self.ctx.metrics.login_failed()
             log.warning("login failed from %s (%s, %s): %s", self.peer.ip, mechanism, self.transport.kind, failure.condition)
-            return self._sasl_failure(failure.condition)
+            throttled = failure.condition == "temporary-auth-failure" and failure.text
+            return self._sasl_failure(failure.condition, failure.text if throttled else None)
         encoded = base64.b64encode(payload).decode("ascii") if payload else None
         if kind == "challenge":
             self.send(E(SASL_CHALLENGE, text=encoded or "="))

@@ -3,10 +3,11 @@
  * The scenarios every real client runs, written once against a small adapter
  * that each client script implements with its own library's API:
  *
- *   adapter.connect(user, password) -> Promise<session>; rejects with an Error whose
+ *   adapter.connect(user, password, options) -> Promise<session>; rejects with an Error whose
  *       .authFailed is true (and .condition the SASL condition) when the password is
  *       wrong, and whose .closed is a Promise resolving once the library says it is
- *       disconnected.
+ *       disconnected.  options.plain: use SASL PLAIN even though SCRAM is offered (a
+ *       token is the password: the server has no SCRAM keys for it), each library's way.
  *   session.jid                         the bound full JID
  *   session.mechanism                   the SASL mechanism the library chose
  *   session.inbox                       Inbox of normalized stanzas:
@@ -154,6 +155,42 @@ async function runScenarios(clientName, adapter, args, script) {
         await a.logout();
         return { child: childJid, ms: Date.now() - started };
     }, args.dropTimeout + 20000);
+
+    // Token login (issue 13): the test mints a JWT for the user (HS256, the server's jwt_key),
+    // the library sends it as the SASL PLAIN password, as Converse does with credentials_url.
+    await runner.run('token_login', async (ctx) => {
+        const answer = await controller.request('token', { user: 'dave', kind: 'valid' });
+        assert(answer.ok && answer.token, `the test could not mint a token: ${JSON.stringify(answer)}`);
+        const s = await adapter.connect('dave', answer.token, { plain: true });
+        ctx.defer(() => s.stop());
+        assert(bare(s.jid) === `dave@${d}`, `bound JID ${s.jid} is not dave's`);
+        assertEqual(s.mechanism, 'PLAIN', 'SASL mechanism used for the token');
+        const items = normalizeItems(await s.roster());
+        assertEqual(items, normalizeItems(expectedRoster('dave', d)), 'roster of dave after a token login');
+        await s.logout();
+        return { jid: s.jid, mechanism: s.mechanism };
+    });
+
+    await runner.run('token_refused', async () => {
+        const refused = {};
+        for (const kind of ['expired', 'other_user', 'alg_none']) {
+            const answer = await controller.request('token', { user: 'dave', kind });
+            assert(answer.ok && answer.token, `the test could not mint a ${kind} token`);
+            let err = null;
+            try {
+                const s = await adapter.connect('dave', answer.token, { plain: true });
+                await s.stop();
+            } catch (e) {
+                err = e;
+            }
+            assert(err, `login with a ${kind} token succeeded`);
+            assert(err.authFailed, `${kind}: failed, but not as an authentication failure: ${err}`);
+            assertEqual(err.condition, 'not-authorized', `${kind}: SASL failure condition`);
+            await err.closed;
+            refused[kind] = err.condition;
+        }
+        return refused;
+    });
 
     // Last: it changes alice's contacts at the backend for the rest of the run.
     await runner.run('refresh_push', async (ctx) => {

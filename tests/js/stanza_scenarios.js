@@ -30,7 +30,7 @@ async function makeAdapter(args) {
         ? { bosh: args.url, websocket: false }
         : { websocket: args.url, bosh: false };
 
-    async function connect(user, password) {
+    async function connect(user, password, options = {}) {
         const client = XMPP.createClient({
             jid: `${user}@${args.domain}`,
             password,
@@ -39,6 +39,12 @@ async function makeAdapter(args) {
             allowResumption: false,
             autoReconnect: false,
         });
+        if (options.plain) {
+            // A token is the password: leave PLAIN as the only mechanism we would pick.
+            for (const mech of ['SCRAM-SHA-256-PLUS', 'SCRAM-SHA-256', 'SCRAM-SHA-1-PLUS', 'SCRAM-SHA-1', 'DIGEST-MD5']) {
+                client.sasl.disable(mech);
+            }
+        }
         const inbox = new Inbox(user);
         let resolveClosed;
         const closed = new Promise((resolve) => {

@@ -54,8 +54,9 @@ function rosterItems(query) {
 function makeAdapter(args) {
     const bareJid = (user) => `${user}@${args.domain}`;
 
-    function connect(user, password) {
-        const conn = new Strophe.Connection(args.url, {});
+    function connect(user, password, options = {}) {
+        // Strophe picks the strongest mechanism offered; a token needs PLAIN (Converse: connection_options).
+        const conn = new Strophe.Connection(args.url, options.plain ? { mechanisms: [Strophe.SASLPlain] } : {});
         const inbox = new Inbox(user);
         let resolveClosed;
         const closed = new Promise((resolve) => {

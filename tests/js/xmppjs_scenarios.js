@@ -28,8 +28,13 @@ async function makeAdapter(args) {
     if (args.transport !== 'websocket') throw new Error('xmpp.js in Node speaks WebSocket (and TCP) only, not BOSH');
     const { client, xml } = await import('@xmpp/client');
 
-    async function connect(user, password) {
-        const xmpp = client({ service: args.url, domain: args.domain, username: user, password });
+    async function connect(user, password, options = {}) {
+        // xmpp.js picks SCRAM, and never PLAIN over ws:// (not "secure" to it); a token needs PLAIN,
+        // chosen with a credentials function.
+        const credentials = options.plain
+            ? (authenticate) => authenticate({ username: user, password }, 'PLAIN')
+            : undefined;
+        const xmpp = client({ service: args.url, domain: args.domain, username: user, password, credentials });
         const inbox = new Inbox(user);
         let resolveClosed;
         const closed = new Promise((resolve) => {
