@@ -25,6 +25,7 @@ from boshroster.im.messages import MessageHandler
 from boshroster.im.offline import OfflineStore
 from boshroster.im.presence import PresenceHandler
 from boshroster.im.server_iqs import Disco, ServerIqs
+from boshroster.im.webhook import OfflineWebhook
 from boshroster.roster.backend import RosterBackend
 from boshroster.roster.cache import RosterCache
 from boshroster.roster.delegation import RosterDelegation
@@ -112,6 +113,11 @@ class Core:
         ServerIqs(disco, self.user_exists).register(bus)
         version.register(bus, disco)
 
+        # The offline-message webhook (issue 13): a POST to the app per message stored offline.
+        self.webhook = OfflineWebhook.from_config(config, self.metrics)
+        if self.webhook is not None:
+            self.webhook.register(bus)
+
     def user_exists(self, username: str) -> bool:
         """RFC 6121 §8.5.1: is there such a local user?  (May ask the backend with
         auth = "http" and http_user_exists_url: cached, and "yes" when it is down.)"""
@@ -122,3 +128,5 @@ class Core:
         self.sessions.shutdown()
         self.offline.close()
         self.auth.close()
+        if self.webhook is not None:
+            self.webhook.close()
