@@ -185,6 +185,25 @@ def test_system_message_stored_offline_then_delivered_at_login(server, transport
         stop(carol)
 
 
+def test_full_mailbox_is_a_503_naming_the_condition(make_server):
+    server = make_server(offline_max_per_user=1)
+    assert ok_json(api(server, "POST", "/api/messages", {"to": "dave", "body": "one"}))["status"] == "stored"
+    reply = api(server, "POST", "/api/messages", {"to": "dave", "body": "two"})
+    assert "offline storage full" in error(reply, 503)
+    assert reply.json()["condition"] == "service-unavailable"
+    assert bodies_at_login(server, "dave") == ["one"]
+
+
+def bodies_at_login(server, user):
+    client = online(server, user, "websocket", "r")
+    try:
+        got = [body_of(client.recv_message())]
+        client.expect_nothing(0.3, lambda e: e.tag == q(NS_CLIENT, "message"))
+        return got
+    finally:
+        stop(client)
+
+
 # -- DELETE /api/users/<user>/sessions ----------------------------------------------------------------
 
 
