@@ -24,10 +24,10 @@ from boshroster.xmpp import xmlio
 from boshroster.transports.bosh import BoshManager, terminate_body
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
 from boshroster.web.access import check_access, client_address, from_trusted_proxy
-from boshroster.web.api import AppApi
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import ENVIRON_KEY
+from boshroster.web.api import AppApi  # the app's API (issue 13)
 
 log = logging.getLogger("boshroster.web")
 
