@@ -117,6 +117,14 @@ class Config:
     archive_queue_max: int = 10000  # messages waiting for the commit; more flushes in the sender's greenlet
     mam_default_page: int = 50  # results per query without RSM <max/>
     mam_max_page: int = 250  # a larger <max/> is clamped to this
+    # --- the app's API (/api/..., issue 13 item 3) and the offline-message webhook; web/api.py, im/webhook.py
+    api_max_body: int = 1048576  # bytes per API request body (more: 413)
+    offline_message_webhook_url: str = ""  # POST {to, from, body, stamp} per message stored offline; "" = off
+    offline_message_webhook_secret: str = ""  # sent as Authorization: Bearer <secret>; "" = none
+    offline_message_webhook_timeout: float = 5.0  # seconds per attempt (connect and read)
+    offline_message_webhook_retries: int = 3  # further attempts after a failed one
+    offline_message_webhook_backoff: float = 1.0  # seconds before the first retry, doubled each time
+    offline_message_webhook_queue: int = 1000  # notifications waiting to be sent; more are dropped (counted)
 
     @property
     def bosh_requests(self) -> int:
@@ -182,6 +190,7 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
     _check_auth(config)
     if not config.password_logins and not config.jwt_key:
         raise ConfigError("password_logins = false needs jwt_key (nobody could log in)")
+    _check_webhook(config)
     if config.resource_conflict not in ("random", "kick_old"):
         raise ConfigError('resource_conflict: must be "random" or "kick_old"')
     from boshroster.im.archive import POLICIES, parse_duration  # pure module, no I/O
@@ -228,3 +237,18 @@ def _check_auth(config: Config) -> None:
         load_keys(config.jwt_key, config.jwt_algorithms)
     except KeyFileError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_webhook(config: Config) -> None:
+    """The offline-message webhook's settings (im/webhook.py): a bad URL stops startup, not the first message."""
+    url = config.offline_message_webhook_url
+    if url and not (url.startswith("http://") or url.startswith("https://")):
+        raise ConfigError("offline_message_webhook_url: must be an http:// or https:// URL")
+    if config.offline_message_webhook_secret and not url:
+        raise ConfigError("offline_message_webhook_secret needs offline_message_webhook_url")
+    if config.offline_message_webhook_timeout <= 0:
+        raise ConfigError("offline_message_webhook_timeout: must be > 0")
+    if config.offline_message_webhook_retries < 0 or config.offline_message_webhook_backoff < 0:
+        raise ConfigError("offline_message_webhook_retries / _backoff: must be >= 0")
+    if config.offline_message_webhook_queue < 1 or config.api_max_body < 1:
+        raise ConfigError("offline_message_webhook_queue / api_max_body: must be >= 1")

@@ -27,6 +27,7 @@ from boshroster.im.messages import MessageHandler
 from boshroster.im.offline import OfflineStore
 from boshroster.im.presence import PresenceHandler
 from boshroster.im.server_iqs import Disco, ServerIqs
+from boshroster.im.webhook import OfflineWebhook
 from boshroster.roster.backend import RosterBackend
 from boshroster.roster.cache import RosterCache
 from boshroster.roster.delegation import RosterDelegation
@@ -121,6 +122,10 @@ class Core:
             MamService(self.archive, domain, default_page=config.mam_default_page, max_page=config.mam_max_page,
                        in_roster=self.roster.shares_with).register(bus, disco.account_features)
             self.archive.start()  # retention, in the background
+        # The offline-message webhook (issue 13): a POST to the app per message stored offline.
+        self.webhook = OfflineWebhook.from_config(config, self.metrics)
+        if self.webhook is not None:
+            self.webhook.register(bus)
 
     def user_exists(self, username: str) -> bool:
         """RFC 6121 §8.5.1: is there such a local user?  (May ask the backend with
@@ -134,3 +139,5 @@ class Core:
         if self.archive is not None:
             self.archive.close()  # commits what is still queued
         self.auth.close()
+        if self.webhook is not None:
+            self.webhook.close()

@@ -27,6 +27,7 @@ from boshroster.web.access import check_access, client_address, from_trusted_pro
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import ENVIRON_KEY
+from boshroster.web.api import AppApi  # the app's API (issue 13)
 
 log = logging.getLogger("boshroster.web")
 
@@ -188,6 +189,7 @@ class WebApp:
         app = bottle.Bottle(autojson=False)
         app.route("/roster_admin/refresh", "POST", self.refresh_many)
         app.route("/roster_admin/refresh/<username>", "GET", self.refresh_one)
+        AppApi(self.core).register(app)  # /api/...: the app's API (issue 13), before the static catch-all
         app.route("/health", "GET", self.health)
         app.route("/metrics", "GET", self.metrics)
         app.route("/.well-known/host-meta", ["GET", "OPTIONS"], self.host_meta)
