@@ -80,6 +80,16 @@ class Core:
             if config.c2s_stanza_rate > 0 else None,
         )
 
+        # Cluster (issue 14): only with cluster_redis_url; without it nothing below changes.
+        # im/ then sees every node's resources (cluster/view.py), rosters are shared in Redis.
+        self.cluster = None
+        im_sessions = self.sessions
+        if config.cluster_redis_url:
+            from boshroster.cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(config, self.sessions, bus)
+            im_sessions = self.cluster.view
+
         # Rosters, delegated to the web application.
         if roster_backend is None:
             if not config.http_roster_url:
@@ -92,8 +102,13 @@ class Core:
                 max_concurrency=config.roster_max_concurrency,
             )
         self.roster_backend = roster_backend
+        fetcher = roster_backend
+        if self.cluster is not None:
+            from boshroster.cluster.rosters import SharedRosterBackend
+
+            fetcher = SharedRosterBackend(roster_backend, self.cluster.redis)
         self.roster = RosterDelegation(
-            RosterCache(roster_backend, grace_seconds=config.roster_cache_grace), self.sessions, bus,
+            RosterCache(fetcher, grace_seconds=config.roster_cache_grace), self.sessions, bus,
             refresh_concurrency=config.refresh_max_concurrency,
             retry_count=config.roster_retry_count, retry_backoff=config.roster_retry_backoff,
         )
@@ -105,12 +120,29 @@ class Core:
         )
         disco = Disco()
         self.roster.register(bus)
-        PresenceHandler(self.sessions, self.roster, domain, bus).register(bus)
-        self.messages = MessageHandler(self.sessions, self.offline, self.user_exists, domain, bus)
+        contacts = self.roster
+        if self.cluster is not None:
+            from boshroster.cluster.rosters import ClusterContacts
+
+            contacts = ClusterContacts(self.roster, im_sessions, fetcher)
+        presence = PresenceHandler(im_sessions, contacts, domain, bus)
+        presence.register(bus)
+        self.messages = MessageHandler(im_sessions, self.offline, self.user_exists, domain, bus)
         self.messages.register(bus)
         bus.hook("presence-initial", self.offline.deliver)
         ServerIqs(disco, self.user_exists).register(bus)
         version.register(bus, disco)
+
+        if self.cluster is not None:
+            from boshroster.cluster.rosters import RefreshFanout
+
+            fanout = RefreshFanout(self.cluster.node, self.cluster.redis, self.roster, im_sessions, contacts,
+                                   self.cluster.live_nodes, config.refresh_max_concurrency)
+            self.roster.refresh_users = fanout.refresh_users  # POST /roster_admin/refresh: every node
+            self.cluster.attach(messages=self.messages, presence=presence, roster=self.roster,
+                                mailbox=self.offline, fanout=fanout)
+            self.cluster.register(bus)
+            self.cluster.start()
 
     def user_exists(self, username: str) -> bool:
         """RFC 6121 §8.5.1: is there such a local user?  (May ask the backend with
@@ -120,5 +152,7 @@ class Core:
     def shutdown(self) -> None:
         """Tell every client the server is going away, then close the stores."""
         self.sessions.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()  # flush, hand this node's inbox over, leave the directory
         self.offline.close()
         self.auth.close()

@@ -13,7 +13,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 from boshroster import __version__  # noqa: E402
-from boshroster.config import ConfigError, load  # noqa: E402
+from boshroster.config import ConfigError, StartupError, load  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         try:
             server = Server(config)
             server.serve_forever()  # binds the listeners first: "address in use" lands here
-        except OSError as exc:
+        except (OSError, StartupError) as exc:
             print(f"boshroster: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -1,0 +1,144 @@
+"""The cluster (issue 14) end to end: real Redis, real nodes (subprocesses), real clients.
+
+Every test starts its own redis-server (and PostgreSQL / nginx where it says
+so) on free loopback ports and stops them by PID.  Nodes are ServerProcess
+subprocesses with ``cluster_redis_url`` and a short heartbeat, so a killed
+node is declared dead within seconds (``cluster_node_timeout`` = 3 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import xml.etree.ElementTree as ET
+
+import gevent
+import pytest
+import requests
+
+from cluster_harness import NginxProcess, PostgresProcess, RedisProcess
+from harness import NS_BOSH, NS_CLIENT, NS_ROSTER, BoshClient, ServerProcess, WsClient, q
+
+pytestmark = pytest.mark.cluster
+
+FAST = {"cluster_heartbeat_interval": 0.5, "cluster_node_timeout": 3.0}
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisProcess(str(tmp_path)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    server = PostgresProcess(str(tmp_path)).start()
+    yield server
+    server.stop()
+
+
+class Cluster:
+    """Nodes n1..nN sharing one Redis (and a data_dir, or PostgreSQL)."""
+
+    def __init__(self, tmp_path, redis_server, backend, database_url: str = ""):
+        self.tmp = tmp_path
+        self.redis = redis_server
+        self.backend = backend
+        self.database_url = database_url
+        self.nodes: list[ServerProcess] = []
+        self.clients = []
+
+    def add(self, **settings) -> ServerProcess:
+        index = len(self.nodes) + 1
+        workdir = self.tmp / f"n{index}"
+        workdir.mkdir(exist_ok=True)
+        base = dict(FAST, cluster_redis_url=self.redis.url, node_id=f"n{index}",
+                    http_roster_url=self.backend.url_template, bosh_max_wait=5)
+        if self.database_url:
+            base["database_url"] = self.database_url
+        else:
+            base["data_dir"] = str(self.tmp / "shared-data")  # SQLite files shared by the nodes (WAL)
+        base.update(settings)
+        node = ServerProcess(workdir, users=() if self.nodes else ("alice", "bob", "carol", "dave"), **base)
+        node.start()
+        self.nodes.append(node)
+        return node
+
+    def ws(self, node: ServerProcess, user: str, resource: str = "test", presence: bool = True) -> WsClient:
+        client = WsClient(node.ws_url)
+        self.clients.append(client)
+        client.login(user, resource=resource)
+        if presence:
+            client.get_roster()
+            client.presence()
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            try:
+                client.close()
+            except Exception:
+                pass
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path, redis_server, backend):
+    made = Cluster(tmp_path, redis_server, backend)
+    yield made
+    made.close()
+
+
+def wait_for(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        gevent.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_users_on_two_nodes_see_presence_and_chat(cluster):
+    n1, n2 = cluster.add(), cluster.add()
+    alice = cluster.ws(n1, "alice")
+    bob = cluster.ws(n2, "bob")
+    # bob came second: his probe is answered with alice's presence, and alice gets his broadcast.
+    assert bob.recv_presence(sender="alice@localhost/test").get("type") is None
+    assert alice.recv_presence(sender="bob@localhost/test").get("type") is None
+    alice.message("bob@localhost", "hello from n1")
+    got = bob.recv_message(sender="alice@localhost/test")
+    assert got.findtext(q(NS_CLIENT, "body")) == "hello from n1"
+    assert got.get("to") == "bob@localhost"
+    bob.message("alice@localhost/test", "and back from n2")
+    assert alice.recv_message(sender="bob@localhost/test").findtext(q(NS_CLIENT, "body")) == "and back from n2"
+    # unavailable crosses nodes too
+    bob.presence(type="unavailable")
+    assert alice.recv_presence(sender="bob@localhost/test", type_="unavailable") is not None
+
+
+def test_bare_jid_rules_over_all_nodes(cluster):
+    """RFC 6121 §8.5.2.1.1: the highest-priority resource gets it, wherever it is; carbons (XEP-0280) too."""
+    n1, n2 = cluster.add(), cluster.add()
+    low = cluster.ws(n1, "bob", resource="low", presence=False)
+    low.presence(inner="<priority>1</priority>")
+    high = cluster.ws(n2, "bob", resource="high", presence=False)
+    high.presence(inner="<priority>5</priority>")
+    low.iq("<enable xmlns='urn:xmpp:carbons:2'/>", type_="set")
+    alice = cluster.ws(n1, "alice")
+    wait_for(lambda: True, 0.5)
+    alice.message("bob@localhost", "to the best resource")
+    assert high.recv_message(sender="alice").findtext(q(NS_CLIENT, "body")) == "to the best resource"
+    carbon = low.recv(match=lambda e: e.tag == q(NS_CLIENT, "message")
+                      and e.find("{urn:xmpp:carbons:2}received") is not None)
+    assert carbon.get("from") == "bob@localhost"
+    low.expect_nothing(0.5, lambda e: e.tag == q(NS_CLIENT, "message") and e.find(q(NS_CLIENT, "body")) is not None)
+    # an IQ to a full JID on the other node reaches that resource, and its answer comes back
+    alice.send_xml(f"<iq xmlns='{NS_CLIENT}' type='get' id='p1' to='{high.jid}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    ping = high.recv(match=lambda e: e.tag == q(NS_CLIENT, "iq") and e.get("id") == "p1")
+    assert ping.get("from") == alice.jid
+    high.send_xml(f"<iq xmlns='{NS_CLIENT}' type='result' id='p1' to='{alice.jid}'/>")
+    assert alice.recv(match=lambda e: e.get("id") == "p1").get("type") == "result"
