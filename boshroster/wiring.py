@@ -83,11 +83,14 @@ class Core:
         # Cluster (issue 14): only with cluster_redis_url; without it nothing below changes.
         # im/ then sees every node's resources (cluster/view.py), rosters are shared in Redis.
         self.cluster = None
+        self.bosh_forwarder = None  # the web layer relays BOSH requests for other nodes' sids through it
         im_sessions = self.sessions
         if config.cluster_redis_url:
+            from boshroster.cluster.bosh_forward import BoshForwarder
             from boshroster.cluster.node import ClusterNode
 
             self.cluster = ClusterNode(config, self.sessions, bus)
+            self.bosh_forwarder = BoshForwarder(self.cluster, config.bosh_max_wait)
             im_sessions = self.cluster.view
 
         # Rosters, delegated to the web application.

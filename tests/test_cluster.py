@@ -142,3 +142,87 @@ def test_bare_jid_rules_over_all_nodes(cluster):
     assert ping.get("from") == alice.jid
     high.send_xml(f"<iq xmlns='{NS_CLIENT}' type='result' id='p1' to='{alice.jid}'/>")
     assert alice.recv(match=lambda e: e.get("id") == "p1").get("type") == "result"
+
+
+def test_kill_9_a_node_contacts_see_unavailable_and_no_message_is_lost(cluster):
+    n1, n2, n3 = cluster.add(), cluster.add(), cluster.add()
+    alice = cluster.ws(n1, "alice")
+    bob = cluster.ws(n2, "bob")
+    carol = cluster.ws(n3, "carol")
+    assert alice.recv_presence(sender="bob@localhost/test").get("type") is None
+    assert carol.recv_presence(sender="bob@localhost/test").get("type") is None
+    alice.message("bob@localhost", "before the crash")
+    assert bob.recv_message(sender="alice").findtext(q(NS_CLIENT, "body")) == "before the crash"
+
+    killed_at = time.monotonic()
+    n2.proc.send_signal(signal.SIGKILL)
+    n2.proc.wait()
+    # Sent while n2 is dead but not yet declared dead: they land in its inbox stream.
+    alice.message("bob@localhost", "during the crash 1")
+    carol.message("bob@localhost/test", "during the crash 2")
+    gone_a = alice.recv_presence(timeout=30, sender="bob@localhost/test", type_="unavailable")
+    gone_c = carol.recv_presence(timeout=30, sender="bob@localhost/test", type_="unavailable")
+    noticed = time.monotonic() - killed_at
+    assert gone_a is not None and gone_c is not None
+    assert noticed < 30, noticed
+    # The others keep chatting.
+    alice.message("carol@localhost", "still here?")
+    assert carol.recv_message(sender="alice").findtext(q(NS_CLIENT, "body")) == "still here?"
+    alice.message("bob@localhost", "after the crash")
+    # bob comes back on another node and gets everything he missed, once each.
+    again = cluster.ws(n3, "bob", resource="back", presence=False)
+    again.get_roster()
+    again.presence()
+    bodies = []
+    deadline = time.monotonic() + 10
+    while len(bodies) < 3 and time.monotonic() < deadline:
+        bodies.append(again.recv_message(timeout=max(0.1, deadline - time.monotonic())).findtext(q(NS_CLIENT, "body")))
+    assert sorted(bodies) == ["after the crash", "during the crash 1", "during the crash 2"], bodies
+    again.expect_nothing(1.0, lambda e: e.tag == q(NS_CLIENT, "message") and e.find(q(NS_CLIENT, "body")) is not None)
+    assert "is dead" in n1.log() + n3.log()
+    print(f"kill -9: contacts saw unavailable after {noticed:.1f} s")
+
+
+class AlternatingBosh(BoshClient):
+    """A BOSH client whose every request goes to the next node in turn (a load balancer without stickiness)."""
+
+    def __init__(self, urls, **kwargs):
+        self.urls = urls
+        self.turn = 0
+        self.per_url = {url: 0 for url in urls}
+        super().__init__(urls[0], **kwargs)
+
+    def post(self, body, timeout=None):
+        url = self.urls[self.turn % len(self.urls)]
+        self.turn += 1
+        self.per_url[url] += 1
+        reply = self.http.post(url, data=body.encode("utf-8"), headers={"Content-Type": "text/xml; charset=utf-8"},
+                               timeout=timeout or self.wait + 10)
+        assert reply.status_code == 200, reply.status_code
+        return ET.fromstring(reply.content)
+
+
+def test_bosh_session_whose_requests_alternate_between_nodes(cluster):
+    n1, n2 = cluster.add(), cluster.add()
+    bob = cluster.ws(n2, "bob")
+    alice = AlternatingBosh([n1.bosh_url, n2.bosh_url], wait=3)
+    cluster.clients.append(alice)
+    assert alice.sid.startswith("n1."), alice.sid
+    alice.login("alice")
+    alice.get_roster()
+    alice.presence()
+    assert bob.recv_presence(sender="alice@localhost/test").get("type") is None
+    bob.message("alice@localhost", "over BOSH, any node")
+    assert alice.recv_message(sender="bob").findtext(q(NS_CLIENT, "body")) == "over BOSH, any node"
+    alice.message("bob@localhost", "back from BOSH")
+    assert bob.recv_message(sender="alice").findtext(q(NS_CLIENT, "body")) == "back from BOSH"
+    gevent.sleep(4)  # a held request answered empty after wait, through the relay
+    bob.message("alice@localhost", "after a long poll")
+    assert alice.recv_message(sender="bob").findtext(q(NS_CLIENT, "body")) == "after a long poll"
+    assert min(alice.per_url.values()) >= 3, alice.per_url
+    # the rid window holds across nodes: a replayed old rid is refused by the owner, via the relay
+    stale = alice.post(f"<body xmlns='{NS_BOSH}' rid='{alice.rid - 50}' sid='{alice.sid}'/>")
+    assert stale.get("type") == "terminate"
+    # an unknown node's sid: item-not-found, not a hang
+    unknown = requests.post(n2.bosh_url, data=f"<body xmlns='{NS_BOSH}' rid='5' sid='nx.abc'/>", timeout=5)
+    assert ET.fromstring(unknown.content).get("condition") == "item-not-found"
