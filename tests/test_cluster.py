@@ -226,3 +226,43 @@ def test_bosh_session_whose_requests_alternate_between_nodes(cluster):
     # an unknown node's sid: item-not-found, not a hang
     unknown = requests.post(n2.bosh_url, data=f"<body xmlns='{NS_BOSH}' rid='5' sid='nx.abc'/>", timeout=5)
     assert ET.fromstring(unknown.content).get("condition") == "item-not-found"
+
+
+def roster_pushes(client, count, timeout=5.0):
+    pushes = []
+    for _ in range(count):
+        push = client.recv(timeout, lambda e: e.tag == q(NS_CLIENT, "iq") and e.get("type") == "set"
+                           and e.find(q(NS_ROSTER, "query")) is not None)
+        pushes.append(push.find(q(NS_ROSTER, "query"))[0])
+    return pushes
+
+
+def test_one_backend_get_per_user_and_refresh_on_any_node_pushes_everywhere(cluster, backend):
+    n1, n2, n3 = cluster.add(), cluster.add(), cluster.add()
+    alice1 = cluster.ws(n1, "alice", resource="one")
+    alice2 = cluster.ws(n2, "alice", resource="two")
+    bob = cluster.ws(n3, "bob")
+    assert len(alice2.get_roster().find(q(NS_ROSTER, "query"))) == 3
+    assert backend.requests_for("alice") == 1, "one GET for alice, however many nodes hold her sessions"
+    assert backend.requests_for("bob") == 1
+
+    contacts = backend.contacts["alice"]
+    del contacts["dave@localhost"]
+    contacts["carol@localhost"] = {"name": "Captain Marvel", "groups": ["Heroes"]}
+    reply = requests.post(f"{n3.base_url}/roster_admin/refresh", json=["alice", "bob", "zed"], timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["updated"] == 3 and reply.json()["errors"] == 0, reply.json()
+    for session in (alice1, alice2):
+        items = {item.get("jid"): item for item in roster_pushes(session, 2)}
+        assert items["dave@localhost"].get("subscription") == "remove"
+        assert items["carol@localhost"].get("name") == "Captain Marvel"
+        session.expect_nothing(0.5, lambda e: e.tag == q(NS_CLIENT, "iq") and e.get("type") == "set")
+    assert backend.requests_for("alice") == 2, "the refresh fetched alice once for both nodes"
+    assert backend.requests_for("bob") == 2
+    bob.expect_nothing(0.3, lambda e: e.tag == q(NS_CLIENT, "iq") and e.get("type") == "set")
+
+    # A failing fetch is counted as an error by whichever node is asked.
+    backend.set_fault("alice", "status", 500)
+    contacts["dave@localhost"] = {"name": "Dave", "groups": []}
+    reply = requests.post(f"{n1.base_url}/roster_admin/refresh", json=["alice", "bob"], timeout=30)
+    assert reply.json()["updated"] == 1 and reply.json()["errors"] == 1, reply.json()
