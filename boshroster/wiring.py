@@ -48,8 +48,15 @@ class Core:
         self.metrics = Metrics()
         self.bus = bus = EventBus()
 
+        # Durable storage: SQLite files under data_dir, or PostgreSQL (database_url, cluster/pg.py).
+        self.database = None
+        if config.database_url:
+            from boshroster.cluster.pg import PgDatabase
+
+            self.database = PgDatabase(config.database_url, config.database_pool_size)
+
         # Who may log in: auth/factory.py (accounts or the HTTP check, JWT tokens, the login throttle).
-        self.auth = build_auth(config)
+        self.auth = build_auth(config, self.database)
         authenticator = self.auth.authenticator  # check_password, user_exists (, scram_auth_info)
         self.accounts = self.auth.accounts  # AccountStore, or None with auth = "http"
         self.tokens = self.auth.tokens  # TokenState (revoke_tokens, ...), or None without jwt_key
@@ -117,10 +124,15 @@ class Core:
         )
 
         # Instant messaging.
-        self.offline = OfflineStore(
-            os.path.join(config.data_dir, "offline.sqlite3"), domain, config.offline_max_per_user,
-            config.stanza_size_limit,
-        )
+        if self.database is not None:
+            from boshroster.cluster.pg_offline import PgOfflineStore
+
+            self.offline = PgOfflineStore(self.database, domain, config.offline_max_per_user, config.stanza_size_limit)
+        else:
+            self.offline = OfflineStore(
+                os.path.join(config.data_dir, "offline.sqlite3"), domain, config.offline_max_per_user,
+                config.stanza_size_limit,
+            )
         disco = Disco()
         self.roster.register(bus)
         contacts = self.roster
@@ -159,3 +171,5 @@ class Core:
             self.cluster.shutdown()  # flush, hand this node's inbox over, leave the directory
         self.offline.close()
         self.auth.close()
+        if self.database is not None:
+            self.database.close()

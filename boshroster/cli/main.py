@@ -61,11 +61,16 @@ def main(argv=None) -> int:
             print(f"boshroster: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0
-    from boshroster.auth.accounts import AccountStore
+    from boshroster.auth.factory import account_store
     from boshroster.cli.users import run_user_command
 
     os.makedirs(config.data_dir, exist_ok=True)
-    with AccountStore(os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations) as store:
+    try:
+        store = account_store(config)  # database_url set: PostgreSQL
+    except StartupError as exc:
+        print(f"boshroster: {exc}", file=sys.stderr)
+        return 1
+    with store:
         return run_user_command(args, store)
 
 
