@@ -169,6 +169,9 @@ def render_nginx(prefix: str, listen_port: int, upstream_ports: list[int]) -> st
         text = fh.read()
     servers = "\n        ".join(f"server 127.0.0.1:{port};" for port in upstream_ports)
     text = text.replace("server @UPSTREAM@;", servers)
+    # A dead node refuses connections: try the next one.  nginx never passes on a POST it
+    # already sent (non_idempotent is not given), so no BOSH request is ever replayed.
+    text = text.replace("proxy_next_upstream off;", "proxy_next_upstream error timeout;")
     for key, value in {"@LISTEN@": f"127.0.0.1:{listen_port}", "@STATIC_ROOT@": os.path.join(ROOT, "static"),
                        "@PREFIX@": prefix}.items():
         text = text.replace(key, value)

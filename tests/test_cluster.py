@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 
 import gevent
 import pytest
+import redis as redis_lib
 import requests
 
 from cluster_harness import NginxProcess, PostgresProcess, RedisProcess
@@ -266,3 +267,66 @@ def test_one_backend_get_per_user_and_refresh_on_any_node_pushes_everywhere(clus
     contacts["dave@localhost"] = {"name": "Dave", "groups": []}
     reply = requests.post(f"{n1.base_url}/roster_admin/refresh", json=["alice", "bob"], timeout=30)
     assert reply.json()["updated"] == 1 and reply.json()["errors"] == 1, reply.json()
+
+
+def test_three_nodes_behind_nginx_round_robin_on_postgresql_survive_a_kill(tmp_path, redis_server, backend, postgres):
+    """nginx without stickiness in front of three nodes sharing Redis and PostgreSQL; one is killed -9."""
+    cluster = Cluster(tmp_path, redis_server, backend, database_url=postgres.url)
+    try:
+        nodes = [cluster.add(), cluster.add(), cluster.add()]
+        nginx = NginxProcess(str(tmp_path), [n.port for n in nodes]).start()
+        try:
+            front_ws = f"ws://127.0.0.1:{nginx.port}/xmpp-websocket"
+            front_bosh = f"{nginx.base_url}/http-bind"
+            # BOSH through nginx: every request may land on another node.
+            alice = BoshClient(front_bosh, wait=3)
+            cluster.clients.append(alice)
+            alice.login("alice")
+            alice.get_roster()
+            alice.presence()
+            owner = alice.sid.partition(".")[0]
+            ws_clients = {}
+            for name in ("bob", "carol", "dave"):
+                client = WsClient(front_ws)
+                cluster.clients.append(client)
+                client.login(name)
+                client.get_roster()
+                client.presence()
+                ws_clients[name] = client
+            for name, client in ws_clients.items():
+                client.message("alice@localhost", f"hi from {name}")
+            got = sorted(alice.recv_message(timeout=10).findtext(q(NS_CLIENT, "body")) for _ in ws_clients)
+            assert got == ["hi from bob", "hi from carol", "hi from dave"]
+            directory = redis_lib.Redis(port=redis_server.port, decode_responses=True)
+            where = {name: json.loads(directory.hget(f"br:user:{name}", "test"))["n"] for name in ws_clients}
+            candidates = [node for node in where.values() if node != owner]
+            assert candidates, f"round robin put every WebSocket user on alice's node {owner}: {where}"
+            victim = next(n for n in nodes if n.settings["node_id"] == candidates[0])
+            lost_users = [name for name, node in where.items() if node == candidates[0]]
+            survivors = [name for name in ws_clients if name not in lost_users]
+            victim.proc.send_signal(signal.SIGKILL)
+            victim.proc.wait()
+            killed_at = time.monotonic()
+            # alice (on a live node) sees the killed node's users go unavailable within 30 s
+            for name in lost_users:
+                alice.recv_presence(timeout=30, sender=f"{name}@localhost/test", type_="unavailable")
+            print(f"nginx cluster: unavailable seen {time.monotonic() - killed_at:.1f} s after kill -9")
+            for name in lost_users:
+                alice.message(f"{name}@localhost", f"for {name}, offline")
+            for name in survivors:
+                alice.message(f"{name}@localhost", f"for {name}, live")
+                assert ws_clients[name].recv_message(timeout=10, sender="alice").findtext(
+                    q(NS_CLIENT, "body")) == f"for {name}, live"
+            # The killed node's users reconnect through nginx (nginx skips the dead upstream) and get their mail.
+            for name in lost_users:
+                again = WsClient(front_ws)
+                cluster.clients.append(again)
+                again.login(name, resource="again")
+                again.presence()
+                assert again.recv_message(timeout=10, sender="alice").findtext(
+                    q(NS_CLIENT, "body")) == f"for {name}, offline"
+        finally:
+            nginx.stop()
+    finally:
+        cluster.close()
+
