@@ -330,3 +330,41 @@ def test_three_nodes_behind_nginx_round_robin_on_postgresql_survive_a_kill(tmp_p
     finally:
         cluster.close()
 
+
+
+def test_unreachable_redis_at_start_is_a_clear_error(tmp_path, backend):
+    from harness import free_port
+
+    node = ServerProcess(tmp_path, cluster_redis_url=f"redis://127.0.0.1:{free_port()}/0", node_id="n1",
+                         http_roster_url=backend.url_template)
+    with pytest.raises(RuntimeError, match="server exited"):
+        node.start()
+    assert "cluster_redis_url" in node.log() and "cannot reach Redis" in node.log(), node.log()
+
+
+def test_a_redis_outage_degrades_then_the_cluster_recovers(cluster, redis_server):
+    n1, n2 = cluster.add(), cluster.add()
+    alice = cluster.ws(n1, "alice")
+    carol = cluster.ws(n1, "carol")
+    bob = cluster.ws(n2, "bob")
+    alice.recv_presence(sender="bob@localhost/test")
+    redis_server.stop()
+    # Local delivery does not need Redis.
+    alice.message("carol@localhost", "same node, no Redis")
+    assert carol.recv_message(sender="alice").findtext(q(NS_CLIENT, "body")) == "same node, no Redis"
+    # For another node's resource: kept in offline storage when Redis stays away (not lost).
+    alice.message("bob@localhost", "during the outage")
+    gevent.sleep(4.5)
+    assert "degraded" in n1.log()
+    redis_server.start()  # same port, empty: the nodes write everything again
+    wait_for(lambda: "Redis is back" in n1.log() and "Redis is back" in n2.log(), 15, "both nodes back")
+    wait_for(lambda: "resynchronised" in n1.log() and "resynchronised" in n2.log(), 15, "directory resync")
+    gevent.sleep(1.0)
+    alice.message("bob@localhost", "after the outage")
+    assert bob.recv_message(timeout=10, sender="alice").findtext(q(NS_CLIENT, "body")) == "after the outage"
+    bob.message("alice@localhost", "heard you")
+    assert alice.recv_message(timeout=10, sender="bob").findtext(q(NS_CLIENT, "body")) == "heard you"
+    # the message of the outage waits in bob's offline storage for his next login
+    later = cluster.ws(n1, "bob", resource="later", presence=False)
+    later.presence()
+    assert later.recv_message(timeout=10, sender="alice").findtext(q(NS_CLIENT, "body")) == "during the outage"
