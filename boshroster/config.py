@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config file or value that cannot be used; the message says which key."""
 
 
+class StartupError(RuntimeError):
+    """A service the config names (Redis, PostgreSQL) cannot be used at start; the message says which."""
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting, with its default (documented in conf/boshroster.toml).
@@ -125,6 +129,14 @@ class Config:
     offline_message_webhook_retries: int = 3  # further attempts after a failed one
     offline_message_webhook_backoff: float = 1.0  # seconds before the first retry, doubled each time
     offline_message_webhook_queue: int = 1000  # notifications waiting to be sent; more are dropped (counted)
+    # --- cluster (issue 14): several processes sharing Redis and PostgreSQL; boshroster/cluster/
+    cluster_redis_url: str = ""  # redis://host:port/db; empty: a single process, as before
+    database_url: str = ""  # postgresql://user:pass@host:port/db; empty: SQLite files under data_dir
+    node_id: str = ""  # unique per process in a cluster (letters, digits, '-', '_'); empty: the host name
+    cluster_internal_url: str = ""  # http://host:port where the other nodes reach this one (BOSH forwarding)
+    cluster_heartbeat_interval: float = 2.0  # seconds between this node's heartbeats
+    cluster_node_timeout: float = 10.0  # a node silent this long is dead: its sessions are cleaned up
+    database_pool_size: int = 10  # PostgreSQL connections per process
 
     @property
     def bosh_requests(self) -> int:
@@ -209,9 +221,28 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError("archive_flush_interval: must not be negative")
     if config.archive_cleanup_interval <= 0:
         raise ConfigError("archive_cleanup_interval: must be positive")
+    _check_cluster(config)
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
     return config
+
+
+def _check_cluster(config: Config) -> None:
+    """Cluster settings (issue 14): a mistake stops startup naming the key."""
+    import re
+
+    if config.cluster_redis_url and not re.match(r"^(redis|rediss|unix)://", config.cluster_redis_url):
+        raise ConfigError("cluster_redis_url: expected redis://host:port/db (or rediss://, unix://)")
+    if config.database_url and not re.match(r"^postgres(ql)?://", config.database_url):
+        raise ConfigError("database_url: expected postgresql://user:pass@host:port/db")
+    if config.node_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", config.node_id):
+        raise ConfigError("node_id: letters, digits, '-' and '_' only (it is part of BOSH sids and Redis keys)")
+    if config.cluster_internal_url and not re.match(r"^https?://", config.cluster_internal_url):
+        raise ConfigError("cluster_internal_url: expected http://host:port")
+    if config.cluster_heartbeat_interval <= 0 or config.cluster_node_timeout <= 2 * config.cluster_heartbeat_interval:
+        raise ConfigError("cluster_node_timeout must be more than twice cluster_heartbeat_interval (> 0)")
+    if config.database_pool_size < 1:
+        raise ConfigError("database_pool_size: at least 1")
 
 
 def _check_auth(config: Config) -> None:

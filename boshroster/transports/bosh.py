@@ -293,6 +293,7 @@ class BoshManager:
         self.config = core.config
         self.sessions: dict[str, BoshSession] = {}
         self._lingering: dict[str, bytes] = {}
+        self.sid_prefix = ""  # a cluster node's "<node_id>." (cluster/bosh_forward.py finds the owner by it)
 
     def forget(self, sid: str, linger: bytes | None = None) -> None:
         self.sessions.pop(sid, None)
@@ -332,7 +333,7 @@ class BoshManager:
             return terminate_body("bad-request")
         wait = min(cfg.bosh_max_wait, cfg.bosh_max_wait if wait is None else wait)
         hold = min(cfg.bosh_hold, 1 if hold is None else hold)
-        sid = secrets.token_urlsafe(24)  # XEP-0124 §19.3: a bearer token, unguessable
+        sid = self.sid_prefix + secrets.token_urlsafe(24)  # XEP-0124 §19.3: a bearer token, unguessable
         bosh = BoshSession(self, sid, rid, wait, hold, peer)
         try:
             features = bosh.session.open_stream(to)
