@@ -74,6 +74,8 @@ class Config:
     refresh_max_users: int = 10000
     refresh_max_body: int = 1048576
     refresh_timeout: float = 30.0
+    # --- XML input limits (issue 10, point 7a; stanza_size_limit above is checked for every stanza)
+    stanza_max_depth: int = 32  # element levels below a stanza; deeper is a policy-violation stream error
 
     @property
     def bosh_requests(self) -> int:
@@ -138,4 +140,6 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError('resource_conflict: must be "random" or "kick_old"')
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
+    if config.stanza_max_depth < 1:
+        raise ConfigError("stanza_max_depth: must be at least 1")
     return config
