@@ -390,3 +390,31 @@ def test_a_websocket_message_exactly_at_the_limit_is_accepted(make_server, clien
     alice.send_xml(exact.replace("<body>", "<body>z", 1))
     assert_stream_error(alice, "policy-violation")
     assert pinged_ok(bob)
+
+
+# -- found by the fuzzer: a DTD in UTF-16 passed the "<!" test of the fast path --------------------
+
+def utf16_bomb(stanza_open: str, stanza_close: str) -> bytes:
+    """An entity bomb written in BOM-less UTF-16LE: valid UTF-8 bytes (ASCII and NULs), so it
+    passes a WebSocket text frame or a BOSH body, and has no b"<!" for the fast path to see."""
+    dtd = ("<!DOCTYPE m [<!ENTITY a 'lollollollollol'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;'>"
+           "<!ENTITY c '&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;'>]>")
+    return (dtd + stanza_open + "<body>&c;</body>" + stanza_close).encode("utf-16-le")
+
+
+@pytest.mark.parametrize("sender_kind", KINDS)
+def test_an_entity_bomb_in_utf16_is_refused(online, server, sender_kind):
+    bob = online("websocket", "bob", "b")
+    alice = online(sender_kind, "alice", "a", presence=False)
+    stanza = (f"<message xmlns='{NS_CLIENT}' to='{bob.jid}' id='bomb'>", "</message>")
+    if sender_kind == "websocket":
+        alice.ws.send(utf16_bomb(*stanza).decode("utf-8"))
+        assert_stream_error(alice, "not-well-formed")
+    else:
+        data = utf16_bomb(f"<body xmlns='{NS_BOSH}' rid='{alice.next_rid()}' sid='{alice.sid}'>" + stanza[0],
+                          stanza[1] + "</body>")
+        reply = requests.post(server.bosh_url, data=data, headers={"Content-Type": "text/xml"}, timeout=20)
+        assert reply.status_code == 200 and b"lollol" not in reply.content
+        assert ET.fromstring(reply.content).get("condition") == "bad-request"
+    bob.expect_nothing(0.5, lambda e: e.get("id") == "bomb")
+    assert pinged_ok(bob)

@@ -108,6 +108,11 @@ def parse(
             raise XMLError("not-well-formed", "text that is not valid Unicode") from None
     if len(data) > max_size:
         raise XMLError("policy-violation", f"XML larger than {max_size} bytes")
+    if b"\0" in data:
+        # XML 1.0 has no NUL, and UTF-8 XML has none, but every UTF-16 or UTF-32 document
+        # does; expat would detect and decode those despite encoding="utf-8", where the
+        # "<!" test below cannot see a DTD (an entity bomb in UTF-16 passed it).
+        raise XMLError("not-well-formed", "a NUL byte: only UTF-8 is accepted (RFC 6120 §11.6)")
     root = _parse_document(data)
     if max_depth is not None:
         levels = max_depth + (2 if child_limit is not None else 1)  # element levels the document may have
