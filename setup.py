@@ -17,7 +17,7 @@ setup(
         "prometheus-client>=0.19",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "websocket-client>=1.7"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "websocket-client>=1.7", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["boshroster=boshroster.cli:main"]},
 )

@@ -249,18 +249,18 @@ TRICKY_PAYLOADS = {
 
 
 @pytest.mark.parametrize("recipient_kind", KINDS)
-@pytest.mark.parametrize("payload", list(TRICKY_PAYLOADS.values()), ids=list(TRICKY_PAYLOADS))
-def test_a_message_with_tricky_namespaces_reaches_the_contact_intact(online, recipient_kind, payload):
+def test_messages_with_tricky_namespaces_reach_the_contact_intact(online, recipient_kind):
     bob = online(recipient_kind, "bob", "b")
     alice = online("websocket", "alice", "a")
-    sent = f"<message xmlns='{NS_CLIENT}' to='{bob.jid}' type='chat' id='tricky'><body>hi</body>{payload}</message>"
-    alice.send_xml(sent)
-    got = bob.recv(match=lambda e: e.get("id") == "tricky" or e.tag == "bad-xml")
-    assert got.tag == q(NS_CLIENT, "message"), got.attrib
-    # the tree the contact gets is the tree alice sent (the server adds 'from')
-    assert got.get("from") == alice.jid
-    del got.attrib["from"]
-    assert canonical(got) == canonical(ET.fromstring(sent))
+    for name, payload in TRICKY_PAYLOADS.items():
+        sent = f"<message xmlns='{NS_CLIENT}' to='{bob.jid}' type='chat' id='{name}'><body>hi</body>{payload}</message>"
+        alice.send_xml(sent)
+        got = bob.recv(match=lambda e: e.get("id") == name or e.tag == "bad-xml")
+        assert got.tag == q(NS_CLIENT, "message"), (name, got.attrib)
+        # the tree the contact gets is the tree alice sent (the server adds 'from')
+        assert got.get("from") == alice.jid
+        del got.attrib["from"]
+        assert canonical(got) == canonical(ET.fromstring(sent)), name
     assert_healthy(bob, alice, "still here")
 
 

@@ -5,11 +5,16 @@ document, so no incremental stream parser is needed.  Parsing refuses DTDs,
 entity declarations, external references, comments and processing
 instructions (RFC 6120 §11.1): input that could hold any of them goes through
 defusedxml with a restricting tree builder; input that cannot (no "<!", no
-"<?") takes the C expat parser directly.
+"<?") takes the C expat parser directly.  Only UTF-8 is read (§11.6).  Limits
+on input (issue 10, points 6 and 7): the size of the document and of each
+stanza in a BOSH body, and the nesting depth below a stanza.
 
 Serialization writes plain default ``xmlns="…"`` declarations and never
-invents ``ns0:`` prefixes, because Strophe compares ``nodeName`` (so
-``<ns0:bind>`` would not be found).  Pure module: no I/O, no gevent.
+invents ``ns0:`` prefixes on elements, because Strophe compares ``nodeName``
+(so ``<ns0:bind>`` would not be found).  Rule: whatever ``parse`` accepts,
+``tostring`` writes as well-formed, namespace-well-formed XML that parses back
+to the same tree (tests/test_fuzz_xml.py checks it).  Pure module: no I/O, no
+gevent, no shared state.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ NS_HINTS = "urn:xmpp:hints"
 
 XML_LANG = f"{{{NS_XML}}}lang"
 
-# Prefixes we write for namespaced attributes and stream-level elements.
+# Prefixes we write for these namespaces, on elements and attributes; xml is predeclared
+# (Namespaces in XML 1.0 §3) and never declared, the others are declared where used.
 _KNOWN_PREFIXES = {NS_XML: "xml", NS_STREAM: "stream", NS_XBOSH: "xmpp"}
 
 
