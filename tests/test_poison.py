@@ -230,7 +230,14 @@ def test_the_depth_limit_is_configurable(make_server, clients):
     assert depth_below(alice.recv(match=lambda e: e.get("id") == "four")) == 4
     alice.send_xml(deep_message("alice@localhost/a", 5, "five"))
     assert_stream_error(alice, "policy-violation")
-    assert "stanza nested deeper than 4" in server.log()
+    # over BOSH, also in the body that creates the session (no session to end yet)
+    body = f"<body xmlns='{NS_BOSH}' rid='1' to='localhost' wait='5' hold='1'>{deep_message('bob@localhost', 5)}</body>"
+    reply = requests.post(server.bosh_url, data=body.encode(), timeout=20)
+    assert ET.fromstring(reply.content).get("condition") == "policy-violation"
+    log = server.log()
+    assert "WARNING boshroster.websocket: WebSocket message from 127.0.0.1 refused: stanza nested deeper than 4" in log
+    assert "WARNING boshroster.web: BOSH body from 127.0.0.1 refused: stanza nested deeper than 4" in log
+    assert "Traceback" not in log
 
 
 # -- point 7b: namespaces the serializer must get right ----------------------------------------
