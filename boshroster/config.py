@@ -137,6 +137,8 @@ class Config:
     cluster_heartbeat_interval: float = 2.0  # seconds between this node's heartbeats
     cluster_node_timeout: float = 10.0  # a node silent this long is dead: its sessions are cleaned up
     database_pool_size: int = 10  # PostgreSQL connections per process
+    # --- XML input limits (issue 10, point 7a; stanza_size_limit above is checked for every stanza)
+    stanza_max_depth: int = 32  # element levels below a stanza; deeper is a policy-violation stream error
 
     @property
     def bosh_requests(self) -> int:
@@ -224,6 +226,8 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
     _check_cluster(config)
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
+    if config.stanza_max_depth < 1:
+        raise ConfigError("stanza_max_depth: must be at least 1")
     return config
 
 

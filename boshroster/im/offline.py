@@ -63,7 +63,7 @@ class OfflineStore:
             return 0
         for _id, stamp, text in rows:
             try:
-                stanza = xmlio.parse(text, self.stanza_size_limit * 2)
+                stanza = xmlio.parse(text, self.stanza_size_limit * 2, max_depth=None)  # written by us
             except xmlio.XMLError:
                 log.error("dropping unreadable offline message %s for %s", _id, session.username)
                 continue

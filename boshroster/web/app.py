@@ -156,15 +156,37 @@ class WebApp:
             reply = terminate_body("policy-violation")
         else:
             try:
-                body = xmlio.parse(data, self.config.bosh_max_body)
+                body = xmlio.parse(data, self.config.bosh_max_body, child_limit=self.config.stanza_size_limit,
+                                   max_depth=self.config.stanza_max_depth)
             except xmlio.XMLError as err:
-                log.info("bad BOSH body from %s: %s", environ.get("REMOTE_ADDR"), err.text)
-                reply = terminate_body("bad-request")
+                reply = self._refused_body(environ, err)
             else:
                 relayed = self.bosh_forwarder.relay(body, data, environ) if self.bosh_forwarder is not None else None
                 reply = relayed if relayed is not None else self.bosh.handle(body, lambda: self.peer(environ, "bosh"))
         start_response("200 OK", cors + [("Content-Type", _XML_TYPE), ("Content-Length", str(len(reply)))])
         return [reply]
+
+    def _refused_body(self, environ, err: xmlio.XMLError) -> bytes:
+        """The answer to a BOSH body the parser refused (issue 10, points 6 and 7).
+
+        Not acceptable XML: ``bad-request`` (XEP-0124 §17.2).  Well-formed but over
+        a limit (a stanza in it larger than ``stanza_size_limit`` or nested deeper
+        than ``stanza_max_depth``): the session the body names ends with a
+        ``policy-violation`` stream error, as a WebSocket client's would (RFC 6120
+        §4.9.3.18, XEP-0206 §7), and nothing in the body is processed.  Runs in the
+        request's greenlet; ``session.fail`` answers the session's held request too."""
+        peer = environ.get("REMOTE_ADDR")
+        if err.condition != "policy-violation":
+            log.info("bad BOSH body from %s: %s", peer, err.text)
+            return terminate_body("bad-request")
+        log.warning("BOSH body from %s refused: %s", peer, err.text)
+        doc = err.document
+        sid = doc.get("sid") if doc is not None and doc.tag == f"{{{xmlio.NS_BOSH}}}body" else None
+        bosh = self.bosh.sessions.get(sid) if sid else None
+        if bosh is None:
+            return terminate_body("policy-violation")
+        bosh.session.fail("policy-violation", err.text)
+        return bosh.terminal or terminate_body("policy-violation")
 
     @staticmethod
     def _read_body(environ, limit: int) -> bytes | None:
