@@ -165,8 +165,10 @@ def depth_below(el: ET.Element) -> int:
 
 
 def canonical(el: ET.Element):
-    """A comparable form of a tree: tag, attributes, text, tail, children."""
-    return (el.tag, sorted(el.attrib.items()), el.text or "", el.tail or "", [canonical(c) for c in el])
+    """A comparable form of a tree: tag, attributes, text, tail, children (without the
+    server's own XEP-0359 <stanza-id/>, which the archive adds to what the recipient gets)."""
+    children = [c for c in el if c.tag != "{urn:xmpp:sid:0}stanza-id"]
+    return (el.tag, sorted(el.attrib.items()), el.text or "", el.tail or "", [canonical(c) for c in children])
 
 
 KINDS = ["bosh", "websocket"]
