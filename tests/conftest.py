@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from backend_app import TestBackend  # noqa: E402
-from harness import BoshClient, ServerProcess, WsClient  # noqa: E402
+from harness import BoshClient, ServerProcess, WsClient, stop_clients  # noqa: E402
 
 # The demo world every end-to-end test starts from: everyone knows everyone.
 USERS = ("alice", "bob", "carol", "dave")
@@ -50,6 +50,7 @@ def make_server(tmp_path, backend):
 
     yield make
     for server in started:
+        stop_clients(server.port)  # close their keep-alive connections first
         server.stop()
 
 
