@@ -29,6 +29,8 @@ from conftest import demo_contacts
 from harness import ServerProcess
 from realclients import require_node, run_node_script
 
+pytestmark = pytest.mark.interop  # real third-party clients/proxies: -m 'not interop' skips them
+
 RUNS = {
     # (client, transport): (script, npm packages it needs)
     ("strophe", "bosh"): ("strophe_scenarios.js", ("strophe.js", "xhr2", "@xmldom/xmldom", "ws")),

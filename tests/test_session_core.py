@@ -217,8 +217,11 @@ def test_open_to_another_domain_is_host_unknown(core):
     assert info.value.condition == "host-unknown"
     with pytest.raises(StreamError):
         client.session.open_stream(None)
-    # the prepared form of our own domain is fine
-    assert client.session.open_stream("LOCALHOST.") is not None
+    # the prepared form of our own domain is fine: the stream opens and offers SASL
+    feats = client.session.open_stream("LOCALHOST.")
+    assert feats.tag == q(NS_STREAM, "features")
+    assert feats.find(q(NS_SASL, "mechanisms")) is not None
+    assert client.session.stream_id
 
 
 def test_plain_login_then_restart_gives_bind_features_and_new_stream_id(core):
