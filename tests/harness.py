@@ -51,6 +51,17 @@ def q(ns: str, tag: str) -> str:
     return f"{{{ns}}}{tag}"
 
 
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition", interval: float = 0.01):
+    """Poll ``predicate`` until it returns something true (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        gevent.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -382,6 +393,26 @@ class XmppClient:
         except TimeoutError:
             return
         raise AssertionError(f"unexpected element: {ET.tostring(el)[:500]}")
+
+    def sync(self, timeout: float = 5.0) -> None:
+        """Ping the server and wait for the result: everything the server queued for this
+        client before answering is then in ``seen`` (a session's stanzas are processed, and
+        leave, in order; RFC 6120 §10.1)."""
+        iq_id = self.new_id()
+        self.send_xml(f"<iq xmlns='{NS_CLIENT}' type='get' id='{iq_id}' to='{self.domain}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        reply = self.recv(timeout, lambda e: e.tag == q(NS_CLIENT, "iq") and e.get("id") == iq_id)
+        assert reply.get("type") == "result", ET.tostring(reply)
+        gevent.sleep(0)  # BOSH: a response read in the same loop turn as the ping's is delivered too
+
+    def expect_nothing_queued(self, match, after=()) -> None:
+        """``expect_nothing`` without a sleep, for what the server would produce while handling
+        stanzas already sent: each client in ``after`` (senders whose stanzas must be handled
+        first), then this one, round-trips a ping; nothing matching may have arrived before."""
+        for sender in after:
+            sender.sync()
+        self.sync()
+        unexpected = [el for el in self.seen if match(el)]
+        assert not unexpected, f"unexpected element: {ET.tostring(unexpected[0])[:500]}"
 
     def wait_features(self, timeout=5.0) -> ET.Element:
         self.features = self.recv(timeout, lambda e: e.tag == q(NS_STREAM, "features"))
