@@ -86,6 +86,7 @@ def js_run(tmp_path_factory):
                 key = workdir / "jwt.secret"
                 key.write_text(JWT_SECRET)
                 server = ServerProcess(workdir, http_roster_url=backend.url_template, jwt_key=str(key),
+                                       fork=False,  # python -m boshroster serve
                                        **SERVER_SETTINGS).start()
                 url = server.bosh_url if transport == "bosh" else server.ws_url
                 args = ["--transport", transport, f"--{transport}", url, "--bosh-wait", "5", "--drop-timeout", "15000"]

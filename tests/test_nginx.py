@@ -147,7 +147,7 @@ def proxied(tmp_path_factory):
     require(binary is not None, "nginx is not installed (apt-get install nginx)")
     backend = TestBackend(demo_contacts()).start()
     server = ServerProcess(tmp_path_factory.mktemp("server"), http_roster_url=backend.url_template,
-                           bosh_max_wait=LONG_WAIT).start()
+                           bosh_max_wait=LONG_WAIT, fork=False).start()  # as deployed: python -m boshroster serve
     nginx = Nginx(binary, str(tmp_path_factory.mktemp("nginx")), server.port)
     checked = nginx.check()
     assert checked.returncode == 0, f"nginx -t failed:\n{checked.stderr}"

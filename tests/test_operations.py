@@ -10,7 +10,7 @@ import gevent
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import BoshClient, WsClient
+from harness import NS_STREAM, BoshClient, ServerProcess, WsClient, q
 
 XRD = "{http://docs.oasis-open.org/ns/xri/xrd-1.0}"
 
@@ -187,3 +187,32 @@ def test_forwarded_proto_is_believed_from_a_trusted_proxy_network_only(make_serv
 
     assert create(make_server(trusted_proxies=["127.0.0.0/8"])).get("secure") == "true"
     assert create(make_server(trusted_proxies=["192.0.2.0/24"])).get("secure") == "false"
+
+
+def test_python_m_boshroster_serve_runs_and_stops_gracefully_on_sigterm(tmp_path, backend):
+    """The deployed entry point itself (the other tests fork servers from an imported copy,
+    see tests/forkserver.py): it serves, and SIGTERM tells clients system-shutdown and exits 0
+    without waiting for an idle keep-alive connection."""
+    import signal
+
+    server = ServerProcess(tmp_path, http_roster_url=backend.url_template, bosh_max_wait=5, fork=False).start()
+    try:
+        assert server.proc.args[1:4] == ["-m", "boshroster", "serve"]
+        assert health(server)["status"] == "ok"
+        ws, bosh = WsClient(server.ws_url), BoshClient(server.bosh_url, wait=5)
+        ws.login("alice")
+        bosh.login("bob")
+        idle = requests.Session()  # a kept-alive connection with no request in progress
+        assert idle.get(server.base_url + "/health", timeout=5).status_code == 200
+        assert server.stop(signal.SIGTERM) == 0
+        error = ws.recv(match=lambda e: e.tag == q(NS_STREAM, "error"))
+        assert error.find("{urn:ietf:params:xml:ns:xmpp-streams}system-shutdown") is not None
+        assert bosh.recv(match=lambda e: e.get("type") == "terminate").get("condition") == "system-shutdown"
+        log = server.log()
+        assert "signal SIGTERM received" in log and "stopped" in log
+        assert "still busy" not in log, log  # nothing had to be killed after the grace period
+        idle.close()
+        ws.stop()
+        bosh.stop()
+    finally:
+        server.stop()
