@@ -82,3 +82,16 @@ def connect(server, transport):
             client.stop()
         except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked run_first go first, run_last last, the others keep their order: the
+    request test_nginx.py holds through nginx for a minute then overlaps the whole run
+    instead of adding a minute to it."""
+
+    def rank(item) -> int:
+        if item.get_closest_marker("run_last"):
+            return 2
+        return 0 if item.get_closest_marker("run_first") else 1
+
+    items.sort(key=rank)

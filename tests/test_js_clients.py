@@ -67,7 +67,7 @@ def mint_token(msg) -> dict:
 # new one comes within the inactivity period; a WebSocket client that enabled
 # resumable stream management (xmpp.js does) hibernates first (XEP-0198): keep all
 # of them short so the drop test is quick.
-SERVER_SETTINGS = {"bosh_max_wait": 5, "bosh_max_inactivity": 3, "smacks_hibernation_time": 3}
+SERVER_SETTINGS = {"bosh_max_wait": 2, "bosh_max_inactivity": 2, "smacks_hibernation_time": 3}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def js_run(tmp_path_factory):
                                        fork=False,  # python -m boshroster serve
                                        **SERVER_SETTINGS).start()
                 url = server.bosh_url if transport == "bosh" else server.ws_url
-                args = ["--transport", transport, f"--{transport}", url, "--bosh-wait", "5", "--drop-timeout", "15000"]
+                args = ["--transport", transport, f"--{transport}", url, "--bosh-wait", "2", "--drop-timeout", "15000"]
                 if ONLY:
                     args += ["--only", ",".join(ONLY)]
                 result = run_node_script(script, args, server=server, backend=backend,

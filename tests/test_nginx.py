@@ -13,12 +13,14 @@ Skips without nginx on a developer machine; fails in CI.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 
@@ -31,7 +33,9 @@ from conftest import NAMES, demo_contacts
 from harness import NS_BOSH, NS_CLIENT, NS_ROSTER, BoshClient, ServerProcess, WsClient, free_port, q
 from realclients import ROOT, require
 
-pytestmark = pytest.mark.interop  # real third-party clients/proxies: -m 'not interop' skips them
+# run_first: this module runs before every other one, so that the 61 s request held through
+# nginx (the proxied fixture) overlaps the rest of the run; the test collecting it is run_last.
+pytestmark = [pytest.mark.interop, pytest.mark.run_first]
 
 TEMPLATE = os.path.join(ROOT, "conf", "nginx.conf")
 TRICKY = 'héllo <&> "quotes" \'apos\' 😀'
@@ -135,13 +139,29 @@ def offered_mechanisms(body: ET.Element) -> list[str]:
     return [m.text for m in mechs] if mechs is not None else []
 
 
-@pytest.fixture(scope="module")
-def proxied(tmp_path_factory):
-    """(server, nginx, long_hold): one server behind one nginx for this module.
+HOLD_SCRIPT = """
+import json, sys, time, urllib.error, urllib.request
+url, body = sys.argv[1], sys.argv[2].encode()
+started = time.monotonic()
+try:
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "text/xml; charset=utf-8"}),
+                                timeout=float(sys.argv[3])) as reply:
+        status, content = reply.status, reply.read()
+except urllib.error.HTTPError as err:
+    status, content = err.code, err.read()
+print(json.dumps({"status": status, "seconds": time.monotonic() - started, "body": content.decode("utf-8", "replace")}))
+"""
 
-    long_hold is a greenlet started right away that holds one BOSH request through
-    nginx for LONG_WAIT - 1 seconds; test_held_bosh_request_outlasts_default_timeout
-    (the last test here) collects it, so the minute runs alongside the other tests.
+
+@pytest.fixture(scope="session")
+def proxied(tmp_path_factory):
+    """(server, nginx, long_hold): one server behind one nginx, for the whole run.
+
+    long_hold holds one BOSH request through nginx for LONG_WAIT - 1 seconds, started
+    right away; test_held_bosh_request_outlasts_nginx_default_timeout (run_last: the
+    last test of the run) collects it, so the minute runs alongside every other test.
+    The request is made by a child process that times it itself: a test that keeps this
+    process busy for a while cannot make the measured time longer.
     """
     binary = nginx_binary()
     require(binary is not None, "nginx is not installed (apt-get install nginx)")
@@ -153,17 +173,17 @@ def proxied(tmp_path_factory):
     assert checked.returncode == 0, f"nginx -t failed:\n{checked.stderr}"
     nginx.start()
 
-    def long_hold():
-        created = raw_bosh_create(nginx.bosh_url, LONG_WAIT)
-        started = time.monotonic()
-        reply = requests.post(nginx.bosh_url, data=f"<body xmlns='{NS_BOSH}' rid='{RAW_RID + 1}' sid='{created.get('sid')}'/>",
-                              headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=LONG_WAIT + 30)
-        return {"status": reply.status_code, "seconds": time.monotonic() - started, "body": reply.content,
-                "wait": created.get("wait")}
-
-    hold = gevent.spawn(long_hold)
+    created = raw_bosh_create(nginx.bosh_url, LONG_WAIT)
+    hold = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SCRIPT, nginx.bosh_url,
+         f"<body xmlns='{NS_BOSH}' rid='{RAW_RID + 1}' sid='{created.get('sid')}'/>", str(LONG_WAIT + 30)],
+        stdout=subprocess.PIPE, text=True)
+    hold.wait_value = created.get("wait")
     yield server, nginx, hold
-    hold.kill()
+    if hold.poll() is None:
+        hold.kill()
+    hold.wait()
+    hold.stdout.close()
     nginx.stop()
     server.stop()
     backend.stop()
@@ -311,14 +331,16 @@ def test_forwarded_headers_through_nginx(proxied):
     assert direct.get("secure") == "true" and "PLAIN" in offered_mechanisms(direct)
 
 
+@pytest.mark.run_last
 def test_held_bosh_request_outlasts_nginx_default_timeout(proxied):
-    """Last in this module: the request the fixture parked at its start comes back
+    """Last in the run: the request the fixture parked at its start comes back
     as an ordinary empty body after ~wait - 1 s (61 s), past the 60 s at which an
     nginx with the default proxy_read_timeout would have answered 504."""
     _, nginx, hold = proxied
-    result = hold.get(timeout=LONG_WAIT + 40)
-    assert result["wait"] == str(LONG_WAIT)
+    out, _ = hold.communicate(timeout=LONG_WAIT + 40)
+    result = json.loads(out)
+    assert hold.wait_value == str(LONG_WAIT)
     assert result["status"] == 200, (result, nginx.logs())
-    body = ET.fromstring(result["body"])
+    body = ET.fromstring(result["body"].encode("utf-8"))
     assert body.tag == q(NS_BOSH, "body") and body.get("type") is None and len(body) == 0
     assert 60 < result["seconds"] < LONG_WAIT + 2, result["seconds"]
