@@ -8,9 +8,15 @@ imports, then for every request forks a child that runs ``boshroster.cli.main.ma
 "--config", FILE])`` with stdout/stderr on the server's log file — the same entry point, the
 same code, its own process (signals, sockets, sqlite files), only already imported.
 
+The same goes for scripts/demo_backend.py (gevent, bottle, requests: all imported here),
+run as ``__main__`` with its own argv and environment.
+
 Protocol, one JSON object per line on stdin, one reply line on stdout:
 
-``{"op": "start", "config": PATH, "log": PATH}``  → ``{"pid": N}``
+``{"op": "start", "config": PATH, "log": PATH}``  → ``{"pid": N}``: ``boshroster serve``, its
+                                                    stdout and stderr appended to ``log``
+``{"op": "script", "path": PATH, "argv": [...], "env": {...}, "stdout": PATH, "stderr": PATH}``
+                                                  → ``{"pid": N}``: ``python PATH ARGV...``
 ``{"op": "poll", "pid": N}``                      → ``{"code": None}`` while running, else the
                                                     exit status (negative: killed by that signal)
 
@@ -25,6 +31,7 @@ monkey.patch_all()
 
 import json  # noqa: E402
 import os  # noqa: E402
+import runpy  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
@@ -37,6 +44,8 @@ import gevent.os  # noqa: E402
 
 import boshroster.cli.main  # noqa: E402,F401 - what `serve` imports, imported once
 import boshroster.server  # noqa: E402,F401
+import bottle  # noqa: E402,F401 - and what scripts/demo_backend.py imports
+import requests  # noqa: E402,F401
 
 _waitpid = monkey.get_original("os", "waitpid")
 
@@ -54,22 +63,36 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def run_child(config: str, log_path: str) -> None:
-    """In the forked child: become `boshroster serve --config config` and never return."""
+def _redirect(stdout_path: str, stderr_path: str) -> None:
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    for target, path in ((1, stdout_path), (2, stderr_path)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
+
+
+def run_child(request: dict) -> None:
+    """In the forked child: become the requested program and never return."""
     code = 1
     try:
         _die_with_parent()
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        os.close(null)
-        sys.argv = ["boshroster", "serve", "--config", config]
-        code = boshroster.cli.main.main(sys.argv[1:]) or 0
+        if request["op"] == "start":  # `boshroster serve --config FILE`, as `python -m boshroster` runs it
+            _redirect(request["log"], request["log"])
+            sys.argv = ["boshroster", "serve", "--config", request["config"]]
+            code = boshroster.cli.main.main(sys.argv[1:]) or 0
+        else:  # `python SCRIPT ARGV...`
+            _redirect(request["stdout"], request["stderr"])
+            if request.get("env") is not None:
+                os.environ.clear()
+                os.environ.update(request["env"])
+            sys.argv = [request["path"], *request["argv"]]
+            sys.path[0] = os.path.dirname(os.path.abspath(request["path"]))
+            runpy.run_path(request["path"], run_name="__main__")
+            code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # noqa: BLE001 - reported in the server's log
         import traceback
 
@@ -96,10 +119,10 @@ def main() -> None:
     try:
         for line in iter(stdin.readline, b""):
             request = json.loads(line)
-            if request["op"] == "start":
+            if request["op"] in ("start", "script"):
                 pid = gevent.os.fork_gevent()  # raw fork, then gevent.reinit() in the child
                 if pid == 0:
-                    run_child(request["config"], request["log"])
+                    run_child(request)
                 children[pid] = None
                 reply({"pid": pid})
             elif request["op"] == "poll":

@@ -108,7 +108,14 @@ class ForkServer:
         return json.loads(line)
 
     def spawn(self, config_path: str, log_path: str) -> "ForkedProcess":
+        """``boshroster serve --config config_path``, output appended to ``log_path``."""
         return ForkedProcess(self, self._ask(op="start", config=config_path, log=log_path)["pid"])
+
+    def run_script(self, path: str, argv: list[str], stdout_path: str, stderr_path: str,
+                   env: dict | None = None) -> "ForkedProcess":
+        """``python path argv...`` (as ``__main__``), output appended to the two files."""
+        return ForkedProcess(self, self._ask(op="script", path=path, argv=list(argv), env=env,
+                                             stdout=stdout_path, stderr=stderr_path)["pid"])
 
     def close(self) -> None:
         """EOF tells the fork server to kill what still runs and exit."""
