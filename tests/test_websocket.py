@@ -439,20 +439,22 @@ def test_vanished_client_is_announced_unavailable_and_the_server_keeps_serving(s
 
 def test_ping_frames_are_sent_at_the_configured_interval(make_server):
     server = make_server(websocket_ping_interval=0.3)
+    started = time.monotonic()
     ws = websocket.create_connection(server.ws_url, subprotocols=["xmpp"], timeout=5)
     try:
         ws.send(f"<open xmlns='{NS_FRAMING}' to='localhost' version='1.0'/>")
         pings = 0
         texts = 0
-        deadline = time.monotonic() + 1.6
-        while time.monotonic() < deadline:
+        while pings < 3:  # the socket timeout (5 s) fails the test if they stop coming
             opcode, _ = ws.recv_data(control_frame=True)  # websocket-client answers with a pong
             if opcode == websocket.ABNF.OPCODE_PING:
                 pings += 1
             elif opcode == websocket.ABNF.OPCODE_TEXT:
                 texts += 1
+        # The server sent the third ping 3 intervals after the connection at the earliest
+        # (it can only be late, and so can we): not more often than configured.
+        assert time.monotonic() - started >= 3 * 0.3 - 0.05
         assert texts == 2  # <open/> and <stream:features/>
-        assert 3 <= pings <= 7, pings
         # the stream is still usable after answering pings
         ws.send(f"<close xmlns='{NS_FRAMING}'/>")
         opcode, data = ws.recv_data(control_frame=True)
