@@ -83,9 +83,9 @@ def js_run(tmp_path_factory):
             backend = TestBackend(demo_contacts()).start()
             server = None
             try:
-                key = workdir / "jwt.secret"
-                key.write_text(JWT_SECRET)
-                server = ServerProcess(workdir, http_roster_url=backend.url_template, jwt_key=str(key),
+                key_file = workdir / "jwt.secret"  # not `key`: that is this run's cache key
+                key_file.write_text(JWT_SECRET)
+                server = ServerProcess(workdir, http_roster_url=backend.url_template, jwt_key=str(key_file),
                                        fork=False,  # python -m boshroster serve
                                        **SERVER_SETTINGS).start()
                 url = server.bosh_url if transport == "bosh" else server.ws_url
