@@ -13,8 +13,9 @@ run as ``__main__`` with its own argv and environment.
 
 Protocol, one JSON object per line on stdin, one reply line on stdout:
 
-``{"op": "start", "config": PATH, "log": PATH}``  → ``{"pid": N}``: ``boshroster serve``, its
-                                                    stdout and stderr appended to ``log``
+``{"op": "cli", "argv": [...], "log": PATH}``     → ``{"pid": N}``: ``boshroster ARGV...`` (``serve
+                                                    --config F``, ``user import …``), its stdout and
+                                                    stderr appended to ``log``
 ``{"op": "script", "path": PATH, "argv": [...], "env": {...}, "stdout": PATH, "stderr": PATH}``
                                                   → ``{"pid": N}``: ``python PATH ARGV...``
 ``{"op": "poll", "pid": N}``                      → ``{"code": None}`` while running, else the
@@ -78,9 +79,9 @@ def run_child(request: dict) -> None:
     code = 1
     try:
         _die_with_parent()
-        if request["op"] == "start":  # `boshroster serve --config FILE`, as `python -m boshroster` runs it
+        if request["op"] == "cli":  # `boshroster ARGV...`, as `python -m boshroster` runs it
             _redirect(request["log"], request["log"])
-            sys.argv = ["boshroster", "serve", "--config", request["config"]]
+            sys.argv = ["boshroster", *request["argv"]]
             code = boshroster.cli.main.main(sys.argv[1:]) or 0
         else:  # `python SCRIPT ARGV...`
             _redirect(request["stdout"], request["stderr"])
@@ -118,22 +119,28 @@ def main() -> None:
 
     try:
         for line in iter(stdin.readline, b""):
-            request = json.loads(line)
-            if request["op"] in ("start", "script"):
-                pid = gevent.os.fork_gevent()  # raw fork, then gevent.reinit() in the child
-                if pid == 0:
-                    run_child(request)
-                children[pid] = None
-                reply({"pid": pid})
-            elif request["op"] == "poll":
-                pid = request["pid"]
-                if children.get(pid) is None:
-                    done, status = _waitpid(pid, os.WNOHANG)
-                    if done:
-                        children[pid] = os.waitstatus_to_exitcode(status)
-                reply({"code": children.get(pid)})
-            else:
-                reply({"error": f"unknown op {request['op']!r}"})
+            try:
+                request = json.loads(line)
+                if request["op"] in ("cli", "script"):
+                    pid = gevent.os.fork_gevent()  # raw fork, then gevent.reinit() in the child
+                    if pid == 0:
+                        run_child(request)
+                    children[pid] = None
+                    reply({"pid": pid})
+                elif request["op"] == "poll":
+                    pid = request["pid"]
+                    if pid not in children:
+                        reply({"error": f"pid {pid} is not a child of the fork server"})
+                        continue
+                    if children[pid] is None:
+                        done, status = _waitpid(pid, os.WNOHANG)
+                        if done:
+                            children[pid] = os.waitstatus_to_exitcode(status)
+                    reply({"code": children[pid]})
+                else:
+                    reply({"error": f"unknown op {request['op']!r}"})
+            except Exception as exc:  # noqa: BLE001 - a bad request must not end the fork server
+                reply({"error": repr(exc)})
     finally:
         for pid, code in children.items():
             if code is None:

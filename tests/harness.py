@@ -105,11 +105,14 @@ class ForkServer:
             line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"forkserver died (exit status {self.proc.wait()})")
-        return json.loads(line)
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"forkserver: {reply['error']}")
+        return reply
 
-    def spawn(self, config_path: str, log_path: str) -> "ForkedProcess":
-        """``boshroster serve --config config_path``, output appended to ``log_path``."""
-        return ForkedProcess(self, self._ask(op="start", config=config_path, log=log_path)["pid"])
+    def cli(self, argv: list[str], log_path: str) -> "ForkedProcess":
+        """``boshroster ARGV...`` (e.g. ``serve --config F``), output appended to ``log_path``."""
+        return ForkedProcess(self, self._ask(op="cli", argv=list(argv), log=log_path)["pid"])
 
     def run_script(self, path: str, argv: list[str], stdout_path: str, stderr_path: str,
                    env: dict | None = None) -> "ForkedProcess":
@@ -185,8 +188,8 @@ def accounts_template(users: tuple[str, ...], password: str, iterations: int) ->
     """Path of an accounts database holding ``users``, made by the real CLI once per session.
 
     Deriving SCRAM keys in a ``boshroster user import`` subprocess cost every server start
-    about half a second; copying a file costs nothing.  The CLI's import itself is tested
-    for real in test_usercli.py.
+    about half a second; copying a file costs nothing.  The CLI (``boshroster user import``,
+    forked like the servers unless BOSHROSTER_TEST_NO_FORK) runs once per set of users.
     """
     global _template_root
     key = (tuple(users), password, iterations)
@@ -203,11 +206,17 @@ def accounts_template(users: tuple[str, ...], password: str, iterations: int) ->
         users_file = os.path.join(workdir, "users.txt")
         with open(users_file, "w") as fh:
             fh.writelines(f"{u}:{password}\n" for u in users)
-        result = subprocess.run(
-            [sys.executable, "-m", "boshroster", "user", "import", users_file, "--config", config_path],
-            capture_output=True, text=True, timeout=120, cwd=ROOT,
-        )
-        assert result.returncode == 0, result.stderr + result.stdout
+        argv = ["user", "import", users_file, "--config", config_path]
+        if FORK:
+            log_path = os.path.join(workdir, "import.log")
+            code = forkserver().cli(argv, log_path).wait(timeout=120)
+            with open(log_path) as fh:
+                output = fh.read()
+        else:
+            result = subprocess.run([sys.executable, "-m", "boshroster", *argv],
+                                    capture_output=True, text=True, timeout=120, cwd=ROOT)
+            code, output = result.returncode, result.stderr + result.stdout
+        assert code == 0, output
         path = os.path.join(workdir, ACCOUNTS_FILE)
         for leftover in ("-wal", "-shm"):  # the CLI closed the database: WAL checkpointed
             assert not os.path.exists(path + leftover), path + leftover
@@ -236,6 +245,8 @@ class ServerProcess:
         self._write_config()
         self.log_path = os.path.join(self.workdir, "server.log")
         self.proc = None
+        if self.fork:
+            forkserver()  # starts importing now, alongside the first accounts_template's CLI run
         if users:
             template = accounts_template(tuple(users), password, self.settings["scram_iterations"])
             os.makedirs(self.settings["data_dir"], exist_ok=True)
@@ -280,7 +291,7 @@ class ServerProcess:
     def _start_once(self) -> "ServerProcess":
         self.log_file = open(self.log_path, "a")
         if self.fork:
-            self.proc = forkserver().spawn(self.config_path, self.log_path)
+            self.proc = forkserver().cli(["serve", "--config", self.config_path], self.log_path)
         else:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "boshroster", "serve", "--config", self.config_path],
