@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 import xml.etree.ElementTree as ET
@@ -92,9 +93,7 @@ class ForkServer:
     One request at a time (``_lock``): greenlets of the test process may start servers."""
 
     def __init__(self):
-        import threading  # monkey-patched by conftest: a gevent lock
-
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # monkey-patched by conftest: a gevent lock
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
 
@@ -177,6 +176,7 @@ FORK = os.environ.get("BOSHROSTER_TEST_NO_FORK", "") in ("", "0")
 ACCOUNTS_FILE = "accounts.sqlite3"  # AccountStore's file in data_dir (boshroster/wiring.py)
 _account_templates: dict[tuple, str] = {}
 _template_root: str | None = None
+_templates_lock = threading.Lock()  # monkey-patched (conftest): a gevent lock
 
 
 def _remove_templates() -> None:
@@ -191,8 +191,13 @@ def accounts_template(users: tuple[str, ...], password: str, iterations: int) ->
     about half a second; copying a file costs nothing.  The CLI (``boshroster user import``,
     forked like the servers unless BOSHROSTER_TEST_NO_FORK) runs once per set of users.
     """
+    with _templates_lock:  # greenlets may start servers at once; the CLI run yields
+        return _accounts_template(tuple(users), password, iterations)
+
+
+def _accounts_template(users: tuple[str, ...], password: str, iterations: int) -> str:
     global _template_root
-    key = (tuple(users), password, iterations)
+    key = (users, password, iterations)
     path = _account_templates.get(key)
     if path is None:
         if _template_root is None:
