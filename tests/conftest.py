@@ -84,10 +84,17 @@ def connect(server, transport):
             pass
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
-    """Tests marked run_first go first, run_last last, the others keep their order: the
+    """Cluster tests (real Redis, PostgreSQL, nginx) count as interop too: ``-m "not interop"``
+    is the layer that needs no third-party program.
+
+    Tests marked run_first go first, run_last last, the others keep their order: the
     request test_nginx.py holds through nginx for a minute then overlaps the whole run
     instead of adding a minute to it."""
+    for item in items:
+        if item.get_closest_marker("cluster") and not item.get_closest_marker("interop"):
+            item.add_marker(pytest.mark.interop)
 
     def rank(item) -> int:
         if item.get_closest_marker("run_last"):

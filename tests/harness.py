@@ -184,6 +184,23 @@ def _remove_templates() -> None:
         shutil.rmtree(_template_root, ignore_errors=True)
 
 
+def run_cli(argv: list[str], log_path: str) -> str:
+    """``boshroster ARGV...`` to completion (forked, or ``python -m boshroster`` when
+    BOSHROSTER_TEST_NO_FORK=1); its output, which ``log_path`` keeps. Fails unless it exits 0."""
+    if FORK:
+        code = forkserver().cli(argv, log_path).wait(timeout=120)
+        with open(log_path) as fh:
+            output = fh.read()
+    else:
+        result = subprocess.run([sys.executable, "-m", "boshroster", *argv],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        code, output = result.returncode, result.stderr + result.stdout
+        with open(log_path, "w") as fh:
+            fh.write(output)
+    assert code == 0, f"boshroster {' '.join(argv)} exited {code}:\n{output}"
+    return output
+
+
 def accounts_template(users: tuple[str, ...], password: str, iterations: int) -> str:
     """Path of an accounts database holding ``users``, made by the real CLI once per session.
 
@@ -211,17 +228,7 @@ def _accounts_template(users: tuple[str, ...], password: str, iterations: int) -
         users_file = os.path.join(workdir, "users.txt")
         with open(users_file, "w") as fh:
             fh.writelines(f"{u}:{password}\n" for u in users)
-        argv = ["user", "import", users_file, "--config", config_path]
-        if FORK:
-            log_path = os.path.join(workdir, "import.log")
-            code = forkserver().cli(argv, log_path).wait(timeout=120)
-            with open(log_path) as fh:
-                output = fh.read()
-        else:
-            result = subprocess.run([sys.executable, "-m", "boshroster", *argv],
-                                    capture_output=True, text=True, timeout=120, cwd=ROOT)
-            code, output = result.returncode, result.stderr + result.stdout
-        assert code == 0, output
+        run_cli(["user", "import", users_file, "--config", config_path], os.path.join(workdir, "import.log"))
         path = os.path.join(workdir, ACCOUNTS_FILE)
         for leftover in ("-wal", "-shm"):  # the CLI closed the database: WAL checkpointed
             assert not os.path.exists(path + leftover), path + leftover
@@ -252,7 +259,14 @@ class ServerProcess:
         self.proc = None
         if self.fork:
             forkserver()  # starts importing now, alongside the first accounts_template's CLI run
-        if users:
+        if users and self.settings.get("database_url"):
+            # The accounts live in that database, not in data_dir: import them through the CLI.
+            users_file = os.path.join(self.workdir, "users.txt")
+            with open(users_file, "w") as fh:
+                fh.writelines(f"{u}:{password}\n" for u in users)
+            run_cli(["user", "import", users_file, "--config", self.config_path],
+                    os.path.join(self.workdir, "import.log"))
+        elif users:
             template = accounts_template(tuple(users), password, self.settings["scram_iterations"])
             os.makedirs(self.settings["data_dir"], exist_ok=True)
             shutil.copyfile(template, os.path.join(self.settings["data_dir"], ACCOUNTS_FILE))
