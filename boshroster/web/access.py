@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 from typing import Iterable
 
-__all__ = ["check_access", "client_address", "from_trusted_proxy"]
+__all__ = ["check_access", "client_address", "from_trusted_proxy", "in_networks"]
 
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -129,3 +129,8 @@ def from_trusted_proxy(peer_ip: str, trusted_proxies: list[str]) -> bool:
     an untrusted IPv4-mapped peer must not."""
     peer = _parse_ip(peer_ip)
     return peer is not None and _in_networks(peer, _networks(tuple(trusted_proxies)))
+
+def in_networks(address: str, specs: list[str]) -> bool:
+    """Is ``address`` (a peer address as in ``_parse_ip``) in one of ``specs`` (IPs or CIDRs)?"""
+    parsed = _parse_ip(address)
+    return parsed is not None and _in_networks(parsed, _networks(tuple(specs)))

@@ -24,6 +24,7 @@ from boshroster.xmpp import xmlio
 from boshroster.transports.bosh import BoshManager, terminate_body
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
 from boshroster.web.access import check_access, client_address, from_trusted_proxy
+from boshroster.web.limits import ClientGone
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import ENVIRON_KEY
@@ -168,18 +169,26 @@ class WebApp:
 
     @staticmethod
     def _read_body(environ, limit: int) -> bytes | None:
-        """The request body, or None if it is larger than ``limit`` (checked before reading)."""
+        """The request body, or None if it is larger than ``limit`` (checked before reading).
+
+        A body over the limit is left unread: the HTTP handler then closes the connection
+        rather than read and discard it (Content-Length: 99999999999999999999 is refused at
+        once). Raises ClientGone when the client stops short (it closed, or
+        ``http_body_timeout`` expired): the handler logs one line, no traceback."""
         length = environ.get("CONTENT_LENGTH")
         stream = environ["wsgi.input"]
-        if length:
-            try:
-                size = int(length)
-            except ValueError:
-                return b""
-            if size > limit:
-                return None
-            return stream.read(size)
-        data = stream.read(limit + 1)
+        try:
+            if length:
+                try:
+                    size = int(length)
+                except ValueError:
+                    return b""
+                if size > limit:
+                    return None
+                return stream.read(size)
+            data = stream.read(limit + 1)
+        except (OSError, ValueError) as exc:  # pywsgi: "unexpected end of file", bad chunking
+            raise ClientGone(str(exc) or type(exc).__name__) from None
         return None if len(data) > limit else data
 
     def _websocket(self, environ, start_response):
@@ -232,7 +241,12 @@ class WebApp:
         denied = self._refresh_denied()
         if denied is not None:
             return denied
-        data = self._read_body(bottle.request.environ, self.config.refresh_max_body)
+        try:
+            data = self._read_body(bottle.request.environ, self.config.refresh_max_body)
+        except ClientGone as err:  # Bottle would log a traceback and answer 500
+            log.info("refresh request from %s: body incomplete (%s)", bottle.request.environ.get("REMOTE_ADDR"), err)
+            bottle.response.set_header("Connection", "close")
+            return self._json(400, {"status": "error", "message": "request body incomplete"})
         try:
             if data is None:
                 raise RefreshBadRequest(f"body larger than {self.config.refresh_max_body} bytes")
