@@ -32,7 +32,8 @@ from boshroster.web.api import AppApi  # the app's API (issue 13)
 
 log = logging.getLogger("boshroster.web")
 
-STATIC_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+# The checkout's static/ (boshroster/web/app.py -> ../../static).
+STATIC_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "static")
 _XML_TYPE = "text/xml; charset=utf-8"
 
 _BOSH_PAGE = b"""<!DOCTYPE html>
