@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+import xml.sax.saxutils
 
 import bottle
 from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
@@ -31,6 +33,15 @@ from boshroster.transports.ws_connection import ENVIRON_KEY
 from boshroster.web.api import AppApi  # the app's API (issue 13)
 
 log = logging.getLogger("boshroster.web")
+
+# RFC 3986 §3.2.2 host (reg-name or IP-literal) with an optional port: what a Host header may be.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+def _xml_attr(text: str) -> str:
+    """Escaped for a single- or double-quoted XML attribute."""
+    return xml.sax.saxutils.escape(text, {"'": "&apos;", '"': "&quot;"})
+
 
 # The checkout's static/ (boshroster/web/app.py -> ../../static).
 STATIC_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "static")
@@ -305,9 +316,24 @@ class WebApp:
         return self.core.metrics.exposition()
 
     def _base_urls(self) -> tuple[str, str]:
+        """The public http(s):// and ws(s):// base URLs of this server (XEP-0156).
+
+        ``http_external_url`` when set (behind a proxy that rewrites Host, or to pin the
+        public name); else the Host the client used (X-Forwarded-Host from a trusted proxy),
+        if it is a plain host[:port] (RFC 3986 §3.2.2): anything else (an attacker's
+        "<Link .../>") falls back to domain:port instead of being copied into the XRD."""
+        external = self.config.http_external_url
+        if external:
+            scheme, rest = external.split("://", 1)
+            return external, f"{'wss' if scheme == 'https' else 'ws'}://{rest}"
         env = bottle.request.environ
         host = env.get("HTTP_X_FORWARDED_HOST") if self.from_trusted_proxy(env) else None
-        host = host or env.get("HTTP_HOST") or f"{self.config.domain}:{self.config.http_ports[0]}"
+        host = (host or env.get("HTTP_HOST") or "").split(",")[0].strip()
+        if not _HOST.fullmatch(host):
+            if host:
+                log.info("host-meta for %s: Host header %r is not host[:port], using the domain",
+                         env.get("REMOTE_ADDR"), host[:100])
+            host = f"{self.config.domain}:{self.config.http_ports[0]}"
         secure = self.peer(env, "http").secure
         return (f"{'https' if secure else 'http'}://{host}", f"{'wss' if secure else 'ws'}://{host}")
 
@@ -319,7 +345,7 @@ class WebApp:
         self._cors_for_discovery()
         if bottle.request.method == "OPTIONS":
             return ""
-        http, ws = self._base_urls()
+        http, ws = (_xml_attr(url) for url in self._base_urls())
         bottle.response.content_type = "application/xrd+xml; charset=utf-8"
         return (
             "<?xml version='1.0' encoding='utf-8'?>\n"
