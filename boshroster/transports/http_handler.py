@@ -22,8 +22,7 @@ Settings are read from attributes of the ``WSGIServer`` instance (set them befor
 ``boshroster_limits`` a :class:`~boshroster.web.limits.HttpLimits`: timeouts, header caps,
                      per-address cap (default None: none of them)
 
-Request reading (``handle``, ``read_requestline``, ``MessageClass``, ``read_request``,
-``get_environ``, ``handle_one_request``) tells the limits which phase the connection is in
+Request reading (``handle``, ``MessageClass``, ``get_environ``, ``handle_one_request``) tells the limits which phase the connection is in
 (web/limits.py explains the timeouts); client errors (``_handle_client_error``,
 ``handle_error`` for a body that stopped short) are one log line, never a traceback.
 """
@@ -81,6 +80,7 @@ def _response(status: str, reason: str = "") -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
 
 
+_HEADER_PARSER = email.parser.Parser(_class=OldMessage)  # stateless: parsestr() makes its own FeedParser
 _OVER_CAP = _response("503 Service Unavailable", "too many connections from your address")
 _TIMEOUT = _response("408 Request Timeout")
 
@@ -128,33 +128,24 @@ class ServerHandler(WebSocketHandler):
 
     # -- request reading (phases for web/limits.py) ------------------------------------
 
-    def read_requestline(self):
-        line = super().read_requestline()
+    def MessageClass(self, fp, *args):
+        """The request headers (pywsgi calls this right after the request line), read within
+        the caps: http.client's reader, which pywsgi uses, allows 64 KB x 100 lines."""
         limits = self._limits
-        if limits is not None:
+        if limits is None:
+            lines = _limits.read_headers(fp, 65536, 65536 * 100)
+        else:
             limits.waiting.pop(self, None)
             self._phase = HEADERS
             if self._requests:  # kept alive: the headers get their own time from now
                 self._deadline = time.monotonic() + limits.header_timeout
             self._requests += 1
-        return line
-
-    def MessageClass(self, fp, *args):
-        """The request headers, read within the caps (http.client's reader allows 6.5 MB)."""
-        limits = self._limits
-        if limits is None:
-            lines = _limits.read_headers(fp, 65536, 65536 * 100)
-        else:
             lines = _limits.read_headers(fp, limits.max_header_line, limits.max_header_size)
-        headers = email.parser.Parser(_class=OldMessage).parsestr(b"".join(lines).decode("iso-8859-1"))
+        headers = _HEADER_PARSER.parsestr(b"".join(lines).decode("iso-8859-1"))
         _limits.check_content_length(headers)
-        return headers
-
-    def read_request(self, raw_requestline):
-        result = super().read_request(raw_requestline)
         if self._expired is not None:  # end-of-file from the limits cut the headers short
             raise _limits.HeaderTimeout(self._expired)
-        return result
+        return headers
 
     def get_environ(self):
         environ = super().get_environ()
@@ -172,7 +163,9 @@ class ServerHandler(WebSocketHandler):
         result = super().handle_one_request()
         limits = self._limits
         if result is True:
-            if self._expired is not None or not body_done(self.wsgi_input):
+            inp = self.wsgi_input  # body_done(), inlined: this is every kept-alive request
+            if self._expired is not None or (inp.position < (inp.content_length or 0) if not inp.chunked_input
+                                             else not body_done(inp)):
                 return None  # timed out, or a body left unread: close, never parse it as a request
             if limits is not None:
                 self._phase = WAIT

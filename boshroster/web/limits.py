@@ -143,11 +143,13 @@ def read_headers(fp, max_line: int, max_total: int) -> list[bytes]:
     32 KB in all."""
     lines = []
     total = 0
+    readline = fp.readline
     while True:
-        line = fp.readline(max_line + 1)
-        if len(line) > max_line:
+        line = readline(max_line + 1)
+        size = len(line)
+        if size > max_line:
             raise HeaderTooLarge(f"a header line over {max_line} bytes")
-        total += len(line)
+        total += size
         if total > max_total:
             raise HeaderTooLarge(f"request headers over {max_total} bytes")
         lines.append(line)
@@ -162,13 +164,16 @@ def check_content_length(headers) -> None:
 
     Python's int() also takes "+5", " 5", "1_000" and "٥"; a proxy in front may read those
     differently (request smuggling)."""
-    values = headers.get_all("content-length")
-    if not values:
+    values = None
+    for name, value in headers._headers:  # raw (name, value) pairs of email.message.Message
+        if len(name) == 14 and name.lower() == "content-length":
+            values = [value] if values is None else values + [value]
+    if values is None:
         return
-    stripped = {v.strip() for v in values}
-    if len(stripped) != 1:
-        raise BadFraming(f"several Content-Length headers: {sorted(stripped)!r}")
-    value = stripped.pop()
+    value = values[0].strip()
+    for other in values[1:]:
+        if other.strip() != value:
+            raise BadFraming(f"several Content-Length headers that differ: {[v[:40] for v in values]!r}")
     if not (value.isascii() and value.isdigit()):
         raise BadFraming(f"invalid Content-Length: {value[:40]!r}")
 
