@@ -467,6 +467,9 @@ BAD_REQUESTS = {
     "content-length-unicode-digit": "POST /http-bind HTTP/1.1\r\nHost: x\r\nContent-Length: \u0665\r\n\r\n".encode("utf-8"),
     "content-length-twice": b"POST /http-bind HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n<body/>",
     "content-length-negative": b"POST /http-bind HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    "transfer-encoding-gzip": b"POST /http-bind HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n<body/>",
+    "transfer-encoding-and-length": (b"POST /http-bind HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                     b"7\r\n<body/>\r\n0\r\n\r\n"),
     "bad-version": b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
     "garbage-version": b"GET / HTTX/1.1\r\nHost: x\r\n\r\n",
     "no-version-post": b"POST /http-bind\r\n\r\n",

@@ -142,7 +142,7 @@ class ServerHandler(WebSocketHandler):
             self._requests += 1
             lines = _limits.read_headers(fp, limits.max_header_line, limits.max_header_size)
         headers = _HEADER_PARSER.parsestr(b"".join(lines).decode("iso-8859-1"))
-        _limits.check_content_length(headers)
+        _limits.check_framing(headers)
         if self._expired is not None:  # end-of-file from the limits cut the headers short
             raise _limits.HeaderTimeout(self._expired)
         return headers

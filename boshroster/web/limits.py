@@ -91,7 +91,7 @@ class HeaderTooLarge(ValueError):
 
 
 class BadFraming(ValueError):
-    """A Content-Length that is not 1*DIGIT (RFC 9110 §8.6), or several that differ: 400."""
+    """A body whose length is ambiguous (``check_framing``): 400."""
 
 
 class HeaderTimeout(ValueError):
@@ -159,21 +159,33 @@ def read_headers(fp, max_line: int, max_total: int) -> list[bytes]:
             raise HeaderTooLarge(f"more than {MAX_HEADER_LINES} header lines")
 
 
-def check_content_length(headers) -> None:
-    """RFC 9110 §8.6: Content-Length = 1*DIGIT; several must agree (RFC 9112 §6.3).
+def check_framing(headers) -> None:
+    """How the body is delimited must be unambiguous (RFC 9112 §6), else BadFraming (400):
 
-    Python's int() also takes "+5", " 5", "1_000" and "٥"; a proxy in front may read those
-    differently (request smuggling)."""
-    values = None
+    * Content-Length = 1*DIGIT (RFC 9110 §8.6), several only if equal: Python's int() would
+      also take "+5", " 5", "1_000" and "٥", which a proxy in front may read differently;
+    * Transfer-Encoding only as "chunked" (the one coding pywsgi decodes; anything else would
+      leave the body in the stream to be read as the next request), and never together with
+      Content-Length (request smuggling, §6.3 point 3; nginx refuses it the same way)."""
+    lengths = codings = None
     for name, value in headers._headers:  # raw (name, value) pairs of email.message.Message
         if len(name) == 14 and name.lower() == "content-length":
-            values = [value] if values is None else values + [value]
-    if values is None:
+            lengths = [value] if lengths is None else lengths + [value]
+        elif len(name) == 17 and name.lower() == "transfer-encoding":
+            codings = [value] if codings is None else codings + [value]
+    if codings is not None:
+        coding = ",".join(codings).strip().lower()
+        if coding != "chunked":
+            raise BadFraming(f"unsupported Transfer-Encoding: {coding[:40]!r}")
+        if lengths is not None:
+            raise BadFraming("both Transfer-Encoding and Content-Length")
         return
-    value = values[0].strip()
-    for other in values[1:]:
+    if lengths is None:
+        return
+    value = lengths[0].strip()
+    for other in lengths[1:]:
         if other.strip() != value:
-            raise BadFraming(f"several Content-Length headers that differ: {[v[:40] for v in values]!r}")
+            raise BadFraming(f"several Content-Length headers that differ: {[v[:40] for v in lengths]!r}")
     if not (value.isascii() and value.isdigit()):
         raise BadFraming(f"invalid Content-Length: {value[:40]!r}")
 
