@@ -22,8 +22,8 @@ Settings are read from attributes of the ``WSGIServer`` instance (set them befor
 ``boshroster_limits`` a :class:`~boshroster.web.limits.HttpLimits`: timeouts, header caps,
                      per-address cap (default None: none of them)
 
-Request reading (``handle``, ``MessageClass``, ``get_environ``, ``handle_one_request``) tells the limits which phase the connection is in
-(web/limits.py explains the timeouts); client errors (``_handle_client_error``,
+Request reading (``handle``, ``MessageClass``, ``get_environ``, ``handle_one_request``) tells
+the limits which phase the connection is in (web/limits.py explains the timeouts); client errors (``_handle_client_error``,
 ``handle_error`` for a body that stopped short) are one log line, never a traceback.
 """
 
@@ -39,7 +39,6 @@ from geventwebsocket.handler import WebSocketHandler
 
 from boshroster.web import limits as _limits
 from boshroster.web.limits import APP, BODY, HEADERS, WAIT, BoundedInput, body_done
-
 from boshroster.transports.ws_connection import (
     DEFAULT_CLOSE_GRACE,
     DEFAULT_FLUSH_TIMEOUT,
@@ -90,6 +89,7 @@ class ServerHandler(WebSocketHandler):
 
     # 0.10.1 names these in its 426 for a handshake without a version header
     SUPPORTED_VERSIONS = (_VERSION,)
+
     # Per connection, for web/limits.py (class defaults keep the constructor as it is).
     _limits = None      # the server's HttpLimits, None when it has none
     _peer = ""          # the TCP peer's address

@@ -322,7 +322,7 @@ class WebApp:
         public name); else the Host the client used (X-Forwarded-Host from a trusted proxy),
         if it is a plain host[:port] (RFC 3986 §3.2.2): anything else (an attacker's
         "<Link .../>") falls back to domain:port instead of being copied into the XRD."""
-        external = self.config.http_external_url
+        external = self.config.http_external_url.rstrip("/")
         if external:
             scheme, rest = external.split("://", 1)
             return external, f"{'wss' if scheme == 'https' else 'ws'}://{rest}"
