@@ -9,6 +9,7 @@ documented with its default in conf/boshroster.toml.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -137,7 +138,7 @@ class Config:
     cluster_heartbeat_interval: float = 2.0  # seconds between this node's heartbeats
     cluster_node_timeout: float = 10.0  # a node silent this long is dead: its sessions are cleaned up
     database_pool_size: int = 10  # PostgreSQL connections per process
-    # --- HTTP layer limits (issue 10 points 8 and 16; nginx's names in brackets; web/limits.py)
+    # --- HTTP layer limits (issue 10 points 8 and 16; nginx's names in brackets; transports/http_limits.py)
     http_header_timeout: float = 60.0  # request line + headers [client_header_timeout]
     http_body_timeout: float = 60.0  # the whole request body [client_body_timeout]
     http_keepalive_timeout: float = 75.0  # idle kept-alive connection [keepalive_timeout]
@@ -239,6 +240,12 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
     if config.http_max_connections_per_address < 0:
         raise ConfigError("http_max_connections_per_address: must be >= 0 (0 = no cap)")
     _check_external_url(config.http_external_url)
+    for name in ("http_connection_limit_exempt", "trusted_proxies"):  # both exempt from the per-address cap
+        for spec in getattr(config, name):
+            try:
+                ipaddress.ip_network(spec.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(f"{name}: {spec!r} is not an IP address or network") from None
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
     return config

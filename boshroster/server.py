@@ -20,7 +20,7 @@ from boshroster.config import Config
 from boshroster.wiring import Core
 from boshroster.web.app import WebApp
 from boshroster.transports.http_handler import ServerHandler
-from boshroster.web.limits import HttpLimits, connection_cap, raise_fd_limit
+from boshroster.transports.http_limits import HttpLimits, connection_cap, raise_fd_limit
 
 log = logging.getLogger("boshroster.server")
 
@@ -77,7 +77,7 @@ class Server:
                 listener.ws_max_frames = config.websocket_max_message_frames
                 listener.ws_max_wire = config.websocket_max_message_wire_bytes
                 self.listeners.append(listener)
-        # web/limits.py: timeouts, header caps, per-address cap; when the pool is full, idle
+        # transports/http_limits.py: timeouts, header caps, per-address cap; when the pool is full, idle
         # connections make room for new ones (listener.full is gevent's accept-time check).
         self.http_limits = HttpLimits(config, pool, self.listeners)
         for listener in self.listeners:

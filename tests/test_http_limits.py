@@ -1,7 +1,7 @@
 """Issue 10 points 8 and 16: what one client can hold of the HTTP layer, through real sockets.
 
 Every test starts the real server (a subprocess) with short limits in its config
-(``http_header_timeout`` and friends, web/limits.py) and attacks it the way the issue's
+(``http_header_timeout`` and friends, transports/http_limits.py) and attacks it the way the issue's
 findings did: sockets that send nothing, headers or bodies trickled a byte at a time, huge
 headers, a full connection pool, a low open-file limit, absurd Content-Lengths and malformed
 requests. Each test then checks what a normal client gets (a login over BOSH and over

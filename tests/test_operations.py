@@ -235,6 +235,8 @@ def test_host_meta_prefers_http_external_url(make_server):
     {"http_header_timeout": 0},
     {"http_max_header_line": 10},
     {"http_max_connections_per_address": -1},
+    {"http_connection_limit_exempt": ["10.0.0.0/33"]},
+    {"trusted_proxies": ["nginx.local"]},
 ], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_bad_http_limit_settings_stop_the_server_with_a_clear_message(tmp_path, settings):
     import subprocess

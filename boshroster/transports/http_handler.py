@@ -19,12 +19,13 @@ Settings are read from attributes of the ``WSGIServer`` instance (set them befor
 ``ws_max_wire``      wire bytes per incoming message, headers included; 0 = 2 x ws_max_message
 ``ws_close_grace``   seconds to wait for the peer's close frame (default 2.0)
 ``ws_flush_timeout`` seconds allowed to flush the queue after ``close()`` (default 10.0)
-``boshroster_limits`` a :class:`~boshroster.web.limits.HttpLimits`: timeouts, header caps,
-                     per-address cap (default None: none of them)
+``boshroster_limits`` a :class:`~boshroster.transports.http_limits.HttpLimits`: timeouts,
+                     header caps, per-address cap (default None: none of them)
 
 Request reading (``handle``, ``MessageClass``, ``get_environ``, ``handle_one_request``) tells
-the limits which phase the connection is in (web/limits.py explains the timeouts); client errors (``_handle_client_error``,
-``handle_error`` for a body that stopped short) are one log line, never a traceback.
+the limits which phase the connection is in (http_limits.py explains the timeouts); client
+errors (``_handle_client_error``, ``handle_error`` for a body that stopped short) are one log
+line, never a traceback.
 """
 
 import binascii
@@ -37,8 +38,8 @@ from gevent import GreenletExit
 from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _InvalidClientRequest
 from geventwebsocket.handler import WebSocketHandler
 
-from boshroster.web import limits as _limits
-from boshroster.web.limits import APP, BODY, HEADERS, WAIT, BoundedInput, body_done
+from boshroster.transports import http_limits as _limits
+from boshroster.transports.http_limits import APP, BODY, HEADERS, WAIT, BoundedInput, body_done
 from boshroster.transports.ws_connection import (
     DEFAULT_CLOSE_GRACE,
     DEFAULT_FLUSH_TIMEOUT,
@@ -90,7 +91,7 @@ class ServerHandler(WebSocketHandler):
     # 0.10.1 names these in its 426 for a handshake without a version header
     SUPPORTED_VERSIONS = (_VERSION,)
 
-    # Per connection, for web/limits.py (class defaults keep the constructor as it is).
+    # Per connection, for transports/http_limits.py (class defaults keep the constructor as it is).
     _limits = None      # the server's HttpLimits, None when it has none
     _peer = ""          # the TCP peer's address
     _counted = False    # counted in HttpLimits.addresses
@@ -126,7 +127,7 @@ class ServerHandler(WebSocketHandler):
         finally:
             limits.release(self)
 
-    # -- request reading (phases for web/limits.py) ------------------------------------
+    # -- request reading (phases for transports/http_limits.py) ------------------------------------
 
     def MessageClass(self, fp, *args):
         """The request headers (pywsgi calls this right after the request line), read within

@@ -15,7 +15,7 @@ import ipaddress
 import re
 from typing import Iterable
 
-__all__ = ["check_access", "client_address", "from_trusted_proxy", "in_networks"]
+__all__ = ["check_access", "client_address", "from_trusted_proxy"]
 
 _CREDENTIALS = re.compile(r"[ \t]*([^ \t]+)[ \t]+([^ \t](?:.*[^ \t])?)[ \t]*", re.DOTALL)
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -164,8 +164,3 @@ def from_trusted_proxy(peer_ip: str, trusted_proxies: list[str]) -> bool:
     peer = _parse_ip(peer_ip)
     return peer is not None and _in_networks(peer, _networks(tuple(trusted_proxies)))
 
-
-def in_networks(address: str, specs: list[str]) -> bool:
-    """Is ``address`` (a peer address as in ``_parse_ip``) in one of ``specs`` (IPs or CIDRs)?"""
-    parsed = _parse_ip(address)
-    return parsed is not None and _in_networks(parsed, _networks(tuple(specs)))

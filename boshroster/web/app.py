@@ -26,7 +26,7 @@ from boshroster.xmpp import xmlio
 from boshroster.transports.bosh import BoshManager, terminate_body
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
 from boshroster.web.access import check_access, client_address, from_trusted_proxy
-from boshroster.web.limits import ClientGone
+from boshroster.transports.http_limits import ClientGone
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import ENVIRON_KEY

@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import _socket
 import collections
+import functools
+import ipaddress
 import logging
 import resource
 import select
@@ -63,7 +65,6 @@ import time
 import gevent
 from gevent.pywsgi import MAX_REQUEST_LINE, Input  # pywsgi answers 414 at 8192
 
-from boshroster.web.access import in_networks
 
 __all__ = ["ClientGone", "HttpLimits", "body_done", "connection_cap", "raise_fd_limit",
            "WAIT", "HEADERS", "BODY", "APP"]
@@ -188,6 +189,23 @@ def check_framing(headers) -> None:
             raise BadFraming(f"several Content-Length headers that differ: {[v[:40] for v in lengths]!r}")
     if not (value.isascii() and value.isdigit()):
         raise BadFraming(f"invalid Content-Length: {value[:40]!r}")
+
+
+@functools.lru_cache(maxsize=16)
+def _networks(specs: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(spec.strip(), strict=False) for spec in specs)
+
+
+def in_networks(address: str, specs: list[str]) -> bool:
+    """Is the socket peer ``address`` in one of ``specs`` (IPs or CIDRs; an IPv4-mapped IPv6
+    peer counts as its IPv4 address)? Bad specs raise ValueError (checked at startup)."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in _networks(tuple(specs)))
 
 
 def raise_fd_limit() -> tuple[int, int]:
