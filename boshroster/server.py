@@ -22,6 +22,7 @@ from boshroster.config import Config
 from boshroster.wiring import Core
 from boshroster.web.app import WebApp
 from boshroster.transports.http_handler import ServerHandler
+from boshroster.transports.http_limits import HttpLimits, connection_cap, raise_fd_limit
 
 log = logging.getLogger("boshroster.server")
 
@@ -69,6 +70,25 @@ class _Handler(ServerHandler):
             server.idle.discard(self)
 
 
+# Connections the kernel queues while the pool is full or the accept loop is busy (gevent's
+# default is 128, nginx's 511); Linux caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 1024
+
+
+def _connection_cap(config: Config) -> int:
+    """``max_connections`` as the process can hold it: the soft RLIMIT_NOFILE is raised to the
+    hard limit first, then the cap is lowered so that file descriptors remain free."""
+    before, fd_limit = raise_fd_limit()
+    if fd_limit != before:
+        log.info("open file limit (RLIMIT_NOFILE) raised from %d to %d", before, fd_limit)
+    cap = connection_cap(config.max_connections, fd_limit)
+    if cap < config.max_connections:
+        log.warning("max_connections lowered from %d to %d: the process may open %d files "
+                    "(RLIMIT_NOFILE; raise the hard limit, e.g. LimitNOFILE= in systemd)",
+                    config.max_connections, cap, fd_limit)
+    return cap
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -86,13 +106,13 @@ class Server:
         self.config = config
         self.core = Core(config, roster_backend=roster_backend)
         self.app = WebApp(self.core)
-        pool = self._pool = Pool(config.max_connections)  # every connection's handler greenlet
+        pool = self._pool = Pool(_connection_cap(config))  # every connection's handler greenlet
         self.listeners = []
         for interface in config.http_interfaces:
             for port in config.http_ports:
                 listener = _Listener(
                     (interface, port), self.app, handler_class=_Handler, spawn=pool,
-                    log=None, error_log=logging.getLogger("boshroster.http"),
+                    log=None, error_log=logging.getLogger("boshroster.http"), backlog=LISTEN_BACKLOG,
                 )
                 listener.ws_max_message = config.stanza_size_limit + 1024
                 listener.ws_ping_interval = config.websocket_ping_interval
@@ -102,6 +122,12 @@ class Server:
                 listener.ws_max_frames = config.websocket_max_message_frames
                 listener.ws_max_wire = config.websocket_max_message_wire_bytes
                 self.listeners.append(listener)
+        # transports/http_limits.py: timeouts, header caps, per-address cap; when the pool is full, idle
+        # connections make room for new ones (listener.full is gevent's accept-time check).
+        self.http_limits = HttpLimits(config, pool, self.listeners)
+        for listener in self.listeners:
+            listener.boshroster_limits = self.http_limits
+            listener.full = self.http_limits.pool_full
         self._stopping = False
 
     @property

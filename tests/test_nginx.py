@@ -1,7 +1,7 @@
 """boshroster behind a real nginx (Debian package) with the shipped conf/nginx.conf.
 
 The template is rendered into a temporary prefix (@LISTEN@ = a free loopback port,
-@UPSTREAM@ = the server, @STATIC_ROOT@ = the repo's static/, @PREFIX@ = the temp dir),
+@UPSTREAM@ = the server, @STATIC_ROOT@ = a world-readable copy of the repo's static/, @PREFIX@ = the temp dir),
 checked with ``nginx -t`` and run in the foreground as a subprocess. Clients then talk
 only to nginx: BOSH and WebSocket logins and messages, a BOSH request held longer than
 nginx's default 60 s proxy_read_timeout, the private endpoints refused, static files,
@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -49,10 +50,28 @@ def nginx_binary() -> str | None:
     return None
 
 
-def render_config(prefix: str, listen: str, upstream: str) -> str:
+def readable_static_copy() -> str:
+    """A copy of the repo's static/ (vendor/ symlinks followed) that any user can read.
+
+    nginx started as root runs its workers as an unprivileged user (nobody), which cannot
+    reach static/ when the checkout sits under a directory only its owner can read (issue 10
+    point 17); pytest's own temp dirs are 0700 too. So the files are copied to a fresh
+    directory under the system temp dir, made 0755/0644 all the way down."""
+    root = tempfile.mkdtemp(prefix="boshroster-nginx-static-")
+    target = os.path.join(root, "static")
+    shutil.copytree(os.path.join(ROOT, "static"), target, symlinks=False)
+    os.chmod(root, 0o755)
+    for folder, dirs, files in os.walk(target):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    return target
+
+
+def render_config(prefix: str, listen: str, upstream: str, static_root: str) -> str:
     with open(TEMPLATE, encoding="utf-8") as fh:
         text = fh.read()
-    for key, value in {"@LISTEN@": listen, "@UPSTREAM@": upstream, "@STATIC_ROOT@": os.path.join(ROOT, "static"),
+    for key, value in {"@LISTEN@": listen, "@UPSTREAM@": upstream, "@STATIC_ROOT@": static_root,
                        "@PREFIX@": prefix}.items():
         text = text.replace(key, value)
     left = re.findall(r"@[A-Z_]+@", text)
@@ -64,11 +83,11 @@ def render_config(prefix: str, listen: str, upstream: str) -> str:
 
 
 class Nginx:
-    def __init__(self, binary: str, prefix: str, upstream_port: int):
+    def __init__(self, binary: str, prefix: str, upstream_port: int, static_root: str):
         self.binary = binary
         self.prefix = prefix
         self.port = free_port()
-        self.conf = render_config(prefix, f"127.0.0.1:{self.port}", f"127.0.0.1:{upstream_port}")
+        self.conf = render_config(prefix, f"127.0.0.1:{self.port}", f"127.0.0.1:{upstream_port}", static_root)
         self.proc = None
 
     def check(self) -> subprocess.CompletedProcess:
@@ -168,7 +187,8 @@ def proxied(tmp_path_factory):
     backend = TestBackend(demo_contacts()).start()
     server = ServerProcess(tmp_path_factory.mktemp("server"), http_roster_url=backend.url_template,
                            bosh_max_wait=LONG_WAIT, fork=False).start()  # as deployed: python -m boshroster serve
-    nginx = Nginx(binary, str(tmp_path_factory.mktemp("nginx")), server.port)
+    static_root = readable_static_copy()
+    nginx = Nginx(binary, str(tmp_path_factory.mktemp("nginx")), server.port, static_root)
     checked = nginx.check()
     assert checked.returncode == 0, f"nginx -t failed:\n{checked.stderr}"
     nginx.start()
@@ -187,6 +207,7 @@ def proxied(tmp_path_factory):
     nginx.stop()
     server.stop()
     backend.stop()
+    shutil.rmtree(os.path.dirname(static_root), ignore_errors=True)
 
 
 def test_nginx_config_renders_and_passes_nginx_t(proxied):

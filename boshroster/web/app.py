@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+import xml.sax.saxutils
 
 import bottle
 from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
@@ -24,6 +26,7 @@ from boshroster.xmpp import xmlio
 from boshroster.transports.bosh import BoshManager, terminate_body
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
 from boshroster.web.access import check_access, client_address, from_trusted_proxy
+from boshroster.transports.http_limits import ClientGone
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import ENVIRON_KEY
@@ -31,7 +34,17 @@ from boshroster.web.api import AppApi  # the app's API (issue 13)
 
 log = logging.getLogger("boshroster.web")
 
-STATIC_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+# RFC 3986 §3.2.2 host (reg-name or IP-literal) with an optional port: what a Host header may be.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+def _xml_attr(text: str) -> str:
+    """Escaped for a single- or double-quoted XML attribute."""
+    return xml.sax.saxutils.escape(text, {"'": "&apos;", '"': "&quot;"})
+
+
+# The checkout's static/ (boshroster/web/app.py -> ../../static).
+STATIC_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "static")
 _XML_TYPE = "text/xml; charset=utf-8"
 
 _BOSH_PAGE = b"""<!DOCTYPE html>
@@ -190,18 +203,26 @@ class WebApp:
 
     @staticmethod
     def _read_body(environ, limit: int) -> bytes | None:
-        """The request body, or None if it is larger than ``limit`` (checked before reading)."""
+        """The request body, or None if it is larger than ``limit`` (checked before reading).
+
+        A body over the limit is left unread: the HTTP handler then closes the connection
+        rather than read and discard it (Content-Length: 99999999999999999999 is refused at
+        once). Raises ClientGone when the client stops short (it closed, or
+        ``http_body_timeout`` expired): the handler logs one line, no traceback."""
         length = environ.get("CONTENT_LENGTH")
         stream = environ["wsgi.input"]
-        if length:
-            try:
-                size = int(length)
-            except ValueError:
-                return b""
-            if size > limit:
-                return None
-            return stream.read(size)
-        data = stream.read(limit + 1)
+        try:
+            if length:
+                try:
+                    size = int(length)
+                except ValueError:
+                    return b""
+                if size > limit:
+                    return None
+                return stream.read(size)
+            data = stream.read(limit + 1)
+        except (OSError, ValueError) as exc:  # pywsgi: "unexpected end of file", bad chunking
+            raise ClientGone(str(exc) or type(exc).__name__) from None
         return None if len(data) > limit else data
 
     def _websocket(self, environ, start_response):
@@ -254,7 +275,12 @@ class WebApp:
         denied = self._refresh_denied()
         if denied is not None:
             return denied
-        data = self._read_body(bottle.request.environ, self.config.refresh_max_body)
+        try:
+            data = self._read_body(bottle.request.environ, self.config.refresh_max_body)
+        except ClientGone as err:  # Bottle would log a traceback and answer 500
+            log.info("refresh request from %s: body incomplete (%s)", bottle.request.environ.get("REMOTE_ADDR"), err)
+            bottle.response.set_header("Connection", "close")
+            return self._json(400, {"status": "error", "message": "request body incomplete"})
         try:
             if data is None:
                 raise RefreshBadRequest(f"body larger than {self.config.refresh_max_body} bytes")
@@ -312,9 +338,24 @@ class WebApp:
         return self.core.metrics.exposition()
 
     def _base_urls(self) -> tuple[str, str]:
+        """The public http(s):// and ws(s):// base URLs of this server (XEP-0156).
+
+        ``http_external_url`` when set (behind a proxy that rewrites Host, or to pin the
+        public name); else the Host the client used (X-Forwarded-Host from a trusted proxy),
+        if it is a plain host[:port] (RFC 3986 §3.2.2): anything else (an attacker's
+        "<Link .../>") falls back to domain:port instead of being copied into the XRD."""
+        external = self.config.http_external_url.rstrip("/")
+        if external:
+            scheme, rest = external.split("://", 1)
+            return external, f"{'wss' if scheme == 'https' else 'ws'}://{rest}"
         env = bottle.request.environ
         host = env.get("HTTP_X_FORWARDED_HOST") if self.from_trusted_proxy(env) else None
-        host = host or env.get("HTTP_HOST") or f"{self.config.domain}:{self.config.http_ports[0]}"
+        host = (host or env.get("HTTP_HOST") or "").split(",")[0].strip()
+        if not _HOST.fullmatch(host):
+            if host:
+                log.info("host-meta for %s: Host header %r is not host[:port], using the domain",
+                         env.get("REMOTE_ADDR"), host[:100])
+            host = f"{self.config.domain}:{self.config.http_ports[0]}"
         secure = self.peer(env, "http").secure
         return (f"{'https' if secure else 'http'}://{host}", f"{'wss' if secure else 'ws'}://{host}")
 
@@ -326,7 +367,7 @@ class WebApp:
         self._cors_for_discovery()
         if bottle.request.method == "OPTIONS":
             return ""
-        http, ws = self._base_urls()
+        http, ws = (_xml_attr(url) for url in self._base_urls())
         bottle.response.content_type = "application/xrd+xml; charset=utf-8"
         return (
             "<?xml version='1.0' encoding='utf-8'?>\n"
