@@ -434,8 +434,8 @@ def test_2000_idle_sockets_under_a_low_open_file_limit(make_server, soft, hard):
     server lowers max_connections to what its file descriptors allow (and logs it) instead of
     failing accept() with EMFILE; with only the soft limit at 1,024, it raises it."""
     hard = hard or resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    with open_file_limit(soft, hard):
-        server = make_server()
+    with open_file_limit(soft, hard):  # inherited by a subprocess, not by a fork-server child
+        server = make_server(fork=False)
     if hard == 1024:
         assert log_lines(server, "max_connections lowered from 20000 to 960")
     else:
