@@ -137,7 +137,8 @@ class Wsgi:
         try:
             data = b"".join(result)
         finally:
-            result.close()
+            if hasattr(result, "close"):  # PEP 3333: the server calls close() when there is one
+                result.close()
         return Response(started[0], started[1], data)
 
     def post_bosh(self, xml: str | bytes, remote: str = "127.0.0.1") -> Response:
@@ -158,7 +159,7 @@ class World:
             self.core.accounts.add(user, PASSWORD)
         self.app = WebApp(self.core)
         self.clock = FakeClock()
-        self.app.bosh = BoshManager(self.core, clock=self.clock)
+        self.app.bosh = BoshManager(self.core.stream_context, clock=self.clock)
         self.wsgi = Wsgi(self.app)
         self._rids = itertools.count(1_000_000, 1_000_000)
 

@@ -9,6 +9,9 @@ response the client acknowledged, XEP-0124 §9) and deletes the row on
 login.  A delivery pages through the rows: at most ``window_rows`` rows or
 ``window_bytes`` bytes are in flight at once, the next ones are read as
 earlier ones are confirmed, so 1,000 × 256 KB rows are never loaded at once.
+The byte window (512 KiB plus one row) stays under a transport's high-water
+mark (BOSH: 1 MiB), so a delivery alone never makes its session congested
+and live messages from others are not bounced meanwhile.
 
 Shared state: ``_deliveries`` (username -> the one delivery in progress for
 that user) and ``_doomed`` (ids confirmed, deleted together at the end of
@@ -43,7 +46,7 @@ log = logging.getLogger("boshroster.offline")
 
 class OfflineStore:
     def __init__(self, path: str, domain: str, max_per_user: int = 1000, stanza_size_limit: int = 262144,
-                 window_rows: int = 100, window_bytes: int = 1048576):
+                 window_rows: int = 100, window_bytes: int = 524288):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.domain = domain
         self.max_per_user = max_per_user

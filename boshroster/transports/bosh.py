@@ -9,8 +9,8 @@ acknowledgements, XEP-0124 §9.2) is bosh_outbox.py.  Errors go out as HTTP
 session on any 4xx (XEP-0124 §17.2).  A terminal body carries no stanzas:
 when a session ends, what it still owed goes back to routing.
 
-Time comes from an injectable clock (``GeventClock`` by default, a fake one
-in tests/bosh_inprocess.py): every wait (``wait``, early rids, inactivity,
+Time comes from an injectable clock (clock.py: ``GeventClock`` by default, a
+fake one in tests/bosh_inprocess.py): every wait (``wait``, early rids, inactivity,
 lingering terminal bodies) is a timer of that clock.
 
 Greenlet safety: each HTTP request runs in its own greenlet.  A BoshSession's
@@ -35,6 +35,7 @@ from typing import Callable
 import gevent
 from gevent.event import AsyncResult, Event
 
+from boshroster.transports.clock import GeventClock
 from boshroster.transports.bosh_outbox import BODY_OPEN as _BODY_OPEN, DECLARED as _DECLARED, EMPTY_BODY, Outbox
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StreamError
@@ -81,26 +82,6 @@ def _int_attr(body: Element, name: str) -> int | None:
     return int(value)
 
 
-class GeventClock:
-    """Time and timers from gevent's loop: the default clock of BoshManager.
-
-    ``call_later`` starts a loop timer (no greenlet until it fires), then runs
-    ``fn`` in a new greenlet, so ``fn`` may block (ending a session may fetch
-    a roster).  ``cancel`` accepts None and an already fired handle."""
-
-    def now(self) -> float:
-        return gevent.get_hub().loop.now()
-
-    def call_later(self, delay: float, fn: Callable, *args):
-        timer = gevent.get_hub().loop.timer(max(0.0, delay))
-        timer.start(gevent.spawn, fn, *args)
-        return timer
-
-    def cancel(self, handle) -> None:
-        if handle is not None:
-            handle.close()
-
-
 class _Held:
     __slots__ = ("rid", "result", "timer")
 
@@ -138,6 +119,7 @@ class BoshSession:
         self.in_flight = 0
         self.terminal: bytes | None = None  # set once the stream is over
         self._turn_waiters: list[Event] = []
+        self._arrived: set[int] = set()  # rids of the requests being handled
         self._inactivity_timer = None
         self._flush_scheduled = False
         self.session = ClientSession(manager.ctx, self, peer)
@@ -152,7 +134,7 @@ class BoshSession:
             if delivered is not None:
                 delivered(False)
             return
-        if self.outbox.add(el, delivered) and self.held and not self._flush_scheduled:
+        if self.outbox.add(el, delivered) and self.held and not self._flush_scheduled and not self.outbox.frozen:
             # Answer once the current greenlet step is done, so that everything
             # it produced (a roster result and its presences, a burst of
             # messages) leaves in one response instead of one response each.
@@ -167,7 +149,7 @@ class BoshSession:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        while self.held and self.outbox.pending and self.terminal is None:
+        while self.held and self.outbox.ready and self.terminal is None:
             self._answer(self.held.popleft())
 
     def stream_error(self, error: Element) -> None:
@@ -269,6 +251,7 @@ class BoshSession:
             return self._terminate_request("policy-violation", f"{len(body)} stanzas in one body")
         self.outbox.acknowledge(rid, ack)
         self.in_flight += 1
+        self._arrived.add(rid)
         self._cancel_inactivity()
         try:
             if not self._wait_turn(rid):
@@ -277,21 +260,27 @@ class BoshSession:
                 return self.terminal
             return self._process(body, rid, is_terminate)
         finally:
+            self._arrived.discard(rid)
             self._request_done()
 
     def _wait_turn(self, rid: int) -> bool:
         """Hold a request that came early until the requests before it are processed
-        (XEP-0124 §14.2); False if the gap is not filled within wait + 1 seconds."""
+        (XEP-0124 §14.2); False if a missing rid has not arrived within wait + 1 seconds
+        (a request that arrived and is still being processed, e.g. slowed down by
+        the shaper, is no gap)."""
         if self.last_rid + 1 >= rid:
             return True
         expired = []
         event = Event()
 
         def expire():
+            if all(r in self._arrived for r in range(self.last_rid + 1, rid)):
+                timers[0] = self.clock.call_later(self.wait + 1, expire)
+                return
             expired.append(True)
             event.set()
 
-        timer = self.clock.call_later(self.wait + 1, expire)
+        timers = [self.clock.call_later(self.wait + 1, expire)]
         try:
             while self.last_rid + 1 < rid and self.terminal is None:
                 if expired:
@@ -301,7 +290,7 @@ class BoshSession:
                 event.wait()
             return True
         finally:
-            self.clock.cancel(timer)
+            self.clock.cancel(timers[0])
 
     def _next_turn(self) -> None:
         waiters, self._turn_waiters = self._turn_waiters, []
@@ -337,7 +326,7 @@ class BoshSession:
             data = terminate_body(None, "")
             self._remember(rid, data)
             return data
-        if not self.held and (self.outbox.pending or self.hold == 0 or self.wait == 0):
+        if not self.held and (self.outbox.ready or self.hold == 0 or self.wait == 0):
             return self._respond(rid)
         return self._hold(rid)  # an older held request is answered first (rid order, §14.2)
 
@@ -346,8 +335,13 @@ class BoshSession:
         self.held.append(held)
         while len(self.held) > self.hold:
             self._answer(self.held.popleft())  # XEP-0124 §11: never hold more than 'hold'
-        if self.outbox.pending:
+        if self.outbox.ready:
             self._flush()  # what did not fit in the older response goes in this one
+        if held in self.held and self.outbox.awaiting_ack:
+            # Only the client's next request acknowledges what was just sent, and it
+            # sends one when this request returns: answer now, do not stall for 'wait'.
+            self.held.remove(held)
+            self._answer(held)
         if held in self.held:
             # Answer a little before 'wait' so no client or proxy gives up first.
             held.timer = self.clock.call_later(max(0.2, self.wait - min(1.0, self.wait * 0.1)), self._expire, held)
@@ -489,6 +483,17 @@ class BoshManager:
         bosh._remember(rid, data)
         return data
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace: float = 0.5) -> None:
+        """system-shutdown for every session.  First, for up to ``grace`` seconds, responses
+        carry nothing new while the clients' next requests acknowledge the responses
+        already sent: what is unacknowledged at the end goes back to offline storage
+        and would be a duplicate for a client that did read it; what was never sent
+        goes there too, exactly once."""
+        for bosh in self.sessions.values():
+            bosh.outbox.frozen = True
+        waited = 0.0
+        while waited < grace and any(bosh.outbox.unacked for bosh in self.sessions.values()):
+            gevent.sleep(0.02)
+            waited += 0.02
         for bosh in list(self.sessions.values()):
             bosh.session.fail("system-shutdown", "the server is shutting down")

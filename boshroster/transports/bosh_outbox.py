@@ -79,6 +79,18 @@ class Outbox:
         self._callbacks: deque[tuple[int, Delivered]] = deque()
         self.unacked: OrderedDict[int, Entry] = OrderedDict()
         self.refused = 0  # stanzas refused since the queue last hit its hard bound
+        self.frozen = False  # shutting down: responses carry nothing new, so that acks catch up
+
+    @property
+    def ready(self) -> bool:
+        """There is something to put in a response."""
+        return bool(self.pending) and not self.frozen
+
+    @property
+    def awaiting_ack(self) -> bool:
+        """A sent response carried stanzas whose owner waits for the acknowledgement
+        (offline storage pages through its rows as earlier ones are confirmed)."""
+        return any(entry[2] for entry in self.unacked.values())
 
     @property
     def congested(self) -> bool:
@@ -115,7 +127,7 @@ class Outbox:
     def take(self, rid: int) -> bytes:
         """The response to ``rid``: pending stanzas up to ``max_response`` bytes (at least one)."""
         pending = self.pending
-        if not pending:
+        if not pending or self.frozen:
             return EMPTY_BODY
         n = len(pending)
         size = self.pending_bytes
