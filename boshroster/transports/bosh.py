@@ -1,27 +1,24 @@
 """BOSH (XEP-0124) carrying XMPP (XEP-0206): HTTP requests in, stanzas to the session core.
 
 This module owns framing, timing and flow control: the rid window, held
-requests, replayed responses, inactivity and overactivity, and the limits on
+requests, replayed responses, inactivity, overactivity and the limits on
 input (integer attributes, stanzas per body, unauthenticated sessions per
-address).  What a session owes its client (the bounded queue and the
-acknowledgements, XEP-0124 §9.2) is bosh_outbox.py.  Errors go out as HTTP
-200 ``<body type='terminate' condition='…'/>`` because Strophe drops the
-session on any 4xx (XEP-0124 §17.2).  A terminal body carries no stanzas:
-when a session ends, what it still owed goes back to routing.
-
-Time comes from an injectable clock (clock.py: ``GeventClock`` by default, a
-fake one in tests/bosh_inprocess.py): every wait (``wait``, early rids, inactivity,
-lingering terminal bodies) is a timer of that clock.
+address).  What a session owes its client (bounded queue, acknowledgements
+XEP-0124 §9.2) is bosh_outbox.py.  Errors go out as HTTP 200 ``<body
+type='terminate' condition='…'/>``: Strophe drops the session on any 4xx
+(§17.2).  A terminal body carries no stanzas: what the session still owed
+goes back to routing.  Every wait (``wait``, early rids, inactivity,
+lingering terminal bodies) is a timer of an injectable clock (clock.py).
 
 Greenlet safety: each HTTP request runs in its own greenlet.  A BoshSession's
 fields are mutated by those greenlets, the clock's timer greenlets, the
 session core (``send``, from any user's greenlet) and the hub callback
 ``_flush``, none of which yield except at the documented waits
-(``_wait_turn``, ``_hold``'s ``AsyncResult.get`` and the yield every
-``_YIELD_EVERY`` stanzas of a body), after which state is re-checked.
-Payloads are processed strictly in rid order (a request waits for its turn)
-and responses are sent in rid order (XEP-0124 §14.2: an older held request
-is always answered first).
+(``_wait_turn``, ``_hold``'s ``AsyncResult.get``, a yield every
+``_YIELD_EVERY`` stanzas of a body, the shutdown grace), after which state is
+re-checked.  Payloads are processed in rid order (a request waits for its
+turn) and responses are sent in rid order (§14.2: an older held request is
+always answered first).
 """
 
 from __future__ import annotations
@@ -72,14 +69,17 @@ class BadAttribute(ValueError):
     """An integer attribute of a <body/> that is not ASCII digits (answered with bad-request)."""
 
 
-def _int_attr(body: Element, name: str) -> int | None:
-    """The attribute as an int, None when absent; BadAttribute when it is not plain digits."""
-    value = body.get(name)
-    if value is None:
-        return None
-    if _DIGITS.fullmatch(value) is None:
-        raise BadAttribute(f"{name}={value[:40]!r} is not a non-negative integer")
-    return int(value)
+def _int_attrs(body: Element) -> dict[str, int | None]:
+    """Every integer attribute (None when absent); BadAttribute when one is not plain digits."""
+    values = {}
+    for name in _INT_ATTRIBUTES:
+        value = body.get(name)
+        if value is not None:
+            if _DIGITS.fullmatch(value) is None:
+                raise BadAttribute(f"{name}={value[:40]!r} is not a non-negative integer")
+            value = int(value)
+        values[name] = value
+    return values
 
 
 class _Held:
@@ -145,7 +145,8 @@ class BoshSession:
     def congested(self) -> bool:
         """Above the high-water mark: routing bounces other users' stanzas
         (``resource-constraint``) instead of queueing more (issue 10 point 5)."""
-        return self.outbox.congested
+        outbox = self.outbox
+        return len(outbox.pending) > outbox.high_water or outbox.pending_bytes > outbox.high_water_bytes
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -249,7 +250,8 @@ class BoshSession:
             log.warning("BOSH body with %d stanzas from %s (%s) refused (bosh_max_stanzas_per_body=%d)",
                         len(body), self.ip, self.session.jid_str or "unauthenticated", limit)
             return self._terminate_request("policy-violation", f"{len(body)} stanzas in one body")
-        self.outbox.acknowledge(rid, ack)
+        if self.outbox.unacked:
+            self.outbox.acknowledge(rid, ack)
         self.in_flight += 1
         self._arrived.add(rid)
         self._cancel_inactivity()
@@ -316,7 +318,8 @@ class BoshSession:
             self.session.fail(err.condition, err.text)
         finally:
             self.last_rid = rid
-            self._next_turn()
+            if self._turn_waiters:
+                self._next_turn()
         if self.terminal is not None:
             self._remember(rid, self.terminal)
             return self.terminal
@@ -398,7 +401,7 @@ class BoshManager:
             return terminate_body("bad-request")
         sid = body.get("sid")
         try:
-            values = {name: _int_attr(body, name) for name in _INT_ATTRIBUTES}
+            values = _int_attrs(body)
             if values["rid"] is None:
                 raise BadAttribute("no rid")
         except BadAttribute as bad:
@@ -460,20 +463,10 @@ class BoshManager:
             group.add(bosh)
         bosh.in_flight = 1
         bosh._request_done()  # starts the inactivity timer
-        attrs = {
-            "sid": sid,
-            "wait": str(wait),
-            "requests": str(bosh.requests),
-            "hold": str(hold),
-            "inactivity": str(bosh.inactivity),
-            "polling": str(cfg.bosh_polling),
-            "ver": "1.11",
-            "from": cfg.domain,
-            "authid": bosh.session.stream_id,
-            "secure": "true" if peer.secure else "false",
-            "xmpp:version": "1.0",
-            "xmpp:restartlogic": "true",
-        }
+        attrs = {"sid": sid, "wait": str(wait), "requests": str(bosh.requests), "hold": str(hold),
+                 "inactivity": str(bosh.inactivity), "polling": str(cfg.bosh_polling), "ver": "1.11",
+                 "from": cfg.domain, "authid": bosh.session.stream_id, "secure": "true" if peer.secure else "false",
+                 "xmpp:version": "1.0", "xmpp:restartlogic": "true"}
         if body.get("content"):
             attrs["content"] = body.get("content")
         log.info("BOSH session created for %s (wait %s, hold %s%s)", peer.ip, wait, hold, ", acks" if bosh.acks else "")
