@@ -19,6 +19,10 @@ class ConfigError(ValueError):
     """A config file or value that cannot be used; the message says which key."""
 
 
+class StartupError(RuntimeError):
+    """A service the config names (Redis, PostgreSQL) cannot be used at start; the message says which."""
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting, with its default (documented in conf/boshroster.toml).
@@ -103,6 +107,36 @@ class Config:
     jwt_leeway: float = 30.0  # seconds of clock skew allowed for exp / nbf / iat
     jwt_single_use: bool = False  # refuse a second login with the same jti (until its exp)
     password_logins: bool = True  # false: only tokens (jwt_key) log in; SCRAM is not offered
+    # --- WebSocket limits (issue 10: points 8, 9, 11)
+    websocket_max_queue_bytes: int = 2097152  # output bytes queued for a slow reader, then cut off
+    websocket_max_message_frames: int = 128  # frames per incoming message (control frames inside count)
+    websocket_max_message_wire_bytes: int = 0  # wire bytes per incoming message; 0 = 2 x the frame cap
+    c2s_negotiation_timeout: float = 30.0  # seconds to get from connect to a bound session; 0 = off
+    # --- message archive (XEP-0313 MAM): im/archive*.py, im/mam.py
+    archive_enabled: bool = True
+    archive_expires_after: str = "1w"  # Prosody's name and default; "never", "30d", "3600" (seconds)
+    archive_cleanup_interval: float = 3600.0
+    archive_default_policy: str = "always"  # XEP-0441 default for users who set none
+    archive_flush_interval: float = 0.05  # seconds a stored message may wait for the batched commit
+    archive_queue_max: int = 10000  # messages waiting for the commit; more flushes in the sender's greenlet
+    mam_default_page: int = 50  # results per query without RSM <max/>
+    mam_max_page: int = 250  # a larger <max/> is clamped to this
+    # --- the app's API (/api/..., issue 13 item 3) and the offline-message webhook; web/api.py, im/webhook.py
+    api_max_body: int = 1048576  # bytes per API request body (more: 413)
+    offline_message_webhook_url: str = ""  # POST {to, from, body, stamp} per message stored offline; "" = off
+    offline_message_webhook_secret: str = ""  # sent as Authorization: Bearer <secret>; "" = none
+    offline_message_webhook_timeout: float = 5.0  # seconds per attempt (connect and read)
+    offline_message_webhook_retries: int = 3  # further attempts after a failed one
+    offline_message_webhook_backoff: float = 1.0  # seconds before the first retry, doubled each time
+    offline_message_webhook_queue: int = 1000  # notifications waiting to be sent; more are dropped (counted)
+    # --- cluster (issue 14): several processes sharing Redis and PostgreSQL; boshroster/cluster/
+    cluster_redis_url: str = ""  # redis://host:port/db; empty: a single process, as before
+    database_url: str = ""  # postgresql://user:pass@host:port/db; empty: SQLite files under data_dir
+    node_id: str = ""  # unique per process in a cluster (letters, digits, '-', '_'); empty: the host name
+    cluster_internal_url: str = ""  # http://host:port where the other nodes reach this one (BOSH forwarding)
+    cluster_heartbeat_interval: float = 2.0  # seconds between this node's heartbeats
+    cluster_node_timeout: float = 10.0  # a node silent this long is dead: its sessions are cleaned up
+    database_pool_size: int = 10  # PostgreSQL connections per process
     # --- BOSH delivery, bounds and input checks (issue 10 points 2-5, 16)
     bosh_max_pending_bytes: int = 8388608  # hard bound: bytes queued for one BOSH client
     bosh_high_water_stanzas: int = 5000  # above this many queued stanzas the session is "congested" ...
@@ -176,11 +210,47 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
     _check_auth(config)
     if not config.password_logins and not config.jwt_key:
         raise ConfigError("password_logins = false needs jwt_key (nobody could log in)")
+    _check_webhook(config)
     if config.resource_conflict not in ("random", "kick_old"):
         raise ConfigError('resource_conflict: must be "random" or "kick_old"')
+    from boshroster.im.archive import POLICIES, parse_duration  # pure module, no I/O
+
+    try:
+        parse_duration(config.archive_expires_after)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.archive_default_policy not in POLICIES:
+        raise ConfigError(f"archive_default_policy: must be one of {', '.join(POLICIES)}")
+    if config.mam_max_page < 1 or not 1 <= config.mam_default_page <= config.mam_max_page:
+        raise ConfigError("mam_default_page and mam_max_page: need 1 <= mam_default_page <= mam_max_page")
+    if config.archive_queue_max < 1:
+        raise ConfigError("archive_queue_max: must be at least 1")
+    if config.archive_flush_interval < 0:
+        raise ConfigError("archive_flush_interval: must not be negative")
+    if config.archive_cleanup_interval <= 0:
+        raise ConfigError("archive_cleanup_interval: must be positive")
+    _check_cluster(config)
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
     return config
+
+
+def _check_cluster(config: Config) -> None:
+    """Cluster settings (issue 14): a mistake stops startup naming the key."""
+    import re
+
+    if config.cluster_redis_url and not re.match(r"^(redis|rediss|unix)://", config.cluster_redis_url):
+        raise ConfigError("cluster_redis_url: expected redis://host:port/db (or rediss://, unix://)")
+    if config.database_url and not re.match(r"^postgres(ql)?://", config.database_url):
+        raise ConfigError("database_url: expected postgresql://user:pass@host:port/db")
+    if config.node_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", config.node_id):
+        raise ConfigError("node_id: letters, digits, '-' and '_' only (it is part of BOSH sids and Redis keys)")
+    if config.cluster_internal_url and not re.match(r"^https?://", config.cluster_internal_url):
+        raise ConfigError("cluster_internal_url: expected http://host:port")
+    if config.cluster_heartbeat_interval <= 0 or config.cluster_node_timeout <= 2 * config.cluster_heartbeat_interval:
+        raise ConfigError("cluster_node_timeout must be more than twice cluster_heartbeat_interval (> 0)")
+    if config.database_pool_size < 1:
+        raise ConfigError("database_pool_size: at least 1")
 
 
 def _check_auth(config: Config) -> None:
@@ -206,3 +276,18 @@ def _check_auth(config: Config) -> None:
         load_keys(config.jwt_key, config.jwt_algorithms)
     except KeyFileError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_webhook(config: Config) -> None:
+    """The offline-message webhook's settings (im/webhook.py): a bad URL stops startup, not the first message."""
+    url = config.offline_message_webhook_url
+    if url and not (url.startswith("http://") or url.startswith("https://")):
+        raise ConfigError("offline_message_webhook_url: must be an http:// or https:// URL")
+    if config.offline_message_webhook_secret and not url:
+        raise ConfigError("offline_message_webhook_secret needs offline_message_webhook_url")
+    if config.offline_message_webhook_timeout <= 0:
+        raise ConfigError("offline_message_webhook_timeout: must be > 0")
+    if config.offline_message_webhook_retries < 0 or config.offline_message_webhook_backoff < 0:
+        raise ConfigError("offline_message_webhook_retries / _backoff: must be >= 0")
+    if config.offline_message_webhook_queue < 1 or config.api_max_body < 1:
+        raise ConfigError("offline_message_webhook_queue / api_max_body: must be >= 1")

@@ -52,6 +52,10 @@ class Server:
                 listener.ws_max_message = config.stanza_size_limit + 1024
                 listener.ws_ping_interval = config.websocket_ping_interval
                 listener.ws_queue_size = config.websocket_max_queue
+                # WebSocket limits (issue 10: points 9, 11)
+                listener.ws_max_queue_bytes = config.websocket_max_queue_bytes
+                listener.ws_max_frames = config.websocket_max_message_frames
+                listener.ws_max_wire = config.websocket_max_message_wire_bytes
                 self.listeners.append(listener)
         self._stopping = False
 

@@ -36,10 +36,27 @@ Try it::
         --refresh-url http://127.0.0.1:5280/roster_admin/refresh
     curl -s http://127.0.0.1:8008/contacts/alice
 
-This is a demo: it has no login of its own, so bind it to loopback. Run as a
-script it serves with gevent's WSGIServer (one greenlet per request), which
-matters because boshroster calls ``/contacts/<user>`` back while this app is
-still waiting for the refresh reply; without gevent it falls back to a
+Single sign-on (issue 13): the app has its own users (``--users``, ``name:password``
+lines, conf/demo-users.txt) and its own login (``/login``, a session cookie). A signed-in
+user opens the chat at ``/chat/``: the app serves boshroster's demo page
+(static/index.html) itself, so that Converse's ``credentials_url`` (``/chat/credentials``)
+is on the app's origin and gets the app's cookie; it answers ``{"jid", "password"}`` with
+a freshly minted HS256 JWT (``--jwt-key``, the file boshroster's ``jwt_key`` names,
+``--token-lifetime`` seconds, 5 minutes by default). The page then talks to boshroster
+(``--chat-server``) cross-origin: WebSocket needs no CORS, BOSH gets boshroster's CORS
+headers. The token never leaves the app's origin except to boshroster.
+
+=========================================  ==========================================
+``GET  /login``, ``POST /login``           the app's login form (303 to ``next``)
+``POST /logout``                           end the app's session
+``GET  /chat/``                            the chat page (303 to /login if signed out)
+``GET  /chat/credentials``                 ``{"jid", "password": <JWT>}``, 401 if signed out
+=========================================  ==========================================
+
+The contacts admin page and its API have no login: this is a demo, bind it to
+loopback. Run as a script it serves with gevent's WSGIServer (one greenlet per
+request), which matters because boshroster calls ``/contacts/<user>`` back while this
+app is still waiting for the refresh reply; without gevent it falls back to a
 threaded wsgiref server.
 """
 
@@ -55,13 +72,18 @@ if __name__ == "__main__":
 
 import argparse
 import copy
+import hmac
+import html
 import json
 import logging
 import os
 import re
+import secrets
 import sys
 import tempfile
 import threading
+import time
+import urllib.parse
 
 import bottle
 import requests
@@ -70,6 +92,9 @@ log = logging.getLogger("demo_backend")
 
 DEFAULT_CONTACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "demo-contacts.json")
 DEFAULT_REFRESH_URL = "http://127.0.0.1:5280/roster_admin/refresh"
+DEFAULT_USERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf", "demo-users.txt")
+DEFAULT_STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "static")
+DEFAULT_CHAT_SERVER = "http://127.0.0.1:5280"
 MAX_BODY = 1024 * 1024
 
 # Deliberately loose: boshroster does the real RFC 7622 preparation. These only
@@ -324,6 +349,229 @@ def _reason(exc):
     return str(exc)
 
 
+# -- single sign-on: the app's own login, and tokens for the chat ---------------------------
+
+
+class DemoUsers:
+    """The app's own accounts: ``name:password`` lines (conf/demo-users.txt). A demo: a real
+    app keeps password hashes; the comparison is in constant time all the same."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.passwords = {}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    name, sep, password = line.rstrip("\n").partition(":")
+                    if sep and name.strip():
+                        self.passwords[normalise_user(name)] = password
+        except FileNotFoundError:
+            log.warning("%s does not exist: nobody can sign in to the demo app", self.path)
+
+    def check(self, user, password):
+        expected = self.passwords.get(user)
+        ok = hmac.compare_digest((expected or "\0").encode("utf-8"), (password or "").encode("utf-8"))
+        return expected is not None and ok
+
+
+class LoginSessions:
+    """Signed-in browsers: a random id in an HttpOnly cookie -> (user, expiry), in memory,
+    bounded (the oldest goes first)."""
+
+    COOKIE = "demo_session"
+
+    def __init__(self, lifetime=12 * 3600, max_sessions=10000):
+        self.lifetime = lifetime
+        self.max_sessions = max_sessions
+        self.lock = threading.Lock()
+        self.sessions = {}
+
+    def create(self, user):
+        sid = secrets.token_urlsafe(32)
+        with self.lock:
+            while len(self.sessions) >= self.max_sessions:
+                self.sessions.pop(next(iter(self.sessions)))
+            self.sessions[sid] = (user, time.time() + self.lifetime)
+        return sid
+
+    def user(self, sid):
+        if not sid:
+            return None
+        with self.lock:
+            entry = self.sessions.get(sid)
+            if entry is None:
+                return None
+            if entry[1] < time.time():
+                del self.sessions[sid]
+                return None
+            return entry[0]
+
+    def drop(self, sid):
+        with self.lock:
+            self.sessions.pop(sid or "", None)
+
+
+class TokenMinter:
+    """Mints the chat's login tokens: HS256 JWTs in ejabberd's format ({"jid", "iat", "exp"},
+    plus a random "jti"), signed with the secret file boshroster's ``jwt_key`` names."""
+
+    def __init__(self, key_path, domain, lifetime=300):
+        import jwt  # PyJWT: only needed when single sign-on is on
+
+        self._jwt = jwt
+        with open(key_path, "rb") as f:
+            self.secret = f.read().removesuffix(b"\n")  # exactly as boshroster reads it
+        if len(self.secret) < 32:
+            raise SystemExit("%s: an HS256 secret needs at least 32 bytes" % key_path)
+        self.domain = domain
+        self.lifetime = lifetime
+
+    def mint(self, user):
+        jid = "%s@%s" % (user, self.domain)
+        now = int(time.time())
+        claims = {"jid": jid, "iat": now, "exp": now + self.lifetime, "jti": secrets.token_urlsafe(12)}
+        return jid, self._jwt.encode(claims, self.secret, algorithm="HS256")
+
+
+class SingleSignOn:
+    """The /login, /logout and /chat/ routes (see the module docstring)."""
+
+    def __init__(self, users, sessions, minter, static_dir, chat_server):
+        self.users = users
+        self.sessions = sessions
+        self.minter = minter  # None: no --jwt-key, /chat/credentials answers 503
+        self.static_dir = os.path.abspath(static_dir)
+        self.chat_server = chat_server
+
+    def current_user(self):
+        return self.sessions.user(bottle.request.get_cookie(LoginSessions.COOKIE))
+
+    def install(self, app):
+        app.route("/login", "GET", self.login_page)
+        app.route("/login", "POST", self.login)
+        app.route("/logout", "POST", self.logout)
+        app.route("/chat/credentials", "GET", self.credentials)
+        app.route("/chat", "GET", lambda: bottle.redirect("/chat/", 301))
+        app.route("/chat/", "GET", self.chat_page)
+        app.route("/chat/<path:path>", "GET", self.chat_file)
+
+    @staticmethod
+    def _safe_next(target):
+        """Only a path on this site: no "//host", no scheme (an open redirect otherwise)."""
+        if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+            return "/chat/"
+        return target
+
+    def login_page(self, error=None, status=200, nxt=None):
+        user = self.current_user()
+        nxt = self._safe_next(nxt or bottle.request.query.getunicode("next"))
+        body = LOGIN_PAGE.replace("@NEXT@", html.escape(nxt, quote=True))
+        if user:
+            state = ('<p>Signed in as <b>%s</b>. <a href="/chat/">Open the chat</a> (no second password).</p>'
+                     '<form method="post" action="/logout"><button>Sign out</button></form>' % html.escape(user))
+        else:
+            state = "<p>Not signed in.</p>"
+        body = body.replace("@STATE@", state).replace("@ERROR@", '<p class="error">%s</p>' % html.escape(error)
+                                                      if error else "")
+        return bottle.HTTPResponse(status=status, body=body, headers={
+            "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
+
+    def _same_origin(self):
+        """A form POST from another site would sign the browser in as the attacker (login CSRF)."""
+        origin = bottle.request.headers.get("Origin")
+        if not origin or origin == "null":
+            return origin is None
+        return urllib.parse.urlsplit(origin).netloc == bottle.request.headers.get("Host")
+
+    def login(self):
+        if not self._same_origin():
+            return json_response({"status": "error", "error": "cross-site login refused"}, 403)
+        form = bottle.request.forms
+        try:
+            user = normalise_user(form.getunicode("username") or "")
+        except BadRequest:
+            user = None
+        if user is None or not self.users.check(user, form.getunicode("password") or ""):
+            log.info("demo app: failed sign-in for %r", (form.getunicode("username") or "")[:64])
+            return self.login_page("Wrong username or password.", 401, form.getunicode("next"))
+        sid = self.sessions.create(user)
+        log.info("demo app: %s signed in", user)
+        response = bottle.HTTPResponse(status=303, headers={
+            "Location": self._safe_next(form.getunicode("next")), "Cache-Control": "no-store"})
+        response.set_cookie(LoginSessions.COOKIE, sid, path="/", httponly=True, samesite="lax")
+        return response
+
+    def logout(self):
+        if not self._same_origin():
+            return json_response({"status": "error", "error": "cross-site logout refused"}, 403)
+        self.sessions.drop(bottle.request.get_cookie(LoginSessions.COOKIE))
+        response = bottle.HTTPResponse(status=303, headers={"Location": "/login"})
+        response.delete_cookie(LoginSessions.COOKIE, path="/")
+        return response
+
+    def credentials(self):
+        """Converse's credentials_url: fetched at every (re)connection, so a short token is fine."""
+        user = self.current_user()
+        if user is None:
+            return json_response({"status": "error", "error": "not signed in to the demo app"}, 401)
+        if self.minter is None:
+            return json_response({"status": "error", "error": "token login is not configured (--jwt-key)"}, 503)
+        jid, token = self.minter.mint(user)
+        log.info("demo app: minted a %ds chat token for %s", self.minter.lifetime, jid)
+        return json_response({"jid": jid, "password": token})
+
+    def chat_page(self):
+        if self.current_user() is None:
+            here = bottle.request.fullpath + ("?" + bottle.request.query_string if bottle.request.query_string else "")
+            return bottle.redirect("/login?next=" + urllib.parse.quote(here, safe=""), 303)
+        query = bottle.request.query
+        if not query.get("credentials_url") or not query.get("server"):
+            params = dict(query.decode())
+            params.setdefault("server", self.chat_server)
+            params["credentials_url"] = "credentials"  # relative: /chat/credentials, this origin
+            return bottle.redirect("/chat/?" + urllib.parse.urlencode(params), 303)
+        response = bottle.static_file("index.html", root=self.static_dir)
+        response.set_header("Cache-Control", "no-store")
+        return response
+
+    def chat_file(self, path):
+        return bottle.static_file(path, root=self.static_dir)
+
+
+LOGIN_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Demo web app - sign in</title>
+<link rel="icon" href="data:,">
+<style>
+  body { font-family: system-ui, sans-serif; margin: 1.5em; max-width: 40em; color: #222; }
+  form.login { display: flex; flex-direction: column; gap: .5em; max-width: 18em; }
+  label { display: flex; flex-direction: column; font-size: .9em; }
+  .error { color: #b00; }
+</style>
+</head>
+<body>
+<h1>Demo web app</h1>
+@STATE@
+@ERROR@
+<h2>Sign in</h2>
+<p>The demo app's own accounts: alice, bob, carol, dave (password <code>password</code>).
+Once signed in, <a href="/chat/">the chat</a> logs you in with a short-lived token the app
+mints: no second password.</p>
+<form class="login" method="post" action="/login">
+  <input type="hidden" name="next" value="@NEXT@">
+  <label>Username <input type="text" id="username" name="username" autocomplete="username" required></label>
+  <label>Password <input type="password" id="password" name="password" autocomplete="current-password" required></label>
+  <button type="submit" id="sign-in">Sign in</button>
+</form>
+<p><a href="/">Contacts admin</a></p>
+</body>
+</html>
+"""
+
+
 # -- the web app -------------------------------------------------------------------
 
 
@@ -335,9 +583,12 @@ def json_response(obj, status=200):
     )
 
 
-def make_app(store, refresh):
-    """Build the Bottle app around a ContactStore and a refresh callable(usernames) -> dict."""
+def make_app(store, refresh, sso=None):
+    """Build the Bottle app around a ContactStore and a refresh callable(usernames) -> dict
+    (and, with ``sso`` (a SingleSignOn), the login and the chat page)."""
     app = bottle.Bottle()
+    if sso is not None:
+        sso.install(app)
 
     def body_json(required=True):
         if (bottle.request.content_length or 0) > MAX_BODY:
@@ -467,6 +718,7 @@ ADMIN_PAGE = """<!DOCTYPE html>
 </head>
 <body>
 <h1>Demo web app: who sees whom</h1>
+<p><a href="/login">Sign in to the demo app</a> and <a href="/chat/">open the chat</a> without a second password (single sign-on).</p>
 <p>Every change is saved and then pushed to boshroster's <code>/roster_admin/refresh</code>;
 the server's reply (or the error) is shown below. Contacts are on <code>@DOMAIN@</code> unless you type a full JID.</p>
 
@@ -646,6 +898,16 @@ def parse_args(argv=None):
                    help="sent as 'Authorization: Bearer ...' (default: $BOSHROSTER_REFRESH_SECRET)")
     p.add_argument("--refresh-timeout", type=float, default=5.0,
                    help="seconds to wait for the refresh reply (default %(default)s)")
+    p.add_argument("--users", default=os.path.normpath(DEFAULT_USERS),
+                   help="the demo app's own accounts, name:password lines (default %(default)s)")
+    p.add_argument("--jwt-key", default=None,
+                   help="HS256 secret file shared with boshroster's jwt_key; enables /chat/credentials")
+    p.add_argument("--token-lifetime", type=int, default=300,
+                   help="seconds a minted chat token is valid (default %(default)s)")
+    p.add_argument("--chat-server", default=DEFAULT_CHAT_SERVER,
+                   help="boshroster's base URL, as the browser reaches it (default %(default)s)")
+    p.add_argument("--static", default=os.path.normpath(DEFAULT_STATIC),
+                   help="boshroster's static/ folder: the chat page served at /chat/ (default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -656,7 +918,9 @@ def main(argv=None):
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = ContactStore(args.contacts, domain=args.domain)
     refresher = Refresher(args.refresh_url, args.refresh_secret, timeout=args.refresh_timeout)
-    app = make_app(store, refresher)
+    minter = TokenMinter(args.jwt_key, args.domain, args.token_lifetime) if args.jwt_key else None
+    sso = SingleSignOn(DemoUsers(args.users), LoginSessions(), minter, args.static, args.chat_server)
+    app = make_app(store, refresher, sso)
 
     def ready(port):
         # Tests wait for this line; with --port 0 it is the only way to learn the port.

@@ -57,6 +57,10 @@ def test_account_disco_and_ping_of_another_user(clients):
               <query xmlns='http://jabber.org/protocol/disco#info'>
                 <identity category='account' type='registered'/>
                 <feature var='http://jabber.org/protocol/disco#info'/>
+                <feature var='urn:xmpp:mam:2'/>
+                <feature var='urn:xmpp:mam:2#extended'/>
+                <feature var='urn:xmpp:mam:2#groupchat-field'/>
+                <feature var='urn:xmpp:sid:0'/>
               </query>
             </iq>
             <iq type='result' id='p1' from='localhost' to='alice@localhost/res'/>
@@ -97,7 +101,9 @@ def test_chat_message_is_delivered_with_from_stamped(clients):
         alice sends:
             <message type='chat' id='m1' to='bob@localhost' from='mallory@evil.example'><body>hi &amp; bye</body></message>
         bob receives:
-            <message type='chat' id='m1' to='bob@localhost' from='alice@localhost/res'><body>hi &amp; bye</body></message>
+            <message type='chat' id='m1' to='bob@localhost' from='alice@localhost/res'><body>hi &amp; bye</body>
+              <stanza-id xmlns='urn:xmpp:sid:0' by='bob@localhost' id='{any}'/>
+            </message>
         alice receives nothing
     """)
 

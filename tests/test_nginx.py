@@ -238,7 +238,8 @@ def test_websocket_through_nginx_echoes_the_subprotocol(proxied):
 def test_private_endpoints_are_403_through_nginx_but_work_directly(proxied):
     server, nginx, _ = proxied
     for method, path in (("POST", "/roster_admin/refresh"), ("GET", "/roster_admin/refresh/alice"),
-                         ("GET", "/roster_admin"), ("GET", "/metrics"), ("GET", "/health")):
+                         ("GET", "/roster_admin"), ("GET", "/metrics"), ("GET", "/health"),
+                         ("GET", "/api/users/alice/sessions"), ("POST", "/api/messages")):
         reply = requests.request(method, nginx.base_url + path, json=["alice"] if method == "POST" else None, timeout=5)
         assert reply.status_code == 403, (method, path, reply.status_code)
     assert requests.get(server.base_url + "/health", timeout=5).status_code == 200

@@ -7,6 +7,8 @@ import os
 import socket
 import struct
 import time
+import types
+import xml.etree.ElementTree as ET
 
 import gevent
 import greenlet
@@ -15,8 +17,12 @@ import websocket
 from gevent.event import Event
 from gevent.pywsgi import WSGIServer
 
+from boshroster.config import Config
 from boshroster.transports.http_handler import ServerHandler
+from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import MessageTooLarge, WsConnection
+from boshroster.xmpp.stream import Peer
+from boshroster.xmpp.xmlio import E
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
@@ -31,6 +37,7 @@ class EchoApp:
         self.events = []  # what receive() produced, per connection end
         self.finished = Event()
         self.http_requests = []
+        self.delivery = []  # (index, ok) reported by send(..., delivered) of 'tracked:'
 
     def __call__(self, environ, start_response):
         conn = environ.get("boshroster.websocket")
@@ -89,8 +96,26 @@ class EchoApp:
                 gevent.spawn_later(0.1, conn.close, int(arg), "kicked")
             elif cmd == "whoami":
                 conn.send(conn.remote_addr)
+            elif cmd == "tracked":  # tracked:COUNT,SIZE with a delivery callback each
+                count, size = (int(x) for x in arg.split(","))
+                gevent.spawn(self.tracked, conn, count, size)
+            elif cmd == "big":  # big:SIZE,COUNT one large message, then small ones, one turn
+                size, count = (int(x) for x in arg.split(","))
+                conn.send("B" * size)
+                for i in range(count):
+                    conn.send("s%d" % i)
+            elif cmd == "fill":  # fill:SIZE until the connection is congested
+                size = int(arg)
+                while not conn.congested and not conn.closed:
+                    conn.send("x" * size)
+                    gevent.sleep(0)
             else:
                 conn.send(msg)
+
+    def tracked(self, conn, count, size):
+        for i in range(count):
+            conn.send("t%d:%s" % (i, "x" * size), lambda ok, i=i: self.delivery.append((i, ok)))
+            gevent.sleep(0)
 
     @staticmethod
     def burst(conn, senders, count):
@@ -103,9 +128,33 @@ class EchoApp:
         conn.send("burst-done")
 
 
+class SessionApp:
+    """The XMPP layer's transport object (WebSocketStream) on the connection, driven through
+    ClientSession.send(el, delivered) as the offline store does: each text message 'N' makes
+    it send N messages of 64 KiB, recording what their callbacks report."""
+
+    def __init__(self):
+        self.delivery = []
+        self.streams = []
+
+    def __call__(self, environ, start_response):
+        conn = environ["boshroster.websocket"]
+        ctx = types.SimpleNamespace(config=Config(c2s_negotiation_timeout=0), domain="localhost", shaper=None, sm=None)
+        stream = WebSocketStream(ctx, conn, Peer("127.0.0.1", False))
+        self.streams.append(stream)
+        while True:
+            msg = conn.receive()
+            if msg is None:
+                return []
+            for i in range(int(msg)):
+                el = E("{jabber:client}message", {"id": str(i)}, E("{jabber:client}body", text="x" * 65536))
+                stream.session.send(el, lambda ok, i=i: self.delivery.append((i, ok)))
+                gevent.sleep(0)
+
+
 class Running:
-    def __init__(self, **attrs):
-        self.app = EchoApp()
+    def __init__(self, app=None, **attrs):
+        self.app = app or EchoApp()
         self.server = WSGIServer(("127.0.0.1", 0), self.app, handler_class=ServerHandler,
                                  log=None)
         for k, v in attrs.items():
@@ -152,12 +201,17 @@ def close_status(frame_data):
 class Raw:
     """A byte-level WebSocket client on a plain socket."""
 
-    def __init__(self, port, protocols="xmpp", path="/ws", extra=""):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    def __init__(self, port, protocols="xmpp", path="/ws", extra="", version="13", rcvbuf=None):
+        self.sock = socket.socket()
+        if rcvbuf:  # before connecting, so the TCP window stays small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         req = ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-               "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
-               % (path, key))
+               "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n" % (path, key))
+        if version is not None:
+            req += "Sec-WebSocket-Version: %s\r\n" % version
         if protocols is not None:
             req += "Sec-WebSocket-Protocol: %s\r\n" % protocols
         self.sock.sendall((req + extra + "\r\n").encode())
@@ -654,3 +708,283 @@ def test_no_greenlet_leak_per_connection(serve):
         assert conn._writer is None and not conn._out
         assert conn not in srv.server._boshroster_pinger._conns
         assert conn._watchdog is None or conn._watchdog.dead
+
+
+# -- handshake version (RFC 6455 §4.4) -----------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["8", "7", "12", "14", "13, 8", "abc"])
+def test_other_websocket_versions_get_426_naming_13(serve, version):
+    srv = serve()
+    raw = Raw(srv.port, version=version)
+    assert raw.status == 426
+    assert raw.headers["sec-websocket-version"] == ["13"]
+    assert b"13" in raw.read_to_eof()
+    raw.close()
+    assert srv.app.conns == []
+
+
+def test_missing_websocket_version_gets_426_naming_13(serve):
+    srv = serve()
+    raw = Raw(srv.port, version=None)
+    assert raw.status == 426
+    assert raw.headers["sec-websocket-version"] == ["13"]
+    raw.close()
+    assert srv.app.conns == []
+
+
+# -- tracked delivery ------------------------------------------------------------------------
+
+def test_tracked_frames_are_reported_delivered_in_order(serve):
+    srv = serve()
+    ws = ws_connect(srv)
+    ws.send("tracked:50,1000")
+    for i in range(50):
+        assert ws.recv().startswith("t%d:" % i)
+    assert wait_for(lambda: len(srv.app.delivery) == 50)
+    assert srv.app.delivery == [(i, True) for i in range(50)]
+    bye(ws)
+
+
+def _assert_prefix_delivered(delivery, attempted):
+    indexes = [i for i, _ in delivery]
+    assert sorted(indexes) == list(range(attempted)), "each callback exactly once"
+    outcome = dict(delivery)
+    written = sum(1 for i in range(attempted) if outcome[i])
+    # what the kernel accepted is a prefix; everything after it was reported lost
+    assert all(outcome[i] for i in range(written))
+    assert not any(outcome[i] for i in range(written, attempted))
+    return written
+
+
+def test_tracked_frames_not_written_are_reported_lost_when_the_peer_vanishes(serve):
+    # 300 x 64 KiB to a peer that never reads: the kernel takes a few MB, the rest waits in the
+    # queue (the caps are high enough here). Then the peer resets the connection.
+    srv = serve(ws_max_queue_bytes=64 * 1024 * 1024, ws_queue_size=100000)
+    raw = Raw(srv.port, rcvbuf=4096)
+    raw.send_frame(OP_TEXT, "tracked:300,65536")
+    assert wait_for(lambda: srv.app.conns and srv.app.conns[0].queued_bytes > 8 * 1024 * 1024, 10)
+    early = list(srv.app.delivery)
+    assert all(ok for _, ok in early)
+    assert len(early) < 300
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()  # RST
+    assert wait_for(lambda: len(srv.app.delivery) == 300, 10)
+    written = _assert_prefix_delivered(srv.app.delivery, 300)
+    assert 0 < written < 300
+    assert wait_for(lambda: srv.app.events == ["none"])
+
+
+def test_tracked_frames_not_written_by_the_close_deadline_are_reported_lost(serve):
+    srv = serve(ws_max_queue_bytes=64 * 1024 * 1024, ws_queue_size=100000,
+                ws_flush_timeout=0.3, ws_close_grace=0.2)
+    raw = Raw(srv.port, rcvbuf=4096)
+    raw.send_frame(OP_TEXT, "tracked:200,65536")
+    assert wait_for(lambda: len(srv.app.conns) == 1 and srv.app.conns[0].queued_bytes > 4 * 1024 * 1024, 10)
+    gevent.sleep(0.5)  # all 200 sent
+    srv.app.conns[0].close(1001, "going away")  # e.g. shutdown; the peer still does not read
+    assert wait_for(lambda: len(srv.app.delivery) == 200, 5)
+    written = _assert_prefix_delivered(srv.app.delivery, 200)
+    assert 0 < written < 200
+    conn = srv.app.conns[0]
+    conn.send("after close", lambda ok: srv.app.delivery.append(("late", ok)))
+    assert srv.app.delivery[-1] == ("late", False)  # refused at once, reported at once
+    raw.close()
+
+
+def test_byte_cap_overflow_drops_the_queue_reports_it_lost_and_closes_1008(serve):
+    srv = serve(ws_max_queue_bytes=1024 * 1024, ws_queue_size=100000)
+    raw = Raw(srv.port, rcvbuf=4096)
+    raw.send_frame(OP_TEXT, "tracked:400,65536")
+    assert wait_for(lambda: srv.app.conns and srv.app.conns[0].close_code == 1008, 10)
+    conn = srv.app.conns[0]
+    assert conn.overflowed and conn.queued_bytes <= 1024 * 1024
+    # what was written arrives intact and in order, then the close frame
+    raw.sock.settimeout(10)
+    received = 0
+    while True:
+        fin, op, payload = raw.recv_frame()
+        if op == OP_CLOSE:
+            break
+        if op == OP_TEXT:
+            assert payload.startswith(b"t%d:" % received)
+            received += 1
+    assert close_status(payload)[0] == 1008
+    # every send was reported: written (what the writer held when the queue was dropped
+    # included), dropped, or refused after the close
+    assert wait_for(lambda: len(srv.app.delivery) == 400, 5)
+    written = _assert_prefix_delivered(srv.app.delivery, 400)
+    assert received == written and 0 < written < 400
+    raw.close()
+
+
+def test_a_stanza_larger_than_the_byte_cap_goes_out_and_does_not_overflow_the_next(serve):
+    # e.g. a roster result of several MB: a frame always fits an empty queue, and the cap
+    # counts what waits behind the frame being written
+    srv = serve(ws_max_queue_bytes=256 * 1024)
+    ws = ws_connect(srv)
+    ws.send("big:3000000,100")
+    assert ws.recv() == "B" * 3000000
+    for i in range(100):
+        assert ws.recv() == "s%d" % i
+    ws.send("still open")
+    assert ws.recv() == "still open"
+    assert not srv.app.conns[0].overflowed
+    bye(ws)
+
+
+def test_congested_above_half_the_byte_cap_and_clear_once_read(serve):
+    srv = serve(ws_max_queue_bytes=2 * 1024 * 1024, ws_queue_size=100000)
+    raw = Raw(srv.port, rcvbuf=4096)
+    raw.send_frame(OP_TEXT, "fill:16384")
+    assert wait_for(lambda: srv.app.conns and srv.app.conns[0].congested, 10)
+    conn = srv.app.conns[0]
+    assert conn.queued_bytes > 1024 * 1024 and not conn.closed
+    raw.send_frame(OP_TEXT, "probe")
+    raw.sock.settimeout(10)
+    while True:  # read everything: the queue drains, the probe's echo comes last
+        fin, op, payload = raw.recv_frame()
+        if op == OP_TEXT and payload == b"probe":
+            break
+    assert not conn.congested and conn.queued_bytes == 0
+    raw.close()
+
+
+# -- pongs, frames per message ---------------------------------------------------------------
+
+def test_pongs_to_a_peer_that_never_reads_do_not_pile_up(serve):
+    srv = serve(ws_queue_size=100000)
+    raw = Raw(srv.port, rcvbuf=4096)
+    key = b"\0\0\0\0"  # zero mask: payload unchanged, quick to build
+    pings = b"".join(b"\x89\x84" + key + b"%04d" % (i % 10000) for i in range(100000))
+    raw.sock.sendall(pings + b"\x89\x84" + key + b"last")
+    raw.send_frame(OP_TEXT, "done?")
+    conn_ready = wait_for(lambda: srv.app.conns, 5)
+    assert conn_ready
+    conn = srv.app.conns[0]
+    peak = 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        peak = max(peak, len(conn._out))
+        gevent.sleep(0.005)
+    assert peak <= 3, "at most one pong (and the echo) may wait"
+    raw.sock.settimeout(10)
+    pongs = 0
+    while True:
+        fin, op, payload = raw.recv_frame()
+        if op == OP_PONG:
+            pongs += 1
+            last = payload
+        elif op == OP_TEXT:
+            assert payload == b"done?"
+            break
+    assert last == b"last"  # RFC 6455 §5.5.3: the most recent ping is the one answered
+    assert pongs < 100001
+    raw.close()
+
+
+def test_frames_per_message_are_capped(serve):
+    srv = serve(ws_max_frames=4)
+    raw = Raw(srv.port)
+    for part, fin in ((b"<a", False), (b">x", False), (b"</", False), (b"a>", True)):
+        raw.send_frame(OP_CONT if part != b"<a" else OP_TEXT, part, fin=fin)
+    assert raw.recv_data() == (OP_TEXT, b"<a>x</a>")
+    raw.send_frame(OP_TEXT, b"<a", fin=False)
+    for _ in range(4):
+        raw.send_frame(OP_PING, b"counts")  # control frames inside the message count
+    op, payload = raw.recv_data()
+    while op == OP_PONG:
+        op, payload = raw.recv_data()
+    assert (op, close_status(payload)[0]) == (OP_CLOSE, 1009)  # EchoApp closes with 1009
+    raw.close()
+    assert wait_for(lambda: srv.app.events == ["too-large"])
+
+
+def test_empty_continuation_flood_is_refused_at_once(serve):
+    srv = serve(ws_close_grace=0.3)
+    raw = Raw(srv.port)
+    raw.send_frame(OP_TEXT, b"<", fin=False)
+    chunk = b"\x00\x80\0\0\0\0" * 100000  # 100,000 empty masked continuation frames
+
+    def flood():
+        try:
+            for _ in range(30):
+                raw.sock.sendall(chunk)
+        except OSError:
+            pass
+
+    writer = gevent.spawn(flood)
+    t0 = time.monotonic()
+    op, payload = raw.recv_data()
+    assert op == OP_CLOSE and time.monotonic() - t0 < 2
+    writer.join(10)
+    raw.close()
+    assert wait_for(lambda: srv.app.events == ["too-large"])
+
+
+def test_wire_bytes_per_message_are_capped(serve):
+    srv = serve(ws_max_message=1000, ws_max_wire=4000, ws_max_frames=100000)
+    raw = Raw(srv.port)
+    raw.send_frame(OP_TEXT, b"<a", fin=False)
+    for _ in range(40):  # 40 x 131 bytes on the wire, 2 bytes of payload
+        raw.send_frame(OP_PING, b"p" * 125)
+    raw.send_frame(OP_CONT, b"/>", fin=True)
+    op, payload = raw.recv_data()
+    while op == OP_PONG:
+        op, payload = raw.recv_data()
+    assert op == OP_CLOSE
+    raw.close()
+    assert wait_for(lambda: srv.app.events == ["too-large"])
+
+
+# -- the XMPP transport object: ClientSession.send(el, delivered) over WebSocketStream ----------
+
+def test_session_send_reports_delivery_through_the_websocket_stream(serve):
+    srv = serve(app=SessionApp())
+    ws = ws_connect(srv)
+    ws.send("20")
+    for i in range(20):
+        assert ET.fromstring(ws.recv()).get("id") == str(i)
+    assert wait_for(lambda: len(srv.app.delivery) == 20)
+    assert srv.app.delivery == [(i, True) for i in range(20)]
+    assert srv.app.streams[0].tracks_delivery and not srv.app.streams[0].congested
+    bye(ws)
+
+
+def test_session_send_to_a_reader_that_vanishes_reports_the_rest_lost(serve):
+    srv = serve(app=SessionApp(), ws_max_queue_bytes=64 * 1024 * 1024, ws_queue_size=100000)
+    raw = Raw(srv.port, rcvbuf=4096)
+    raw.send_frame(OP_TEXT, "300")
+    assert wait_for(lambda: srv.app.streams and srv.app.streams[0].conn.queued_bytes > 8 * 1024 * 1024, 10)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()  # RST: the session's next sends are refused (the stream ended)
+    assert wait_for(lambda: len(srv.app.delivery) == 300, 10)
+    written = _assert_prefix_delivered(srv.app.delivery, 300)
+    assert 0 < written < 300
+
+
+def test_overflow_ends_the_stream_with_resource_constraint(serve):
+    srv = serve(app=SessionApp())  # default cap: 2 MiB
+    raw = Raw(srv.port, rcvbuf=4096)
+    raw.send_frame(OP_TEXT, "400")
+    assert wait_for(lambda: srv.app.streams and srv.app.streams[0].session.ended, 10)
+    assert srv.app.streams[0].conn.close_code == 1008
+    raw.sock.settimeout(10)
+    texts = []
+    while True:
+        fin, op, payload = raw.recv_frame()
+        if op == OP_CLOSE:
+            break
+        if op == OP_TEXT:
+            texts.append(ET.fromstring(payload))
+    assert close_status(payload)[0] == 1008
+    messages = [t for t in texts if t.tag == "{jabber:client}message"]
+    tail = [t.tag for t in texts[len(messages):]]
+    # the stream was never opened: RFC 6120 §4.9.1.2 opens it before the error (RFC 7395 §3.5)
+    assert tail == ["{urn:ietf:params:xml:ns:xmpp-framing}open", "{http://etherx.jabber.org/streams}error",
+                    "{urn:ietf:params:xml:ns:xmpp-framing}close"], tail
+    error = texts[-2]
+    assert error[0].tag == "{urn:ietf:params:xml:ns:xmpp-streams}resource-constraint"
+    assert wait_for(lambda: len(srv.app.delivery) == 400, 5)
+    written = _assert_prefix_delivered(srv.app.delivery, 400)
+    assert written == len(messages)
+    raw.close()

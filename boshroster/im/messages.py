@@ -91,7 +91,10 @@ class MessageHandler:
     def _on_message(self, event: StanzaEvent) -> bool:
         origin, stanza = event.origin, event.stanza
         if _carbon_eligible(stanza):
-            self._carbon_copies(origin, stanza, "sent", exclude=origin)
+            # A copy: ``message-accepted`` may stamp the recipient's <stanza-id/> on ``stanza``
+            # below, and a queued carbon is serialized later (BOSH, XEP-0198 retransmission).
+            sent = E(stanza.tag, dict(stanza.attrib), *list(stanza))
+            self._carbon_copies(origin, sent, "sent", exclude=origin)
         self.deliver(stanza, event.to, event)
         return True
 

@@ -377,6 +377,7 @@ class BoshManager:
         self._lingering: dict[str, bytes] = {}
         self._unauthenticated: dict[str, set[BoshSession]] = {}
         self._refused_unauthenticated: dict[str, int] = {}
+        self.sid_prefix = ""  # a cluster node's "<node_id>." (cluster/bosh_forward.py finds the owner by it)
 
     def forget(self, bosh: BoshSession, linger: bytes | None = None) -> None:
         sid = bosh.sid
@@ -452,7 +453,7 @@ class BoshManager:
         admitted, group = self._admit_unauthenticated(peer)
         if not admitted:
             return terminate_body("policy-violation")
-        sid = secrets.token_urlsafe(24)  # XEP-0124 §19.3: a bearer token, unguessable
+        sid = self.sid_prefix + secrets.token_urlsafe(24)  # XEP-0124 §19.3: a bearer token, unguessable
         bosh = BoshSession(self, sid, rid, wait, hold, peer, acks=ack is not None)
         try:
             features = bosh.session.open_stream(to)

@@ -12,7 +12,11 @@ Settings are read from attributes of the ``WSGIServer`` instance (set them befor
 
 ``ws_max_message``   largest accepted text message in bytes (default 262144 + 1024)
 ``ws_ping_interval`` seconds between ping frames, 0 disables (default 30)
-``ws_queue_size``    outgoing messages queued before a slow reader is cut off (default 1000)
+``ws_queue_size``    outgoing messages queued, while the socket is backed up, before a slow reader
+                     is cut off (default 1000)
+``ws_max_queue_bytes`` outgoing bytes queued before a slow reader is cut off (default 2 MiB)
+``ws_max_frames``    frames per incoming message, control frames inside it included (default 128)
+``ws_max_wire``      wire bytes per incoming message, headers included; 0 = 2 x ws_max_message
 ``ws_close_grace``   seconds to wait for the peer's close frame (default 2.0)
 ``ws_flush_timeout`` seconds allowed to flush the queue after ``close()`` (default 10.0)
 """
@@ -27,7 +31,9 @@ from geventwebsocket.handler import WebSocketHandler
 from boshroster.transports.ws_connection import (
     DEFAULT_CLOSE_GRACE,
     DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_MAX_FRAMES,
     DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_QUEUE_BYTES,
     DEFAULT_PING_INTERVAL,
     DEFAULT_QUEUE_SIZE,
     ENVIRON_KEY,
@@ -39,6 +45,10 @@ from boshroster.transports.ws_connection import (
 
 __all__ = ["ServerHandler"]
 
+_VERSION = "13"  # RFC 6455; 0.10.1 also accepts the drafts' 7 and 8
+_WRONG_VERSION_BODY = (
+    b"This server speaks WebSocket version 13 (RFC 6455) only.\n"
+)
 _NOT_XMPP_BODY = (
     b"This WebSocket endpoint speaks XMPP (RFC 7395) only: the handshake must offer the "
     b"'xmpp' subprotocol (Sec-WebSocket-Protocol: xmpp).\n"
@@ -51,6 +61,9 @@ def _ignore_start_response(status, headers, exc_info=None):
 
 class ServerHandler(WebSocketHandler):
     """pywsgi handler class for every connection of the server (``handler_class=``)."""
+
+    # 0.10.1 names these in its 426 for a handshake without a version header
+    SUPPORTED_VERSIONS = (_VERSION,)
 
     def handle(self):
         # Design notes F: pywsgi writes headers and body in two sends; without TCP_NODELAY the
@@ -73,6 +86,19 @@ class ServerHandler(WebSocketHandler):
         return result
 
     def upgrade_connection(self):
+        version = self.environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip()
+        if version != _VERSION:
+            # RFC 6455 §4.2.2 and §4.4: refuse, naming the version we speak (0.10.1 would
+            # accept the drafts' 7 and 8, or answer 400).
+            self.close_connection = True
+            self.start_response("426 Upgrade Required", [
+                ("Sec-WebSocket-Version", _VERSION),
+                ("Upgrade", "websocket"),
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(_WRONG_VERSION_BODY))),
+                ("Connection", "close"),
+            ])
+            return [_WRONG_VERSION_BODY]
         offered = self.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
         if SUBPROTOCOL not in [p.strip() for p in offered.split(",")]:
             self.close_connection = True
@@ -110,6 +136,9 @@ class ServerHandler(WebSocketHandler):
             queue_size=getattr(server, "ws_queue_size", DEFAULT_QUEUE_SIZE),
             close_grace=getattr(server, "ws_close_grace", DEFAULT_CLOSE_GRACE),
             flush_timeout=getattr(server, "ws_flush_timeout", DEFAULT_FLUSH_TIMEOUT),
+            max_queue_bytes=getattr(server, "ws_max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES),
+            max_frames=getattr(server, "ws_max_frames", DEFAULT_MAX_FRAMES),
+            max_wire=getattr(server, "ws_max_wire", 0),
         )
         self.environ[ENVIRON_KEY] = conn
         pinger = None
@@ -128,8 +157,8 @@ class ServerHandler(WebSocketHandler):
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
-        except MessageTooLarge:
-            code, reason = 1009, "message too large"
+        except MessageTooLarge as exc:
+            code, reason = exc.close_code, "message too large"
             raise
         except GreenletExit:
             code, reason = 1001, "server shutting down"

@@ -12,13 +12,14 @@ header encoding/decoding (``Header``). What we replace, and why (all seen in 0.1
 * ``WebSocket.close(code)`` sends a close frame without the status code, and is also called
   from ``__del__`` and from ``run_websocket``: we neutralise that object and send our own close
   frames (``run_websocket`` is replaced entirely);
-* its socket writes are not safe for concurrent greenlets: ours have one writer at a time.
-  ``send`` queues the frame and schedules a hub callback that writes everything queued during
-  this loop turn in one non-blocking write (almost always enough: the kernel buffer has room);
-  only what does not fit waits for a writer greenlet that exists while there is a backlog. So
-  a slow reader never blocks the greenlet that routed to it, a burst costs one syscall, and an
-  idle connection holds no writer greenlet;
-* pings come from one timer greenlet per server (:class:`_Pinger`), not one per connection;
+* its socket writes are not safe for concurrent greenlets, nothing bounds what waits for a
+  slow reader, and it cannot tell when a message was written: the writing half is ours,
+  :class:`~boshroster.transports.ws_output.FrameWriter` (one writer at a time, a bounded
+  output queue, delivery callbacks, at most one pending pong; see ws_output.py);
+* the reader counts frames and wire bytes (headers included) per message, not only the
+  payload (issue 10.11), and lets the event loop poll every couple of milliseconds when its
+  socket never runs dry (issue 10.10);
+* pings come from one timer greenlet per server (:class:`Pinger`), not one per connection;
 * its error-path bodies are ``str`` (pywsgi needs bytes) and its access log goes to a silenced
   logger: we encode the bodies and restore pywsgi's ``log_request``;
 * its per-byte Python unmasking and UTF-8 validator are slow: we unmask with one big-int XOR and
@@ -26,14 +27,15 @@ header encoding/decoding (``Header``). What we replace, and why (all seen in 0.1
 """
 
 import logging
-import socket
 import struct
-from collections import deque
+from time import monotonic as _monotonic
 
 import gevent
 from gevent.event import Event
 from geventwebsocket.exceptions import ProtocolError, WebSocketError
 from geventwebsocket.websocket import Header
+
+from boshroster.transports.ws_output import DEFAULT_MAX_QUEUE_BYTES, FrameWriter, frame
 
 __all__ = ["WsConnection", "Pinger", "MessageTooLarge", "ENVIRON_KEY", "SUBPROTOCOL"]
 
@@ -45,31 +47,42 @@ SUBPROTOCOL = "xmpp"
 DEFAULT_MAX_MESSAGE = 262144 + 1024
 DEFAULT_PING_INTERVAL = 30
 DEFAULT_QUEUE_SIZE = 1000
+DEFAULT_MAX_FRAMES = 128  # frames per message, control frames inside it included
 DEFAULT_CLOSE_GRACE = 2.0
 DEFAULT_FLUSH_TIMEOUT = 10.0
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
-_BATCH_BYTES = 256 * 1024  # writer coalesces queued frames up to this size per sendall
 _DISCARD_CHUNK = 64 * 1024
-_CLOSE = object()  # queue sentinel: write the close frame next, then stop writing
 _PING_YIELD_EVERY = 500  # the pinger lets other greenlets run between groups of connections
-
+#: every this many frames read (a message counts 4, so every 16 messages) the reader checks
+#: whether the event loop polled within _HOG_SECONDS, and yields to it if not: this bounds
+#: what one busy peer delays all the others (issue 10.10)
+_YIELD_EVERY_FRAMES = 64
+_HOG_SECONDS = 0.002
 
 
 class MessageTooLarge(Exception):
-    """The peer announced or sent a message larger than ``ws_max_message``.
+    """The peer's message is over a cap: payload bytes (``ws_max_message``), frames
+    (``ws_max_frames``) or wire bytes (``ws_max_wire``).
 
-    The payload was not read; the connection cannot be read further. Close it (1009).
+    The payload was not read; the connection cannot be read further. Close it with
+    ``close_code`` (1009 message too big, 1008 policy: too many frames).
     """
+
+    def __init__(self, text, close_code=1009):
+        super().__init__(text)
+        self.close_code = close_code
 
 
 class _Eof(Exception):
     """The socket ended (EOF or error) in the middle of reading."""
 
 
-def _frame(opcode, payload):
-    return bytes(Header.encode_header(True, opcode, b"", len(payload), 0)) + payload
+def _wire_size(length):
+    """Bytes a masked client frame with this payload length takes on the wire (minimal
+    length encoding: 2 bytes, + 2 or 8 for the extended length, + 4 for the mask)."""
+    return length + (6 if length < 126 else 8 if length < 65536 else 14)
 
 
 def _unmask(data, mask):
@@ -80,56 +93,46 @@ def _unmask(data, mask):
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
-def _close_payload(code, reason):
-    raw = reason.encode("utf-8")[:123]
-    raw = raw.decode("utf-8", "ignore").encode("utf-8")  # don't cut a character in half
-    return struct.pack("!H", code) + raw
-
-
 def _valid_close_code(code):
     return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
-class WsConnection:
+class WsConnection(FrameWriter):
     """An upgraded XMPP-over-WebSocket connection (RFC 6455 framing, RFC 7395 rules).
 
     One greenlet may call :meth:`receive` (the connection's own greenlet, i.e. the WSGI app);
-    any greenlet may call :meth:`send` and :meth:`close`.
+    any greenlet may call :meth:`send` and :meth:`close` (:class:`FrameWriter`, with
+    ``on_overflow``, ``congested`` and ``queued_bytes``).
     """
 
     def __init__(self, sock, rfile, remote_addr, max_message=DEFAULT_MAX_MESSAGE,
                  ping_interval=DEFAULT_PING_INTERVAL, queue_size=DEFAULT_QUEUE_SIZE,
-                 close_grace=DEFAULT_CLOSE_GRACE, flush_timeout=DEFAULT_FLUSH_TIMEOUT):
-        self._sock = sock
+                 close_grace=DEFAULT_CLOSE_GRACE, flush_timeout=DEFAULT_FLUSH_TIMEOUT,
+                 max_queue_bytes=DEFAULT_MAX_QUEUE_BYTES, max_frames=DEFAULT_MAX_FRAMES,
+                 max_wire=0):
         self._rfile = rfile
         self.remote_addr = remote_addr
         self.max_message = int(max_message)
         self.ping_interval = float(ping_interval or 0)
-        self.queue_size = int(queue_size)
         self.close_grace = float(close_grace)
         self.flush_timeout = float(flush_timeout)
+        self.max_frames = int(max_frames)
+        #: wire bytes (headers and control frames inside the message included) per message;
+        #: 0 = twice the payload cap, as Prosody's websocket_frame_buffer_limit
+        self.max_wire = int(max_wire) or 2 * self.max_message
         #: code of the close frame we sent (None until close()), and of the one the peer sent
         #: (1005 = close frame without a status code; None if none was received)
         self.close_code = None
         self.peer_close_code = None
 
-        # Writing state, mutated by any greenlet that sends and by the hub's _flush callback,
-        # never across a yield except in the writer. Frames wait in _out until the end of the
-        # current loop turn (_flush writes them without blocking) or, if the socket is backed
-        # up, until _writer (then the only one allowed to write) has written them.
-        self._out = deque()  # bounded by send() via queue_size; control frames bypass it
-        self._partial_head = False  # _out[0] is what a write left (maybe half a frame): keep it
-        self._writer = None
-        self._flush_scheduled = False  # a _flush callback is pending in the hub
-        self._hub = gevent.get_hub()
-        self._close_frame = None
-        self._closing = False  # close() called or socket dead: nothing more is queued
-        self._peer_done = Event()  # peer's close frame received, or socket EOF/error
+        self._init_writer(sock, queue_size, max_queue_bytes)
+        self._peer_done = Event()  # peer's close frame received, or socket EOF/error (both halves)
         self._recv_done = False  # receive() returns None from now on
         self._in_sync = True  # the read side is at a frame boundary
         self._resync = 0  # unread payload bytes of an oversized frame (skipped by _drain)
-        self._aborted = False
-        self._watchdog = None
+        self._streak = 0  # frames read since the reader last yielded on purpose (reader only)
+        self._iteration = -1  # the event loop's iteration count at the reader's last check
+        self._since = 0.0  # when the reader last saw the loop poll (monotonic)
 
     def __repr__(self):
         state = "closed" if self.closed else "open"
@@ -145,13 +148,14 @@ class WsConnection:
         """Return the next complete text message, or None once the connection is over.
 
         Never raises on socket errors. Raises :class:`MessageTooLarge` without reading the
-        oversized payload; the caller should then ``close(1009)``.
+        oversized payload; the caller should then close with its ``close_code``.
         """
         if self._recv_done:
             return None
         try:
             return self._receive()
-        except MessageTooLarge:
+        except MessageTooLarge as exc:
+            log.warning("websocket %s: %s; closing", self.remote_addr, exc)
             self._recv_done = True
             self._in_sync = False
             raise
@@ -204,21 +208,55 @@ class WsConnection:
                 raise _Eof()
             n -= len(chunk)
 
+    def _fair(self):
+        """Count a frame (a message counts 4). Every _YIELD_EVERY_FRAMES, if the event loop
+        has not polled for _HOG_SECONDS, let it poll and run the others. A socket that always
+        has data never blocks its reader, so without this one busy peer delays every other
+        connection by seconds (issue 10.10). ``gevent.sleep(0)`` is not enough: it runs other
+        ready greenlets but may not poll I/O; a zero timer resumes us in the next loop
+        iteration, after a non-blocking poll."""
+        self._streak += 1
+        if self._streak < _YIELD_EVERY_FRAMES:
+            return
+        self._streak = 0
+        loop = self._hub.loop
+        iteration = getattr(loop, "iteration", None)  # libev's count; None: time alone decides
+        now = _monotonic()
+        if iteration is not None and iteration != self._iteration:
+            self._iteration = iteration  # the loop has polled since the last check
+            self._since = now
+        elif now - self._since >= _HOG_SECONDS:
+            self._hub.wait(loop.timer(0))
+            self._iteration = getattr(loop, "iteration", None)
+            self._since = _monotonic()
+
+    def _over(self, frames, wire):
+        if frames > self.max_frames:
+            raise MessageTooLarge("message in more than %d frames" % self.max_frames, 1008)
+        if wire > self.max_wire:
+            raise MessageTooLarge("message of more than %d bytes on the wire (limit %d)"
+                                  % (wire, self.max_wire), 1009)
+
     def _receive(self):
         cap = self.max_message
         opcode = None
         parts = []
-        total = 0
+        total = frames = wire = 0
         while True:
+            self._fair()
             header = self._read_header()
             op = header.opcode
             if op >= 0x8:  # control frame; Header.decode_header already enforced fin + <=125
+                if opcode is not None:  # inside a fragmented message: it counts there
+                    frames += 1
+                    wire += _wire_size(header.length)
+                    self._over(frames, wire)
                 payload = self._read_payload(header)
                 if op == OP_CLOSE:
                     self._on_peer_close(payload)
                     return None
                 if op == OP_PING:
-                    self._enqueue_control(_frame(OP_PONG, payload))
+                    self._queue_pong(payload)
                 elif op != OP_PONG:
                     raise ProtocolError("reserved control opcode %d" % op)
                 continue
@@ -235,6 +273,9 @@ class WsConnection:
             if total > cap:
                 self._resync = header.length
                 raise MessageTooLarge("message of more than %d bytes (limit %d)" % (total, cap))
+            frames += 1
+            wire += _wire_size(header.length)
+            self._over(frames, wire)
             if opcode == OP_TEXT:
                 parts.append(self._read_payload(header))
             else:
@@ -242,11 +283,12 @@ class WsConnection:
             if not header.fin:
                 continue
             if opcode == OP_TEXT and not self._closing:
-                return b"".join(parts).decode("utf-8")
+                self._streak += 3
+                return (parts[0] if len(parts) == 1 else b"".join(parts)).decode("utf-8")
             # binary message, or data arriving after our close frame: drop it, keep reading
             opcode = None
             parts = []
-            total = 0
+            total = frames = wire = 0
 
     def _on_peer_close(self, payload):
         reply = 1000
@@ -267,127 +309,7 @@ class WsConnection:
         self._peer_done.set()
         self.close(reply)  # no-op if we started the close; otherwise echo it (RFC 6455 §5.5.1)
 
-    # -- writing ---------------------------------------------------------------------------
-
-    def send(self, text):
-        """Send one text message; never blocks. Dropped once the connection is closing."""
-        if self._closing:
-            return
-        if self._writer is not None and len(self._out) >= self.queue_size:
-            # The socket is backed up (a writer is blocked on it) and the peer is not reading.
-            log.warning("websocket %s: %d messages queued, peer is not reading; closing",
-                        self.remote_addr, len(self._out))
-            self._drop_queued()
-            self.close(1008, "send queue overflow")
-            return
-        self._push(_frame(OP_TEXT, text.encode("utf-8")))
-
-    def _enqueue_control(self, frame):
-        if not self._closing:
-            self._push(frame)
-
-    def _push(self, frame):
-        self._out.append(frame)
-        if self._writer is None and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._hub.loop.run_callback(self._flush)
-
-    def _flush(self):
-        """Runs in the hub once the current greenlet yields, so everything sent to this
-        socket during one turn of the loop goes out in one non-blocking write (one syscall,
-        not one per stanza). What the kernel does not take waits for a writer greenlet."""
-        self._flush_scheduled = False
-        if self._writer is not None or self._closing:
-            return  # the writer (close() always starts one) writes what is queued
-        try:
-            while self._out:
-                data, _ = self._take_batch()  # no close sentinel before close()
-                try:
-                    sent = self._sock.send(data, 0, 0.0)
-                except BlockingIOError:  # EAGAIN: the kernel buffer is full
-                    sent = 0
-                if sent < len(data):
-                    self._out.appendleft(data[sent:])
-                    self._partial_head = True
-                    self._start_writer()
-                    return
-        except (OSError, ValueError) as exc:  # ValueError: socket already closed
-            log.debug("websocket %s: write failed: %s", self.remote_addr, exc)
-            self._abort()
-
-    def _take_batch(self):
-        """Pop queued frames, up to _BATCH_BYTES, as one bytes object; and whether the close
-        sentinel was reached (its frame then ends the batch)."""
-        out = self._out
-        self._partial_head = False
-        batch = []
-        size = 0
-        while out and size < _BATCH_BYTES:
-            item = out.popleft()
-            if item is _CLOSE:
-                batch.append(self._close_frame)
-                return b"".join(batch), True
-            batch.append(item)
-            size += len(item)
-        return (batch[0] if len(batch) == 1 else b"".join(batch)), False
-
-    def _start_writer(self):
-        if self._writer is None:
-            self._writer = gevent.spawn(self._write_loop)
-
-    def _drop_queued(self):
-        head = self._out[0] if self._partial_head and self._out else None
-        self._out.clear()
-        if head is not None:
-            self._out.append(head)
-
-    def close(self, code=1000, reason=""):
-        """Send a close frame with ``code`` after everything already queued; idempotent.
-
-        Returns at once. The socket is shut down when the peer answers with its close frame, or
-        ``ws_close_grace`` seconds after ours was written, or ``ws_flush_timeout`` +
-        ``ws_close_grace`` seconds from now at the latest.
-        """
-        if self._closing:
-            return
-        self.close_code = code
-        self._close_frame = _frame(OP_CLOSE, _close_payload(code, reason))
-        self._closing = True
-        self._out.append(_CLOSE)
-        self._start_writer()
-        if not self._aborted:
-            self._watchdog = gevent.spawn_later(self.flush_timeout + self.close_grace,
-                                                self._abort)
-
-    def _write_loop(self):
-        """Write the backlog, then exit; after the close frame, linger for the peer's."""
-        try:
-            while self._out:
-                data, closing = self._take_batch()
-                self._sock.sendall(data)
-                if closing:  # close frame written: give the peer a moment to answer
-                    self._peer_done.wait(self.close_grace)
-                    self._abort()
-                    return
-        except (OSError, ValueError) as exc:
-            log.debug("websocket %s: write failed: %s", self.remote_addr, exc)
-            self._abort()
-        finally:
-            self._writer = None
-
     # -- ending ----------------------------------------------------------------------------
-
-    def _abort(self):
-        """Shut the socket down (wakes a blocked reader and writer); the handler closes it."""
-        if self._aborted:
-            return
-        self._aborted = True
-        self._closing = True
-        self._peer_done.set()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, ValueError):
-            pass
 
     def _drain(self):
         """After the app returned: read (and discard) until the peer's close frame or EOF."""
@@ -397,6 +319,7 @@ class WsConnection:
                 self._resync = 0
                 self._in_sync = True
             while not self._peer_done.is_set():
+                self._fair()
                 if not self._in_sync:
                     if not self._rfile.read1(_DISCARD_CHUNK):
                         break
@@ -428,6 +351,7 @@ class WsConnection:
             if glet is not None and not glet.dead:
                 glet.kill(block=True, timeout=1)
         self._out.clear()
+        self._lose_tracked()
 
 
 class Pinger:
@@ -450,12 +374,12 @@ class Pinger:
         self._conns.discard(conn)
 
     def _run(self):
-        ping = _frame(OP_PING, b"")
+        ping = frame(OP_PING, b"")
         try:
             while self._conns:
                 gevent.sleep(self.interval)
                 for n, conn in enumerate(list(self._conns)):
-                    conn._enqueue_control(ping)  # a no-op once the connection is closing
+                    conn._ping(ping)  # a no-op once closing, or while the socket is backed up
                     if n % _PING_YIELD_EVERY == _PING_YIELD_EVERY - 1:
                         gevent.sleep(0)
         finally:

@@ -27,6 +27,7 @@ from boshroster.web.access import check_access, client_address, from_trusted_pro
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import ENVIRON_KEY
+from boshroster.web.api import AppApi  # the app's API (issue 13)
 
 log = logging.getLogger("boshroster.web")
 
@@ -76,6 +77,10 @@ class WebApp:
         self.core = core
         self.config = core.config
         self.bosh = BoshManager(core.stream_context)
+        # Cluster (issue 14): sids name their node; a request for another node's sid is relayed there.
+        self.bosh_forwarder = getattr(core, "bosh_forwarder", None)
+        if self.bosh_forwarder is not None:
+            self.bosh.sid_prefix = self.bosh_forwarder.sid_prefix
         self.static_dir = self.config.static_dir or STATIC_DEFAULT
         self.started = time.time()
         self._install_backend_metrics()
@@ -156,7 +161,8 @@ class WebApp:
                 log.info("bad BOSH body from %s: %s", environ.get("REMOTE_ADDR"), err.text)
                 reply = terminate_body("bad-request")
             else:
-                reply = self.bosh.handle(body, lambda: self.peer(environ, "bosh"))
+                relayed = self.bosh_forwarder.relay(body, data, environ) if self.bosh_forwarder is not None else None
+                reply = relayed if relayed is not None else self.bosh.handle(body, lambda: self.peer(environ, "bosh"))
         start_response("200 OK", cors + [("Content-Type", _XML_TYPE), ("Content-Length", str(len(reply)))])
         return [reply]
 
@@ -188,6 +194,7 @@ class WebApp:
         app = bottle.Bottle(autojson=False)
         app.route("/roster_admin/refresh", "POST", self.refresh_many)
         app.route("/roster_admin/refresh/<username>", "GET", self.refresh_one)
+        AppApi(self.core).register(app)  # /api/...: the app's API (issue 13), before the static catch-all
         app.route("/health", "GET", self.health)
         app.route("/metrics", "GET", self.metrics)
         app.route("/.well-known/host-meta", ["GET", "OPTIONS"], self.host_meta)

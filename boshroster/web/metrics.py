@@ -51,6 +51,14 @@ class Metrics:
         # does not see "no data" until the first refresh.
         for outcome in ("ok", "bad-request", "refused"):
             self.refreshes.labels(outcome)
+        # The offline-message webhook (im/webhook.py) and the app's API (web/api.py), issue 13.
+        self.webhook = Counter("boshroster_offline_webhook", "Offline-message webhook notifications",
+                               ["outcome"], registry=self.registry)
+        for outcome in ("sent", "failed", "dropped", "retried"):
+            self.webhook.labels(outcome)
+        self.api_requests = Counter("boshroster_api_requests", "App API requests", ["outcome"], registry=self.registry)
+        for outcome in ("ok", "bad-request", "refused", "not-found"):
+            self.api_requests.labels(outcome)
 
     def session_opened(self, transport: str) -> None:
         self._open[transport] = self._open.get(transport, 0) + 1

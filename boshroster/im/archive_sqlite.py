@@ -1,0 +1,397 @@
+"""The message archive in SQLite (``data_dir/archive.sqlite3``, WAL): ``SqliteArchive``.
+
+Implements archive.MessageArchive; the key layout, the ids and the queries are
+in archive_sqlite_read.py.  A stanza is stored once per message even when both
+parties archive it (XEP-0313 §5.1.1 "store ... only once").
+
+**Order and timestamps.**  Every message gets a per-owner ordinal ``n`` (1, 2,
+3, ... never reused) and a timestamp that never goes backwards across the whole
+store (``max(now, last)``), so ``n`` order == time order == the order the
+client received them (§3.1), a time bound is a position in ``n`` (found by
+binary search, no timestamp index), and retention deletes a prefix (§3.2: no
+holes).  Because ``n`` has no holes, counts (XEP-0059 ``<count/>``) are a
+subtraction, not a scan; per-(owner, peer) ordinals ``pn`` do the same for
+queries filtered by a bare ``with``.
+
+**Ids** (archive_sqlite_read.py): AES of (n, epoch, owner check), so no id index.
+``epoch`` counts the store's openings: an id handed out for a message that a
+crash lost before commit can never name another message later, even though
+its ``n`` is given again.
+
+**Writes are batched.**  ``store`` assigns the id, ordinal and timestamp at
+once (the caller stamps the id on the live copy) and queues the row; a writer
+commits the queue in one transaction per loop turn or per ``flush_interval``
+seconds, in chunks of at most ``_CHUNK`` messages with a yield between chunks
+(sqlite3 calls do not yield to other greenlets, so each transaction is kept
+short).  The queue is bounded (``max_pending``): when full, the caller flushes
+synchronously (back-pressure, never a drop).  A crash loses at most what was
+queued: at most ``flush_interval`` seconds of messages and never more than
+``max_pending`` messages.  Committed data survives a process crash; with
+``synchronous=NORMAL`` in WAL mode an OS crash or power loss can also roll back
+the last transactions.  Queries flush first, so a query sees every message
+stored before it.
+
+Greenlet safety: one SqliteArchive per process, shared by all greenlets.  Its
+in-memory state (queue, counters, caches) is mutated only by ``store`` (any
+greenlet, no yield inside), by the flush (under ``_lock``) and by ``expire``
+(background greenlet, under ``_lock`` per chunk).  Only one process may open
+the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from binascii import b2a_base64
+from typing import Callable, Sequence
+from xml.etree.ElementTree import Element
+
+import gevent
+import gevent.lock
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from boshroster.im.archive import MAX_PREF_JIDS, POLICIES, Copy, MessageArchive, Prefs, parse_duration
+from boshroster.im.archive_sqlite_read import (
+    N_BITS,
+    N_MAX,
+    OWNER_MAX,
+    PEER_BITS,
+    PEER_MASK,
+    SCHEMA,
+    OwnerState,
+    SqliteReads,
+    encode_stanza,
+    owner_check,
+)
+
+log = logging.getLogger("boshroster.archive")
+
+_CHUNK = 500  # messages per write transaction (a few ms); the writer yields between chunks
+_EXPIRE_CHUNK = 2000  # archive entries deleted per transaction by retention
+_CACHE_MAX = 100_000  # owners / peers / pairs remembered in memory before the caches are reset
+_PREFS_CACHE_MAX = 10_000
+_URLSAFE = bytes.maketrans(b"+/", b"-_")  # base64url (RFC 4648 §5), as base64.urlsafe_b64encode
+
+
+class SqliteArchive(SqliteReads, MessageArchive):
+    """See the module docstring.  ``clock`` returns seconds (tests inject one)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        expires_after: float | None = None,
+        cleanup_interval: float = 3600.0,
+        flush_interval: float = 0.05,
+        max_pending: int = 10000,
+        default_policy: str = "always",
+        clock: Callable[[], float] = time.time,
+    ):
+        if default_policy not in POLICIES:
+            raise ValueError(f"default archive policy must be one of {POLICIES}")
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.expires_after = expires_after
+        self.cleanup_interval = cleanup_interval
+        self.flush_interval = flush_interval
+        self.max_pending = max(1, max_pending)
+        self.default_policy = default_policy
+        self._clock = clock
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA cache_size=-32768")  # 32 MiB: the tails of active conversations
+        self.db.executescript(SCHEMA)
+        self._lock = gevent.lock.RLock()
+        key = self._meta("sid_key")
+        if key is None:
+            key = os.urandom(16)
+            self.db.execute("INSERT INTO meta VALUES ('sid_key', ?)", (key,))
+        self._cipher = Cipher(algorithms.AES(bytes(key)), modes.ECB())
+        self._enc = self._cipher.encryptor()
+        self._dec = self._cipher.decryptor()
+        self._epoch = (self._meta("epoch") or 0) + 1
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (self._epoch,))
+        row = self.db.execute("SELECT id, stamp FROM body ORDER BY id DESC LIMIT 1").fetchone()
+        self._body_seq, self._last_stamp = row if row else (0, 0)
+        # Queue: (body row, [(owner id, n, peer, resource, outgoing)]) per message, in order.
+        self._pending: list[tuple[tuple, list[tuple]]] = []
+        self._flush_scheduled = False
+        self._owners: dict[str, OwnerState] = {}
+        self._peers: dict[str, int] = {}
+        self._pairs: dict[int, int] = {}  # pk -> last pn
+        self._prefs: dict[str, Prefs] = {}
+        self._last_full_warning = 0.0
+        self._cleaner: gevent.Greenlet | None = None
+        self._closed = False
+
+    # -- ids -------------------------------------------------------------------------------
+
+    def _meta(self, key: str):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _owner(self, owner: str, create: bool) -> OwnerState | None:
+        state = self._owners.get(owner)
+        if state is None:
+            row = self.db.execute("SELECT id, last_n FROM owners WHERE jid=?", (owner,)).fetchone()
+            if row is None:
+                if not create:
+                    return None
+                # Once per owner ever; a tiny transaction of its own.
+                cur = self.db.execute("INSERT INTO owners (jid, last_n) VALUES (?, 0)", (owner,))
+                row = (cur.lastrowid, 0)
+            if row[0] > OWNER_MAX:
+                raise RuntimeError("archive: too many owners for the key layout")
+            state = self._owners[owner] = OwnerState(row[0], row[1], owner_check(owner))
+        return state
+
+    def store(self, stanza: Element, copies: Sequence[Copy]) -> list[str]:
+        if self._closed:
+            raise RuntimeError("archive is closed")
+        if not copies:
+            return []
+        now = int(self._clock() * 1_000_000)
+        if now < self._last_stamp:
+            now = self._last_stamp  # the clock went back: keep time order == archive order
+        self._last_stamp = now
+        self._body_seq += 1
+        rows = []
+        blocks = []
+        epoch = self._epoch.to_bytes(4, "big")
+        for c in copies:
+            owner = self._owner(c.owner, create=True)
+            owner.last_n += 1
+            rows.append((owner.id, owner.last_n, c.peer, c.resource, c.outgoing))
+            blocks.append(owner.last_n.to_bytes(6, "big") + epoch + owner.check)
+        # One AES call for all the ids (ECB: block by block, the same as one call each).
+        sealed = self._enc.update(b"".join(blocks))
+        ids = [b2a_base64(sealed[i: i + 16], newline=False)[:22].translate(_URLSAFE).decode("ascii")
+               for i in range(0, len(sealed), 16)]
+        self._pending.append(((self._body_seq, now, encode_stanza(stanza)), rows))
+        if len(self._pending) >= self.max_pending:
+            if now / 1e6 - self._last_full_warning > 60:
+                self._last_full_warning = now / 1e6
+                log.warning("archive write queue full (%d messages): flushing in the sender's greenlet", len(self._pending))
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self.flush_interval > 0:
+                gevent.spawn_later(self.flush_interval, self._background_flush)
+            else:
+                gevent.spawn(self._background_flush)  # next loop turn
+        return ids
+
+    def _background_flush(self) -> None:
+        try:
+            self._flush(yield_between=True)
+        except Exception:  # noqa: BLE001 - a background writer must not die silently
+            log.exception("archive flush failed")
+
+    def flush(self) -> int:
+        return self._flush(yield_between=False)
+
+    def _flush(self, yield_between: bool) -> int:
+        written = 0
+        with self._lock:
+            self._flush_scheduled = False
+            while self._pending:
+                chunk = self._pending[:_CHUNK]
+                try:
+                    self._write(chunk)
+                except sqlite3.Error as exc:
+                    self._write_failed(exc)
+                    break
+                del self._pending[: len(chunk)]
+                written += len(chunk)
+                if yield_between and self._pending:
+                    self._lock.release()
+                    try:
+                        gevent.sleep(0)
+                    finally:
+                        self._lock.acquire()
+            if not self._pending and (len(self._owners) > _CACHE_MAX or len(self._peers) > _CACHE_MAX
+                                      or len(self._pairs) > _CACHE_MAX):
+                self._reset_caches()
+        return written
+
+    def _peer_id(self, jid: str) -> int:
+        peer = self._peers.get(jid)
+        if peer is None:
+            row = self.db.execute("SELECT id FROM peers WHERE jid=?", (jid,)).fetchone()
+            if row is None:
+                row = (self.db.execute("INSERT INTO peers (jid) VALUES (?)", (jid,)).lastrowid,)
+            peer = self._peers[jid] = row[0]
+            if peer > PEER_MASK:
+                raise RuntimeError("archive: too many peers for the key layout")
+        return peer
+
+    def _last_pn(self, pk: int) -> int:
+        last = self._pairs.get(pk)
+        if last is None:
+            row = self.db.execute("SELECT pn FROM archive WHERE pk=? ORDER BY k DESC LIMIT 1", (pk,)).fetchone()
+            last = row[0] if row else 0
+        return last
+
+    def _write(self, chunk: list[tuple[tuple, list[tuple]]]) -> None:
+        """One transaction: the bodies, the archive rows, the owners' counters."""
+        db = self.db
+        flags_epoch = self._epoch << 1
+        pairs = self._pairs
+        db.execute("BEGIN")
+        try:
+            bodies = []
+            rows = []
+            last_n: dict[int, int] = {}
+            for body, copies in chunk:
+                bodies.append(body)
+                bid, stamp = body[0], body[1]
+                for owner_id, n, peer, resource, outgoing in copies:
+                    pk = (owner_id << PEER_BITS) | self._peer_id(peer)
+                    pn = pairs[pk] = self._last_pn(pk) + 1
+                    rows.append(((owner_id << N_BITS) | n, pk, pn, stamp, flags_epoch | outgoing, resource, bid))
+                    last_n[owner_id] = n
+            db.executemany("INSERT INTO body (id, stamp, stanza) VALUES (?, ?, ?)", bodies)
+            db.executemany("INSERT INTO archive (k, pk, pn, stamp, flags, resource, body) VALUES (?,?,?,?,?,?,?)", rows)
+            db.executemany("UPDATE owners SET last_n=? WHERE id=? AND last_n<?", [(n, o, n) for o, n in last_n.items()])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._pairs.clear()  # counters read inside the rolled-back transaction
+            raise
+
+    def _write_failed(self, exc: Exception) -> None:
+        """The database refused a write (disk full, I/O error): drop the queue, loudly.
+
+        The ids already handed out for the dropped messages are never reused: the
+        counters are reloaded from the database and a new epoch starts."""
+        lost = len(self._pending)
+        log.error("archive write failed (%s): %d queued message(s) not archived", exc, lost)
+        self._pending.clear()
+        self._reset_caches()
+        self._epoch += 1
+        try:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (self._epoch,))
+        except sqlite3.Error:
+            pass
+        row = self.db.execute("SELECT id FROM body ORDER BY id DESC LIMIT 1").fetchone()
+        self._body_seq = row[0] if row else 0
+
+    def _reset_caches(self) -> None:
+        self._owners.clear()
+        self._peers.clear()
+        self._pairs.clear()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def prefs(self, owner: str) -> Prefs:
+        prefs = self._prefs.get(owner)
+        if prefs is None:
+            row = self.db.execute("SELECT dflt, always, never FROM prefs WHERE owner=?", (owner,)).fetchone()
+            if row is None:
+                prefs = Prefs(self.default_policy)
+            else:
+                prefs = Prefs(row[0], tuple(json.loads(row[1])), tuple(json.loads(row[2])))
+            if len(self._prefs) >= _PREFS_CACHE_MAX:
+                self._prefs.clear()
+            self._prefs[owner] = prefs
+        return prefs
+
+    def set_prefs(self, owner: str, prefs: Prefs) -> Prefs:
+        if prefs.default not in POLICIES:
+            raise ValueError(f"default must be one of {POLICIES}")
+        if len(prefs.always) > MAX_PREF_JIDS or len(prefs.never) > MAX_PREF_JIDS:
+            raise ValueError(f"at most {MAX_PREF_JIDS} JIDs per list")
+        never = tuple(dict.fromkeys(prefs.never))
+        always = tuple(j for j in dict.fromkeys(prefs.always) if j not in never)
+        applied = Prefs(prefs.default, always, never)
+        self.db.execute(
+            "INSERT OR REPLACE INTO prefs (owner, dflt, always, never) VALUES (?, ?, ?, ?)",
+            (owner, applied.default, json.dumps(list(always)), json.dumps(list(never))),
+        )
+        self._prefs[owner] = applied
+        return applied
+
+    # -- retention -------------------------------------------------------------------------
+
+    def expire(self, before: float, yield_between: bool = False) -> int:
+        """Delete archive entries and stanzas stamped before ``before``, oldest first, in
+        transactions of at most _EXPIRE_CHUNK rows (a prefix of each owner's archive, §3.2)."""
+        self.flush()
+        cutoff = int(before * 1_000_000)
+        deleted = 0
+        last_owner = 0
+        while True:
+            owners = self.db.execute("SELECT id, last_n FROM owners WHERE id>? ORDER BY id LIMIT 500",
+                                     (last_owner,)).fetchall()
+            if not owners:
+                break
+            for o, last_n in owners:
+                last_owner = o
+                first = self._edge(o, 1, N_MAX, None, last=False)
+                if first is None or first[1] >= cutoff:
+                    continue
+                keep = self._first_where(o, first[0], last_n, None, lambda r: r[1] >= cutoff)
+                stop = (keep - 1) if keep is not None else last_n
+                n = first[0]
+                base = o << N_BITS
+                while n <= stop:
+                    upper = min(stop, n + _EXPIRE_CHUNK - 1)
+                    with self._lock:
+                        cur = self.db.execute("DELETE FROM archive WHERE k BETWEEN ? AND ?", (base | n, base | upper))
+                    deleted += cur.rowcount
+                    n = upper + 1
+                    if yield_between:
+                        gevent.sleep(0)
+            if yield_between:
+                gevent.sleep(0)
+        # Stanzas: body ids are in time order too; both parties' copies of a message share its stamp.
+        while True:
+            with self._lock:
+                cur = self.db.execute(
+                    "DELETE FROM body WHERE id IN (SELECT id FROM body ORDER BY id LIMIT ?) AND stamp < ?",
+                    (_EXPIRE_CHUNK, cutoff),
+                )
+            if cur.rowcount < _EXPIRE_CHUNK:
+                break
+            if yield_between:
+                gevent.sleep(0)
+        if deleted:
+            log.info("archive retention: %d expired entries deleted", deleted)
+        return deleted
+
+    def start(self) -> None:
+        if self.expires_after is not None and self._cleaner is None:
+            self._cleaner = gevent.spawn(self._cleanup_loop)
+
+    def _cleanup_loop(self) -> None:
+        while not self._closed:
+            try:
+                self.expire(self._clock() - self.expires_after, yield_between=True)
+            except Exception:  # noqa: BLE001 - keep retention running; the next turn retries
+                log.exception("archive retention failed")
+            gevent.sleep(self.cleanup_interval)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._cleaner is not None:
+            self._cleaner.kill(block=False)
+        self.flush()
+        self._closed = True
+        self.db.close()
+
+
+def open_archive(config) -> SqliteArchive:
+    """The archive the server uses, from the ``archive_*`` settings."""
+    return SqliteArchive(
+        os.path.join(config.data_dir, "archive.sqlite3"),
+        expires_after=parse_duration(config.archive_expires_after),
+        cleanup_interval=config.archive_cleanup_interval,
+        flush_interval=config.archive_flush_interval,
+        max_pending=config.archive_queue_max,
+        default_policy=config.archive_default_policy,
+    )
