@@ -9,7 +9,6 @@ tests/test_bosh_inprocess.py.
 
 import xml.etree.ElementTree as ET
 
-import gevent
 import pytest
 import requests
 
@@ -195,19 +194,6 @@ def test_oversized_body_is_policy_violation_before_parsing(make_server):
     # Chunked (no Content-Length) is bounded too.
     reply = requests.post(server.bosh_url, data=iter([big.encode()[:3000], big.encode()[3000:]]), timeout=10)
     assert terminate_condition(reply) == "policy-violation"
-
-
-def test_more_simultaneous_requests_than_allowed_is_policy_violation(server):
-    created = ET.fromstring(post(server, f"<body xmlns='{NS_BOSH}' to='localhost' rid='60' wait='5' hold='1'/>").content)
-    sid = created.get("sid")
-    # 61 is parked, 63 waits for 62: with 2 outstanding, 62 is one request too many.
-    held = []
-    for rid in (61, 63):
-        held.append(gevent.spawn(post, server, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{sid}'/>"))
-        gevent.sleep(0.3)
-    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='62' sid='{sid}'/>")
-    assert terminate_condition(reply) == "policy-violation"
-    gevent.joinall(held, timeout=10)
 
 
 def test_client_terminate_logs_out_and_contacts_see_unavailable(server):

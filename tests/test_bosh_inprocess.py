@@ -155,6 +155,19 @@ def test_old_rid_no_longer_cached_is_item_not_found(world):
     assert terminated(client.post(rid=first)) == "item-not-found"
 
 
+def test_more_simultaneous_requests_than_allowed_is_policy_violation(world):
+    w = world()
+    client = w.client()
+    client.create()
+    base = client.rid
+    parked = client.spawn(rid=base + 1)  # held
+    early = client.spawn(rid=base + 3)  # waits for base+2: two outstanding, the 'requests' limit
+    assert not parked.ready() and not early.ready()
+    assert terminated(client.post(rid=base + 2)) == "policy-violation"  # XEP-0124 §11: one too many
+    assert {terminated(parked.get(timeout=1)), terminated(early.get(timeout=1))} <= {None, "policy-violation"}
+    assert w.app.bosh.sessions == {}
+
+
 def test_inactivity_ends_the_session_and_contacts_see_unavailable(world):
     w = world(bosh_max_inactivity=30)
     watcher = w.client().login("alice", "watcher")

@@ -187,7 +187,15 @@ def test_kill9_while_offline_messages_stream_to_a_slow_websocket_reader(make_ser
     print(f"{len(got)} of 300 arrived before the crash")
     server.start()
     again = logged_in("websocket", server, "bob", "again")
-    exactly_once(got + collect(again, 300 - len(got), timeout=60), ids)
+    after = collect(again, 300, timeout=60, quiet=2.0)
+    missing = set(ids) - set(got) - set(after)
+    assert not missing, f"{len(missing)} lost, e.g. {sorted(missing)[:5]}"
+    # A duplicate is only acceptable for a message the client really had before the crash: one
+    # the kernel took before the dead server got to hear of it, so at most the rows in flight
+    # (offline.py's window: 512 KiB, here 6 rows of 100 KB).
+    again_seen = [i for i in after if i in got]
+    assert len(after) == len(set(after)) and len(again_seen) <= 6, again_seen
+    print(f"after the restart: {len(after)} delivered, {len(again_seen)} of them already received before the crash")
 
 
 # -- point 1: SIGTERM under load ---------------------------------------------------------------
@@ -260,6 +268,7 @@ def test_5001_messages_back_to_back_to_an_online_bosh_user_are_all_accounted_for
         assert el.find(f"{q(NS_CLIENT, 'error')}/{{urn:ietf:params:xml:ns:xmpp-stanzas}}resource-constraint") is not None
         bounced.append(el.get("id"))
     exactly_once(delivered + bounced, ids)
+    print(f"{len(delivered)} delivered, {len(bounced)} bounced to the sender")
     assert bob.iq("<ping xmlns='urn:xmpp:ping'/>", to="localhost").get("type") == "result"  # the victim lives on
     assert bob.terminated is None
 
