@@ -65,7 +65,7 @@ class Config:
     bosh_hold: int = 1
     bosh_polling: int = 5
     bosh_max_body: int = 1048576
-    bosh_max_pending: int = 5000  # stanzas queued for a client that does not poll
+    bosh_max_pending: int = 50000  # hard bound: stanzas queued for one BOSH client (see bosh_max_pending_bytes)
     # --- WebSocket
     websocket_ping_interval: float = 30.0
     websocket_max_queue: int = 1000
@@ -149,6 +149,14 @@ class Config:
     http_max_connections_per_address: int = 500  # 0 = no cap
     http_connection_limit_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     http_external_url: str = ""  # public base URL (Prosody's name) for host-meta; "" = from Host
+    # --- BOSH delivery, bounds and input checks (issue 10 points 2-5, 16)
+    bosh_max_pending_bytes: int = 8388608  # hard bound: bytes queued for one BOSH client
+    bosh_high_water_stanzas: int = 5000  # above this many queued stanzas the session is "congested" ...
+    bosh_high_water_bytes: int = 1048576  # ... or above this many bytes: other users' stanzas bounce
+    bosh_max_response_bytes: int = 1048576  # stanzas per response up to this size; the rest go in the next one
+    bosh_max_stanzas_per_body: int = 10000  # a body with more is refused (policy-violation)
+    bosh_max_unauthenticated_per_address: int = 100  # BOSH sessions not yet logged in, per client address; 0 = no cap
+    bosh_unauthenticated_limit_loopback: bool = False  # apply that cap to loopback clients too
 
     @property
     def bosh_requests(self) -> int:
