@@ -201,7 +201,8 @@ def test_kill9_while_offline_messages_stream_to_a_slow_websocket_reader(make_ser
 # -- point 1: SIGTERM under load ---------------------------------------------------------------
 
 def test_sigterm_under_load_tells_everyone_and_loses_nothing_accepted(make_server):
-    server = make_server(bosh_max_wait=5, c2s_stanza_rate=0)  # no shaping: as much load as one sender makes
+    # no shaping: as much load as one sender makes; a small offline queue so that bounces are counted too
+    server = make_server(bosh_max_wait=5, c2s_stanza_rate=0, offline_max_per_user=100)
     bob = logged_in("bosh", server, "bob", "b")
     carol = logged_in("websocket", server, "carol", "c")
     alice = logged_in("websocket", server, "alice", "a", presence=False)
@@ -237,17 +238,23 @@ def test_sigterm_under_load_tells_everyone_and_loses_nothing_accepted(make_serve
     assert error.find("{urn:ietf:params:xml:ns:xmpp-streams}system-shutdown") is not None
     live = {"bob": collect(bob, 10**6, timeout=0.5, quiet=0.5), "carol": collect(carol, 10**6, timeout=0.5, quiet=0.5),
             "dave": []}
+    # A fast machine fills dave's offline queue (offline_max_per_user): the rest is bounced to
+    # alice with an error (service-unavailable, "offline storage full"), which accounts for them.
+    bounces = [el for el in alice.seen if el.tag == q(NS_CLIENT, "message") and el.get("type") == "error"]
+    assert all(el.find(f"{q(NS_CLIENT, 'error')}/{{urn:ietf:params:xml:ns:xmpp-stanzas}}service-unavailable") is not None
+               for el in bounces), [ET.tostring(el)[:300] for el in bounces[:3]]
+    bounced = {el.get("id") for el in bounces}
     server.start()
     report = {}
     for user, resource in (("bob", "b2"), ("carol", "c2"), ("dave", "d")):
         client = logged_in("websocket", server, user, resource)
         stored = collect(client, 10**6, quiet=1.5, timeout=10)
         got = live[user] + stored
-        missing = set(accepted[user]) - set(got)
+        missing = set(accepted[user]) - set(got) - bounced
         assert not missing, f"{user}: {len(missing)} accepted messages lost, e.g. {sorted(missing)[:5]}"
-        report[user] = (len(accepted[user]), len(got) - len(set(got)))
+        report[user] = (len(accepted[user]), len(got) - len(set(got)), len(bounced & set(accepted[user])))
         client.close()
-    print("accepted, duplicated per recipient:", report)
+    print("accepted, duplicated, bounced per recipient:", report)
 
 
 # -- point 5: overflow is the sender's problem -------------------------------------------------
