@@ -204,7 +204,7 @@ async function runScenarios(clientName, adapter, args) {
      * One outage of alice's connection, and what must hold after it.  Returns the
      * messages each side must have got once, in order (the caller checks at the end).
      */
-    async function outage(ctx, { proxy, a, b }, tag, how) {
+    async function outage(ctx, { proxy, a, b }, tag, how, { aliceWrites = true } = {}) {
         const jidBefore = a.jid;
         const idBefore = a.smId();
         const toAlice = [];
@@ -218,7 +218,7 @@ async function runScenarios(clientName, adapter, args) {
             await a.inbox.wait(isStatus('disconnected'), T, 'alice notices the cut');
             // The server noticed too: the session hibernates instead of ending (XEP-0198 §5).
             await serverLog(`${jidBefore} hibernating`);
-            if (a.canSendWhileDisconnected) send(a, b, toBob, `${tag} a-offline`);
+            if (aliceWrites && a.canSendWhileDisconnected) send(a, b, toBob, `${tag} a-offline`);
             for (let i = 1; i <= 3; i++) send(b, a, toAlice, `${tag} b-while-cut${i}`);
         } else {
             // Silent: nobody notices; both sides write into the void.
@@ -283,12 +283,17 @@ async function runScenarios(clientName, adapter, args) {
     }
 
     await runner.run('resume_twice', async (ctx) => {
-        // A resumed session can be resumed again, and counting goes on across both.
+        // A resumed session can be resumed again, and counting goes on across both.  alice writes
+        // nothing during the first outage: StanzaJS 12 does not put the stanzas it resends after
+        // <resumed/> back in its unacknowledged queue (Client.js: `replay || sm.track(...)`), so
+        // its count runs one short per resent stanza, a later <a/> drops a stanza that was not
+        // acknowledged, and a second resumption does not resend it.  The server's counts are right
+        // (its <resumed h/> is what it handled); that client bug is not what this tests.
         const p = await pair(ctx);
         const tag = '[twice]';
         await chat(p.a, p.b, tag, 2);
         const before = conversation(tag, 2);
-        const first = await outage(ctx, p, `${tag}1`, 'cut');
+        const first = await outage(ctx, p, `${tag}1`, 'cut', { aliceWrites: false });
         const second = await outage(ctx, p, `${tag}2`, 'silent');
         await settle(p.a, p.b,
             [...before.toAlice, ...first.toAlice, ...second.toAlice],
@@ -341,7 +346,12 @@ async function runScenarios(clientName, adapter, args) {
         // closing (XEP-0198 §4 only RECOMMENDS it: Strophe.js does, StanzaJS does not).
         const p = await pair(ctx);
         const tag = '[logout]';
-        await chat(p.a, p.b, tag, 3);
+        await chat(p.a, p.b, tag, 2);
+        // The server asks for an ack after each stanza; give alice's last <a/> its round trip.
+        // (StanzaJS writes <close/> past its own send queue: an <a/> still queued when it closes
+        // comes too late, and what it acknowledged is stored offline and arrives again, the
+        // duplicate XEP-0198 §4 warns of when a client closes without a last <a/>.)
+        await sleep(300);
         const jid = p.a.jid;
         await p.a.stop();
         await serverLog(`session end ${jid} (websocket, 127.0.0.1): client closed the stream`);
