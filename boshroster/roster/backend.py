@@ -124,13 +124,40 @@ def _pool_classes(counters: _Counters) -> dict:
     }
 
 
+class _Reply:
+    """What ``_BackendAdapter.send`` answers instead of a ``requests.Response``:
+    the urllib3 response and the three things read from it.  A Response would
+    cost a cookie jar, a copy of the headers and cookie extraction per fetch,
+    none of which is used (cookies are refused by policy; urllib3's header
+    dict is case-insensitive already)."""
+
+    __slots__ = ("raw", "status_code", "reason", "headers")
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.status_code = raw.status
+        self.reason = raw.reason
+        self.headers = raw.headers
+
+    @property
+    def is_redirect(self) -> bool:
+        return "location" in self.headers and self.status_code in requests.sessions.REDIRECT_STATI
+
+    def close(self, consumed: bool = False) -> None:
+        """Give the connection back to the pool if the body was read to its end, else close it
+        (like ``requests.Response.close``)."""
+        if not consumed:
+            self.raw.close()
+        self.raw.release_conn()
+
+
 class _BackendAdapter(HTTPAdapter):
     """The HTTPAdapter of the roster backend's one origin (the URL template's).
 
     Overrides the documented subclassing hooks only: pool classes that count
     connections and set quick-ack, a cached pool (one origin: the lookup,
     proxy selection and pool-key normalization per call cost ~40 µs), and a
-    response without cookie extraction (cookies are refused by policy)."""
+    minimal reply (``_Reply``) instead of a ``requests.Response``."""
 
     def __init__(self, counters: _Counters, **kwargs) -> None:
         self._counters = counters
@@ -154,16 +181,8 @@ class _BackendAdapter(HTTPAdapter):
             return super().request_url(request, proxies)
         return request.path_url
 
-    def build_response(self, req, resp) -> requests.Response:
-        response = requests.Response()
-        response.status_code = resp.status
-        response.headers = requests.structures.CaseInsensitiveDict(resp.headers)
-        response.raw = resp
-        response.reason = resp.reason
-        response.url = req.url
-        response.request = req
-        response.connection = self
-        return response
+    def build_response(self, req, resp) -> "_Reply":
+        return _Reply(resp)
 
     def close(self) -> None:
         self._pool = None
@@ -409,72 +428,71 @@ class RosterBackend:
         # A BaseException (gevent.Timeout) so no `except Exception` in
         # requests/urllib3 can swallow it; matched by identity below.
         deadline = gevent.Timeout(self.total_timeout)
-        response = None
+        reply = None
+        consumed = False
         deadline.start()
         try:
-            response = self._adapter.send(
+            reply = self._adapter.send(
                 self._request_for(quoted, validators),
                 timeout=(self.connect_timeout, self.read_timeout), **self._send_settings)
-            status = response.status_code
+            status = reply.status_code
             if status == 304 and conditional:
-                for _ in response.iter_content(_CHUNK):  # a 304 has no body (RFC 9110 §15.4.5):
-                    pass  # this only marks it consumed, so close() keeps the connection
+                # RFC 9110 §15.4.5: a 304 has no body; reading it (b"") marks it consumed.
+                consumed = not reply.raw.read(_CHUNK)
                 return None, "", validators
+            headers = reply.headers
             if status != 200:
-                message = f"GET {shown}: HTTP {response.status_code} {response.reason or ''}".rstrip()
-                location = response.headers.get("Location")
-                if response.is_redirect and location:
+                message = f"GET {shown}: HTTP {status} {reply.reason or ''}".rstrip()
+                location = headers.get("Location")
+                if reply.is_redirect and location:
                     message += f" (to {_redact(location)}; redirects are not followed)"
-                raise RosterFetchError("status", message, url=shown, status=response.status_code)
-            headers = response.headers
+                raise RosterFetchError("status", message, url=shown, status=status)
             content_type = headers.get("Content-Type", "")
             etag, modified = headers.get("ETag"), headers.get("Last-Modified")
             got = Validators(etag, modified) if (etag or modified) else None
-            declared = _content_length(response)
+            declared = _content_length(headers)
             if declared is not None and declared > self.max_body:
                 raise RosterFetchError(
                     "too-large", f"GET {shown}: Content-Length {declared} exceeds the "
                     f"{self.max_body}-byte limit", url=shown)
-            body = bytearray()
-            for chunk in response.iter_content(_CHUNK):
-                body += chunk
-                if len(body) > self.max_body:
-                    raise RosterFetchError(
-                        "too-large", f"GET {shown}: body exceeds the {self.max_body}-byte "
-                        "limit (reading stopped)", url=shown)
-            return bytes(body), content_type, got
+            # One read of at most max_body + 1 bytes (decoded): a longer body is
+            # too large, and reading stops there.
+            body = reply.raw.read(self.max_body + 1, decode_content=True)
+            if len(body) > self.max_body:
+                raise RosterFetchError(
+                    "too-large", f"GET {shown}: body exceeds the {self.max_body}-byte "
+                    "limit (reading stopped)", url=shown)
+            consumed = True
+            return body, content_type, got
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise
             raise RosterFetchError(
                 "timeout", f"GET {shown}: no complete reply within {self.total_timeout:g} s",
                 url=shown) from None
-        except requests.exceptions.Timeout as exc:  # ConnectTimeout, ReadTimeout
+        except (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError) as exc:
+            # ConnectTimeout, ReadTimeout (headers); ReadTimeoutError (body)
             raise RosterFetchError("timeout", f"GET {shown}: {_describe(exc)}",
                                    url=shown) from None
         except requests.exceptions.ConnectionError as exc:
-            # A read timeout while streaming the body arrives wrapped in a
-            # ConnectionError by iter_content.
             reason = "timeout" if _is_read_timeout(exc) else "connection"
             raise RosterFetchError(reason, f"GET {shown}: {_describe(exc)}",
                                    url=shown) from None
-        except requests.exceptions.ContentDecodingError as exc:
+        except urllib3.exceptions.DecodeError as exc:
             raise RosterFetchError("format", f"GET {shown}: cannot decode body: {_describe(exc)}",
                                    url=shown) from None
-        except requests.exceptions.RequestException as exc:
-            # ChunkedEncodingError (connection dropped mid-body), InvalidURL, ...
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            # connection dropped mid-body (ProtocolError), InvalidURL, ...
             raise RosterFetchError("connection", f"GET {shown}: {_describe(exc)}",
                                    url=shown) from None
         finally:
             deadline.close()
-            if response is not None:
-                # Closes the connection unless the body was fully read, in
-                # which case it already went back to the pool.
-                response.close()
+            if reply is not None:
+                reply.close(consumed)
 
 
-def _content_length(response: requests.Response) -> int | None:
-    value = response.headers.get("Content-Length")
+def _content_length(headers) -> int | None:
+    value = headers.get("Content-Length")
     if value is None:
         return None
     try:
