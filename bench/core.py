@@ -146,7 +146,7 @@ class Child:
             self.port = int(line.split()[1])
         else:
             self.port = port
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 90  # slow under tracemalloc (BENCH_SERVER_PATCH) on a busy machine
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {self.proc.returncode}:\n{self.tail()}")
