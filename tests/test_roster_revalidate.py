@@ -8,6 +8,10 @@ that binds (a login) makes the next roster get revalidate: a conditional GET
 (``If-None-Match`` / ``If-Modified-Since``) when the backend sent an ETag or a
 Last-Modified, a full GET otherwise; the cached copy is served only when the
 backend cannot answer.  Concurrent logins of one user still share one GET.
+That login fetch starts when the resource binds (as Prosody loads the roster
+at bind), so the roster get that follows joins it instead of waiting a whole
+GET after a client round trip; if it failed, that roster get gets its error
+without a second GET.
 
 Real server subprocesses, the real test backend (tests/backend_app.py: ETag
 and Last-Modified support, a switch to turn them off, counters of conditional
@@ -217,3 +221,45 @@ def test_relogin_after_the_grace_period_is_a_full_get(make_server, backend, clie
     assert items_of(reply) == demo_items("alice")
     assert backend.requests_for("alice") == 2 and backend.conditional_requests_for("alice") == 0
     ping_ok(again)
+
+
+# -- the login's fetch starts at bind (as Prosody loads the roster at bind) -------------------------
+
+
+def wait_for(predicate, timeout=5.0) -> bool:
+    deadline = gevent.get_hub().loop.now() + timeout
+    while not predicate():
+        if gevent.get_hub().loop.now() > deadline:
+            return False
+        gevent.sleep(0.02)
+    return True
+
+
+def test_the_login_fetch_starts_at_bind_and_the_roster_get_joins_it(make_server, backend, clients, transport):
+    server = make_server(bosh_max_wait=5)
+    client, _ = login(clients, server, transport, roster=False)
+    # Bound, no roster get sent yet: the GET is already under way (or done).
+    assert wait_for(lambda: backend.requests_for("alice") == 1)
+    assert items_of(client.get_roster()) == demo_items("alice")
+    assert backend.requests_for("alice") == 1  # the roster get used it: no second GET
+    # A relogin within the grace period revalidates at bind too: one conditional GET, then a 304.
+    client.close()
+    again, _ = login(clients, server, other(transport), resource="b", roster=False)
+    assert wait_for(lambda: backend.conditional_requests_for("alice") == 1)
+    assert items_of(again.get_roster()) == demo_items("alice")
+    assert backend.requests_for("alice") == 2 and backend.not_modified_for("alice") == 1
+
+
+def test_a_failed_fetch_at_bind_answers_the_roster_get_without_a_second_get(make_server, backend, clients, transport):
+    server = make_server(roster_retry_count=0, bosh_max_wait=5)
+    backend.set_fault("alice", "status", 500)
+    client, _ = login(clients, server, transport, roster=False)
+    assert wait_for(lambda: backend.requests_for("alice") == 1)
+    gevent.sleep(0.2)  # the failure is in
+    reply = client.get_roster()
+    assert reply.get("type") == "error", ET.tostring(reply)
+    assert backend.requests_for("alice") == 1
+    # The next roster get (the error was served once) asks the backend again, which is back.
+    backend.set_fault("alice", None)
+    assert items_of(client.get_roster()) == demo_items("alice")
+    assert backend.requests_for("alice") == 2

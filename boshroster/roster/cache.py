@@ -15,6 +15,11 @@ the backend sent an ETag or Last-Modified with it (304: keep the copy), a
 full GET otherwise, as Prosody fetches at every first login.  The stale copy
 is served only if the backend cannot be reached (``get`` raises, the caller
 falls back to ``cached``).  Concurrent logins of one user share that one GET.
+
+Fetch at bind (``prefetch``, the default): that login fetch (or revalidation)
+starts when the resource binds, as Prosody loads the roster at bind, not when
+the roster get arrives one client round trip later; the roster get joins it.
+If it failed, the next ``get`` gets its error instead of a second GET at once.
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ class RosterCache:
       no holder (the heap may hold stale entries; ``_expiry`` is the truth);
     * ``_validators``  username -> the ETag/Last-Modified of the cached roster;
     * ``_stale``  users who logged in while their roster was cached: their
-      next ``get`` revalidates (cleared when any fetch for them completes).
+      next ``get`` revalidates (cleared when any fetch for them completes);
+    * ``_prefetched``  username -> the flight a login started at bind, until
+      the next ``get`` (or the last release) takes it: its error is served once.
 
     Who mutates it: the public methods (called from session and HTTP
     greenlets) and ``_run``, the one greenlet spawned per backend fetch,
@@ -94,8 +101,9 @@ class RosterCache:
     """
 
     def __init__(self, backend, *, grace_seconds: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefetch: bool = True) -> None:
         self._backend = backend
+        self._prefetch = prefetch
         self._grace = grace_seconds
         self._clock = clock
         self._rosters: dict[str, Roster] = {}
@@ -105,6 +113,7 @@ class RosterCache:
         self._heap: list[tuple[float, str]] = []
         self._validators: dict[str, Validators] = {}
         self._stale: set[str] = set()
+        self._prefetched: dict[str, _Flight] = {}
         # fetch_validated (conditional GETs) if the backend has it; test stubs may have fetch only
         self._fetch_validated = getattr(backend, "fetch_validated", None)
 
@@ -117,10 +126,15 @@ class RosterCache:
         Raises RosterFetchError, shared with every caller waiting on the same
         fetch; the stale copy is then still ``cached()``."""
         self._evict_expired()
+        prefetched = self._prefetched.pop(username, None)
         roster = self._rosters.get(username)
         if roster is not None and username not in self._stale:
             return roster
         flight = self._flights.get(username)
+        if flight is None and prefetched is not None and prefetched.result.ready():
+            # The fetch this login started at bind failed a moment ago (a success
+            # would be cached): its error, not a second GET right away.
+            return prefetched.result.get()[1]
         if flight is None or not flight.store:
             # Nothing in flight, or the fetch in flight was started before a
             # drop() and its data is stale: wait for a fresh one.
@@ -167,13 +181,22 @@ class RosterCache:
     def hold(self, username: str) -> None:
         """One more online resource for this user: keep the roster cached.
 
-        The first one (a login) marks a cached copy stale: see ``get``."""
+        The first one (a login) marks a cached copy stale (see ``get``) and, with
+        ``prefetch``, starts the login's fetch or revalidation now; never yields."""
         self._evict_expired()
         count = self._holders.get(username, 0)
         self._holders[username] = count + 1
         self._expiry.pop(username, None)
-        if count == 0 and username in self._rosters:
+        if count:
+            return
+        cached = username in self._rosters
+        if cached:
             self._stale.add(username)
+        if self._prefetch:
+            flight = self._flights.get(username)
+            if flight is None or not flight.store:
+                flight = self._fresh_flight(username, conditional=cached)
+            self._prefetched[username] = flight
 
     def is_stale(self, username: str) -> bool:
         """Whether the cached copy waits for its login revalidation."""
@@ -189,6 +212,7 @@ class RosterCache:
             self._holders[username] = count - 1
             return
         del self._holders[username]
+        self._prefetched.pop(username, None)
         if username in self._rosters:
             self._schedule_expiry(username)
         self._evict_expired()
@@ -289,6 +313,7 @@ class RosterCache:
                 self._forget(username)
 
     def _forget(self, username: str) -> None:
+        self._prefetched.pop(username, None)
         self._rosters.pop(username, None)
         self._expiry.pop(username, None)
         self._validators.pop(username, None)
