@@ -252,6 +252,25 @@ class BoshClient(Client):
     def restart(self) -> None:
         self._sync("", f" xmpp:restart='true' xmlns:xmpp='urn:xmpp:xbosh' to='{self.domain}'")
 
+    def expect(self, regex: re.Pattern, timeout: float = 20.0) -> re.Match:
+        """Login phase: if what is expected was not in the responses so far, poll for it with an
+        empty request (the server holds it until it has something, XEP-0124 §8): a server may
+        answer a request before the stanzas it causes are ready (ejabberd does, for the presence
+        echo), and with no request in flight it could never deliver them."""
+        if self.polling or self.handler is not None:
+            return super().expect(regex, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = regex.search(self.buf)
+            if m is not None:
+                self.buf = self.buf[m.end():]
+                return m
+            if self.closed:
+                raise BenchError(f"{self.user}: stream closed ({self.error}) waiting for {regex.pattern!r}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.user}: timeout waiting for {regex.pattern!r}; have {self.buf[-300:]!r}")
+            self._sync("")
+
     def login_send(self, xml: str) -> None:
         self._sync(xml)
 
