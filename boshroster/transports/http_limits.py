@@ -37,9 +37,9 @@ the handler's pending and later reads see end-of-file and the handler ends the c
 its own greenlet. Nothing is thrown into a greenlet, so a timeout can never interrupt the app
 in the middle of its work; only reading from the client is affected.
 
-Costs on the hot path (a kept-alive BOSH request): three attribute writes, one or two
-``time.monotonic()`` calls and two dict operations per request; no greenlet and no timer per
-request or per connection. One sweeper greenlet per server wakes every quarter of the
+Costs on the hot path (a kept-alive BOSH request): a few attribute writes, three
+``time.monotonic()`` calls and two dict operations per request, on top of the header reading
+pywsgi did anyway; no greenlet and no timer per request or per connection. One sweeper greenlet per server wakes every quarter of the
 shortest timeout (at most once a second) while connections are open, and scans them.
 
 Shared state (greenlet safety): ``HttpLimits`` is shared by every connection of a server and
