@@ -63,7 +63,7 @@ import socket
 import time
 
 import gevent
-from gevent.pywsgi import MAX_REQUEST_LINE, Input  # pywsgi answers 414 at 8192
+from gevent.pywsgi import Input
 
 
 __all__ = ["ClientGone", "HttpLimits", "body_done", "connection_cap", "raise_fd_limit",
