@@ -9,6 +9,7 @@ documented with its default in conf/boshroster.toml.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -137,6 +138,17 @@ class Config:
     cluster_heartbeat_interval: float = 2.0  # seconds between this node's heartbeats
     cluster_node_timeout: float = 10.0  # a node silent this long is dead: its sessions are cleaned up
     database_pool_size: int = 10  # PostgreSQL connections per process
+    # --- XML input limits (issue 10, point 7a; stanza_size_limit above is checked for every stanza)
+    stanza_max_depth: int = 32  # element levels below a stanza; deeper is a policy-violation stream error
+    # --- HTTP layer limits (issue 10 points 8 and 16; nginx's names in brackets; transports/http_limits.py)
+    http_header_timeout: float = 60.0  # request line + headers [client_header_timeout]
+    http_body_timeout: float = 60.0  # the whole request body [client_body_timeout]
+    http_keepalive_timeout: float = 75.0  # idle kept-alive connection [keepalive_timeout]
+    http_max_header_line: int = 8192  # bytes per header line [large_client_header_buffers 4 8k]
+    http_max_header_size: int = 32768  # bytes of all header lines
+    http_max_connections_per_address: int = 500  # 0 = no cap
+    http_connection_limit_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    http_external_url: str = ""  # public base URL (Prosody's name) for host-meta; "" = from Host
     # --- BOSH delivery, bounds and input checks (issue 10 points 2-5, 16)
     bosh_max_pending_bytes: int = 8388608  # hard bound: bytes queued for one BOSH client
     bosh_high_water_stanzas: int = 5000  # above this many queued stanzas the session is "congested" ...
@@ -230,8 +242,24 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
     if config.archive_cleanup_interval <= 0:
         raise ConfigError("archive_cleanup_interval: must be positive")
     _check_cluster(config)
+    for name in ("http_header_timeout", "http_body_timeout", "http_keepalive_timeout"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name}: must be > 0 seconds")
+    if config.http_max_header_line < 256 or config.http_max_header_size < config.http_max_header_line:
+        raise ConfigError("http_max_header_line must be >= 256 and http_max_header_size >= http_max_header_line")
+    if config.http_max_connections_per_address < 0:
+        raise ConfigError("http_max_connections_per_address: must be >= 0 (0 = no cap)")
+    _check_external_url(config.http_external_url)
+    for name in ("http_connection_limit_exempt", "trusted_proxies"):  # both exempt from the per-address cap
+        for spec in getattr(config, name):
+            try:
+                ipaddress.ip_network(spec.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(f"{name}: {spec!r} is not an IP address or network") from None
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
+    if config.stanza_max_depth < 1:
+        raise ConfigError("stanza_max_depth: must be at least 1")
     return config
 
 
@@ -291,3 +319,20 @@ def _check_webhook(config: Config) -> None:
         raise ConfigError("offline_message_webhook_retries / _backoff: must be >= 0")
     if config.offline_message_webhook_queue < 1 or config.api_max_body < 1:
         raise ConfigError("offline_message_webhook_queue / api_max_body: must be >= 1")
+
+
+def _check_external_url(value: str) -> None:
+    """``http_external_url``: "" or an absolute http(s) URL without query or fragment (the
+    app drops a trailing slash)."""
+    from urllib.parse import urlsplit
+
+    if not value:
+        return
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"http_external_url: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or any(c in value for c in "<>\"' \\"):
+        raise ConfigError(f"http_external_url: expected http(s)://host[:port][/path], got {value!r}")

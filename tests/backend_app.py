@@ -11,6 +11,7 @@ monkey.patch_all()`` at the top of the test module, before anything imports
         backend.contacts["alice"] = {...}     # change what is served, any time
         backend.set_fault("alice", "status", 500)
         backend.requests_for("alice")         # GETs seen for alice so far
+        backend.in_progress, backend.peak_in_progress  # 'slow'/'gate' GETs held now / at most at once
     finally:
         backend.stop()
 
@@ -22,6 +23,8 @@ Faults, per username (``set_fault(username, kind, value)``; ``None`` clears):
 ==============  =================================================================
 ``'slow'``      sleep ``value`` seconds, then answer with the contacts as they
                 were when the request arrived
+``'gate'``      wait until ``value`` (a ``gevent.event.Event``) is set (30 s at most),
+                then answer like ``'slow'``: a test decides when, no timing involved
 ``'status'``    answer HTTP ``value`` (e.g. 500, 404) with a small JSON body
 ``'html'``      200 with an HTML error page (``text/html``)
 ``'array'``     200 with a JSON array instead of an object
@@ -51,7 +54,7 @@ __all__ = ["TestBackend", "closed_port_url_template"]
 
 _PREFIX = "/contacts/"
 _CHUNK = b" " * 65536
-_FAULTS = {"slow", "status", "html", "array", "malformed", "huge", "huge-declared", "trickle"}
+_FAULTS = {"slow", "gate", "status", "html", "array", "malformed", "huge", "huge-declared", "trickle"}
 
 
 class _RawPathHandler(WSGIHandler):
@@ -85,6 +88,10 @@ class TestBackend:
         self._counts: Counter[str] = Counter()
         self._huge_sent: dict[str, int] = {}
         self._server: WSGIServer | None = None
+        # 'slow'/'gate' GETs held right now, and the most held at once. Changed by the request
+        # greenlets only, never across a yield between check and update.
+        self.in_progress = 0
+        self.peak_in_progress = 0
 
     # -- control -----------------------------------------------------------------
     def start(self) -> "TestBackend":
@@ -143,8 +150,16 @@ class TestBackend:
         kind, value = self.faults.get(username, (None, None))
 
         body = json.dumps(self.contacts.get(username, {})).encode()  # state on arrival
-        if kind == "slow":
-            gevent.sleep(value or 0)
+        if kind in ("slow", "gate"):
+            self.in_progress += 1
+            self.peak_in_progress = max(self.peak_in_progress, self.in_progress)
+            try:
+                if kind == "slow":
+                    gevent.sleep(value or 0)
+                else:
+                    value.wait(timeout=30)
+            finally:
+                self.in_progress -= 1  # before the reply is written: the client cannot be faster
         elif kind == "status":
             if value in (204, 304) or 100 <= value < 200:
                 start_response(f"{value} Fault", [])

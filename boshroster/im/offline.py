@@ -168,7 +168,7 @@ class _Delivery:
                         break
                     self.after = row_id
                     try:
-                        stanza = xmlio.parse(text, store.stanza_size_limit * 2)
+                        stanza = xmlio.parse(text, store.stanza_size_limit * 2, max_depth=None)  # written by us
                     except xmlio.XMLError:
                         log.error("dropping unreadable offline message %s for %s", row_id, self.username)
                         store._confirmed(row_id)
