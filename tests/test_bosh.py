@@ -7,7 +7,6 @@ early rids, the replay buffer) is tested in-process on a fake clock:
 tests/test_bosh_inprocess.py.
 """
 
-import time
 import xml.etree.ElementTree as ET
 
 import pytest
