@@ -25,5 +25,5 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.2", "websocket-client>=1.7", "redis>=5", "psycopg[binary]>=3.2",
                  "hypothesis>=6.100"],
     },
-    entry_points={"console_scripts": ["boshroster=boshroster.cli:main"]},
+    entry_points={"console_scripts": ["boshroster=boshroster.cli.main:main"]},
 )
