@@ -20,7 +20,10 @@ setup(
         "cryptography>=42",  # also AES behind the MAM archive ids (im/archive_sqlite_read.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "websocket-client>=1.7"],
+        # A cluster (issue 14): Redis (cluster_redis_url) and PostgreSQL (database_url); imported only then.
+        "cluster": ["redis>=5", "psycopg[binary]>=3.2"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "websocket-client>=1.7", "redis>=5", "psycopg[binary]>=3.2",
+                 "hypothesis>=6.100"],
     },
-    entry_points={"console_scripts": ["boshroster=boshroster.cli:main"]},
+    entry_points={"console_scripts": ["boshroster=boshroster.cli.main:main"]},
 )

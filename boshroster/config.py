@@ -9,6 +9,7 @@ documented with its default in conf/boshroster.toml.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 
 class ConfigError(ValueError):
     """A config file or value that cannot be used; the message says which key."""
+
+
+class StartupError(RuntimeError):
+    """A service the config names (Redis, PostgreSQL) cannot be used at start; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class Config:
     bosh_hold: int = 1
     bosh_polling: int = 5
     bosh_max_body: int = 1048576
-    bosh_max_pending: int = 5000  # stanzas queued for a client that does not poll
+    bosh_max_pending: int = 50000  # hard bound: stanzas queued for one BOSH client (see bosh_max_pending_bytes)
     # --- WebSocket
     websocket_ping_interval: float = 30.0
     websocket_max_queue: int = 1000
@@ -125,6 +130,33 @@ class Config:
     offline_message_webhook_retries: int = 3  # further attempts after a failed one
     offline_message_webhook_backoff: float = 1.0  # seconds before the first retry, doubled each time
     offline_message_webhook_queue: int = 1000  # notifications waiting to be sent; more are dropped (counted)
+    # --- cluster (issue 14): several processes sharing Redis and PostgreSQL; boshroster/cluster/
+    cluster_redis_url: str = ""  # redis://host:port/db; empty: a single process, as before
+    database_url: str = ""  # postgresql://user:pass@host:port/db; empty: SQLite files under data_dir
+    node_id: str = ""  # unique per process in a cluster (letters, digits, '-', '_'); empty: the host name
+    cluster_internal_url: str = ""  # http://host:port where the other nodes reach this one (BOSH forwarding)
+    cluster_heartbeat_interval: float = 2.0  # seconds between this node's heartbeats
+    cluster_node_timeout: float = 10.0  # a node silent this long is dead: its sessions are cleaned up
+    database_pool_size: int = 10  # PostgreSQL connections per process
+    # --- XML input limits (issue 10, point 7a; stanza_size_limit above is checked for every stanza)
+    stanza_max_depth: int = 32  # element levels below a stanza; deeper is a policy-violation stream error
+    # --- HTTP layer limits (issue 10 points 8 and 16; nginx's names in brackets; transports/http_limits.py)
+    http_header_timeout: float = 60.0  # request line + headers [client_header_timeout]
+    http_body_timeout: float = 60.0  # the whole request body [client_body_timeout]
+    http_keepalive_timeout: float = 75.0  # idle kept-alive connection [keepalive_timeout]
+    http_max_header_line: int = 8192  # bytes per header line [large_client_header_buffers 4 8k]
+    http_max_header_size: int = 32768  # bytes of all header lines
+    http_max_connections_per_address: int = 500  # 0 = no cap
+    http_connection_limit_exempt: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    http_external_url: str = ""  # public base URL (Prosody's name) for host-meta; "" = from Host
+    # --- BOSH delivery, bounds and input checks (issue 10 points 2-5, 16)
+    bosh_max_pending_bytes: int = 8388608  # hard bound: bytes queued for one BOSH client
+    bosh_high_water_stanzas: int = 5000  # above this many queued stanzas the session is "congested" ...
+    bosh_high_water_bytes: int = 1048576  # ... or above this many bytes: other users' stanzas bounce
+    bosh_max_response_bytes: int = 1048576  # stanzas per response up to this size; the rest go in the next one
+    bosh_max_stanzas_per_body: int = 10000  # a body with more is refused (policy-violation)
+    bosh_max_unauthenticated_per_address: int = 100  # BOSH sessions not yet logged in, per client address; 0 = no cap
+    bosh_unauthenticated_limit_loopback: bool = False  # apply that cap to loopback clients too
 
     @property
     def bosh_requests(self) -> int:
@@ -209,9 +241,44 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError("archive_flush_interval: must not be negative")
     if config.archive_cleanup_interval <= 0:
         raise ConfigError("archive_cleanup_interval: must be positive")
+    _check_cluster(config)
+    for name in ("http_header_timeout", "http_body_timeout", "http_keepalive_timeout"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name}: must be > 0 seconds")
+    if config.http_max_header_line < 256 or config.http_max_header_size < config.http_max_header_line:
+        raise ConfigError("http_max_header_line must be >= 256 and http_max_header_size >= http_max_header_line")
+    if config.http_max_connections_per_address < 0:
+        raise ConfigError("http_max_connections_per_address: must be >= 0 (0 = no cap)")
+    _check_external_url(config.http_external_url)
+    for name in ("http_connection_limit_exempt", "trusted_proxies"):  # both exempt from the per-address cap
+        for spec in getattr(config, name):
+            try:
+                ipaddress.ip_network(spec.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(f"{name}: {spec!r} is not an IP address or network") from None
     if len(config.http_ports) != len(config.http_interfaces) and len(config.http_ports) != 1:
         pass  # every interface gets every port, as Prosody does
+    if config.stanza_max_depth < 1:
+        raise ConfigError("stanza_max_depth: must be at least 1")
     return config
+
+
+def _check_cluster(config: Config) -> None:
+    """Cluster settings (issue 14): a mistake stops startup naming the key."""
+    import re
+
+    if config.cluster_redis_url and not re.match(r"^(redis|rediss|unix)://", config.cluster_redis_url):
+        raise ConfigError("cluster_redis_url: expected redis://host:port/db (or rediss://, unix://)")
+    if config.database_url and not re.match(r"^postgres(ql)?://", config.database_url):
+        raise ConfigError("database_url: expected postgresql://user:pass@host:port/db")
+    if config.node_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", config.node_id):
+        raise ConfigError("node_id: letters, digits, '-' and '_' only (it is part of BOSH sids and Redis keys)")
+    if config.cluster_internal_url and not re.match(r"^https?://", config.cluster_internal_url):
+        raise ConfigError("cluster_internal_url: expected http://host:port")
+    if config.cluster_heartbeat_interval <= 0 or config.cluster_node_timeout <= 2 * config.cluster_heartbeat_interval:
+        raise ConfigError("cluster_node_timeout must be more than twice cluster_heartbeat_interval (> 0)")
+    if config.database_pool_size < 1:
+        raise ConfigError("database_pool_size: at least 1")
 
 
 def _check_auth(config: Config) -> None:
@@ -252,3 +319,20 @@ def _check_webhook(config: Config) -> None:
         raise ConfigError("offline_message_webhook_retries / _backoff: must be >= 0")
     if config.offline_message_webhook_queue < 1 or config.api_max_body < 1:
         raise ConfigError("offline_message_webhook_queue / api_max_body: must be >= 1")
+
+
+def _check_external_url(value: str) -> None:
+    """``http_external_url``: "" or an absolute http(s) URL without query or fragment (the
+    app drops a trailing slash)."""
+    from urllib.parse import urlsplit
+
+    if not value:
+        return
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"http_external_url: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or any(c in value for c in "<>\"' \\"):
+        raise ConfigError(f"http_external_url: expected http(s)://host[:port][/path], got {value!r}")

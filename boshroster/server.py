@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import time
 
 import gevent
 import gevent.event
@@ -20,8 +22,71 @@ from boshroster.config import Config
 from boshroster.wiring import Core
 from boshroster.web.app import WebApp
 from boshroster.transports.http_handler import ServerHandler
+from boshroster.transports.http_limits import HttpLimits, connection_cap, raise_fd_limit
 
 log = logging.getLogger("boshroster.server")
+
+
+# -- graceful stop: ending idle keep-alive connections ------------------------------------
+
+class _Listener(WSGIServer):
+    """A WSGIServer that can end its keep-alive connections idle between requests.
+
+    pywsgi's ``stop(timeout)`` waits for every handler greenlet, and a kept-alive connection's
+    handler sits in ``readline`` until the client closes it: without this, every stop waited
+    the full grace for connections nobody uses.  ``idle`` holds the handlers blocked reading a
+    request line; handler greenlets add and remove themselves, :meth:`Server.stop` reads it
+    from a snapshot (no yield in between, so no handler can be half-registered).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.idle: set = set()
+        self.draining = False  # set by close_idle(): handlers end instead of reading a request
+
+    def close_idle(self) -> int:
+        """End every connection waiting for its next request; those busy end after theirs."""
+        self.draining = True
+        idle = list(self.idle)
+        for handler in idle:
+            try:  # wakes its readline with EOF; the handler greenlet then closes the socket
+                handler.socket.shutdown(socket.SHUT_RDWR)
+            except (OSError, AttributeError):
+                pass
+        return len(idle)
+
+
+class _Handler(ServerHandler):
+    """ServerHandler that registers itself in ``_Listener.idle`` while it waits for a request."""
+
+    def read_requestline(self):
+        server = self.server
+        if server.draining:  # stopping: answer nothing more on this connection
+            return ""
+        server.idle.add(self)
+        try:
+            return super().read_requestline()
+        finally:
+            server.idle.discard(self)
+
+
+# Connections the kernel queues while the pool is full or the accept loop is busy (gevent's
+# default is 128, nginx's 511); Linux caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 1024
+
+
+def _connection_cap(config: Config) -> int:
+    """``max_connections`` as the process can hold it: the soft RLIMIT_NOFILE is raised to the
+    hard limit first, then the cap is lowered so that file descriptors remain free."""
+    before, fd_limit = raise_fd_limit()
+    if fd_limit != before:
+        log.info("open file limit (RLIMIT_NOFILE) raised from %d to %d", before, fd_limit)
+    cap = connection_cap(config.max_connections, fd_limit)
+    if cap < config.max_connections:
+        log.warning("max_connections lowered from %d to %d: the process may open %d files "
+                    "(RLIMIT_NOFILE; raise the hard limit, e.g. LimitNOFILE= in systemd)",
+                    config.max_connections, cap, fd_limit)
+    return cap
 
 
 def setup_logging(level: str) -> None:
@@ -41,13 +106,13 @@ class Server:
         self.config = config
         self.core = Core(config, roster_backend=roster_backend)
         self.app = WebApp(self.core)
-        pool = Pool(config.max_connections)
+        pool = self._pool = Pool(_connection_cap(config))  # every connection's handler greenlet
         self.listeners = []
         for interface in config.http_interfaces:
             for port in config.http_ports:
-                listener = WSGIServer(
-                    (interface, port), self.app, handler_class=ServerHandler, spawn=pool,
-                    log=None, error_log=logging.getLogger("boshroster.http"),
+                listener = _Listener(
+                    (interface, port), self.app, handler_class=_Handler, spawn=pool,
+                    log=None, error_log=logging.getLogger("boshroster.http"), backlog=LISTEN_BACKLOG,
                 )
                 listener.ws_max_message = config.stanza_size_limit + 1024
                 listener.ws_ping_interval = config.websocket_ping_interval
@@ -57,6 +122,12 @@ class Server:
                 listener.ws_max_frames = config.websocket_max_message_frames
                 listener.ws_max_wire = config.websocket_max_message_wire_bytes
                 self.listeners.append(listener)
+        # transports/http_limits.py: timeouts, header caps, per-address cap; when the pool is full, idle
+        # connections make room for new ones (listener.full is gevent's accept-time check).
+        self.http_limits = HttpLimits(config, pool, self.listeners)
+        for listener in self.listeners:
+            listener.boshroster_limits = self.http_limits
+            listener.full = self.http_limits.pool_full
         self._stopping = False
 
     @property
@@ -71,16 +142,31 @@ class Server:
                      self.config.domain, host, port)
 
     def stop(self, grace: float = 1.0) -> None:
-        """Graceful: every client is told system-shutdown, then listeners close."""
+        """Graceful: stop accepting, tell every client system-shutdown, end once all is written.
+
+        Held BOSH requests are answered with ``system-shutdown`` (``bosh.shutdown``) and
+        WebSocket streams get their stream error and close frame (``core.shutdown``); their
+        handler greenlets end once that is written (and, for WebSocket, the peer's close frame
+        is back).  Kept-alive connections with no request in progress are closed at once.  The
+        wait lasts only while some handler is still running, ``grace`` seconds at most; what
+        is left then is killed.
+        """
         if self._stopping:
             return
         self._stopping = True
+        deadline = time.monotonic() + grace
         log.info("shutting down")
+        for listener in self.listeners:
+            listener.close()  # the port closes: no new connection during shutdown
         self.app.bosh.shutdown()
         self.core.shutdown()
-        gevent.sleep(min(grace, 0.5))  # let held BOSH requests and WebSocket writers flush
         for listener in self.listeners:
-            listener.stop(timeout=grace)
+            listener.close_idle()
+        # A connection busy when close_idle ran ends on its own: _Handler reads no next request.
+        if not self._pool.join(timeout=max(0.0, deadline - time.monotonic())):
+            log.warning("shutdown: %d connection(s) still busy after %.1fs; closing them",
+                        len(self._pool), grace)
+            self._pool.kill(block=True, timeout=1)
         log.info("stopped")
 
     def serve_forever(self) -> None:

@@ -51,8 +51,15 @@ class Core:
         self.metrics = Metrics()
         self.bus = bus = EventBus()
 
+        # Durable storage: SQLite files under data_dir, or PostgreSQL (database_url, cluster/pg.py).
+        self.database = None
+        if config.database_url:
+            from boshroster.cluster.pg import PgDatabase
+
+            self.database = PgDatabase(config.database_url, config.database_pool_size)
+
         # Who may log in: auth/factory.py (accounts or the HTTP check, JWT tokens, the login throttle).
-        self.auth = build_auth(config)
+        self.auth = build_auth(config, self.database)
         authenticator = self.auth.authenticator  # check_password, user_exists (, scram_auth_info)
         self.accounts = self.auth.accounts  # AccountStore, or None with auth = "http"
         self.tokens = self.auth.tokens  # TokenState (revoke_tokens, ...), or None without jwt_key
@@ -83,6 +90,19 @@ class Core:
             if config.c2s_stanza_rate > 0 else None,
         )
 
+        # Cluster (issue 14): only with cluster_redis_url; without it nothing below changes.
+        # im/ then sees every node's resources (cluster/view.py), rosters are shared in Redis.
+        self.cluster = None
+        self.bosh_forwarder = None  # the web layer relays BOSH requests for other nodes' sids through it
+        im_sessions = self.sessions
+        if config.cluster_redis_url:
+            from boshroster.cluster.bosh_forward import BoshForwarder
+            from boshroster.cluster.node import ClusterNode
+
+            self.cluster = ClusterNode(config, self.sessions, bus)
+            self.bosh_forwarder = BoshForwarder(self.cluster, config.bosh_max_wait)
+            im_sessions = self.cluster.view
+
         # Rosters, delegated to the web application.
         if roster_backend is None:
             if not config.http_roster_url:
@@ -95,21 +115,37 @@ class Core:
                 max_concurrency=config.roster_max_concurrency,
             )
         self.roster_backend = roster_backend
+        fetcher = roster_backend
+        if self.cluster is not None:
+            from boshroster.cluster.rosters import SharedRosterBackend
+
+            fetcher = SharedRosterBackend(roster_backend, self.cluster.redis)
         self.roster = RosterDelegation(
-            RosterCache(roster_backend, grace_seconds=config.roster_cache_grace), self.sessions, bus,
+            RosterCache(fetcher, grace_seconds=config.roster_cache_grace), self.sessions, bus,
             refresh_concurrency=config.refresh_max_concurrency,
             retry_count=config.roster_retry_count, retry_backoff=config.roster_retry_backoff,
         )
 
         # Instant messaging.
-        self.offline = OfflineStore(
-            os.path.join(config.data_dir, "offline.sqlite3"), domain, config.offline_max_per_user,
-            config.stanza_size_limit,
-        )
+        if self.database is not None:
+            from boshroster.cluster.pg_offline import PgOfflineStore
+
+            self.offline = PgOfflineStore(self.database, domain, config.offline_max_per_user, config.stanza_size_limit)
+        else:
+            self.offline = OfflineStore(
+                os.path.join(config.data_dir, "offline.sqlite3"), domain, config.offline_max_per_user,
+                config.stanza_size_limit,
+            )
         disco = Disco()
         self.roster.register(bus)
-        PresenceHandler(self.sessions, self.roster, domain, bus).register(bus)
-        self.messages = MessageHandler(self.sessions, self.offline, self.user_exists, domain, bus)
+        contacts = self.roster
+        if self.cluster is not None:
+            from boshroster.cluster.rosters import ClusterContacts
+
+            contacts = ClusterContacts(self.roster, im_sessions, fetcher)
+        presence = PresenceHandler(im_sessions, contacts, domain, bus)
+        presence.register(bus)
+        self.messages = MessageHandler(im_sessions, self.offline, self.user_exists, domain, bus)
         self.messages.register(bus)
         bus.hook("presence-initial", self.offline.deliver)
         ServerIqs(disco, self.user_exists).register(bus)
@@ -126,6 +162,16 @@ class Core:
         self.webhook = OfflineWebhook.from_config(config, self.metrics)
         if self.webhook is not None:
             self.webhook.register(bus)
+        if self.cluster is not None:
+            from boshroster.cluster.rosters import RefreshFanout
+
+            fanout = RefreshFanout(self.cluster.node, self.cluster.redis, self.roster, im_sessions, contacts,
+                                   self.cluster.live_nodes, config.refresh_max_concurrency)
+            self.roster.refresh_users = fanout.refresh_users  # POST /roster_admin/refresh: every node
+            self.cluster.attach(messages=self.messages, presence=presence, roster=self.roster,
+                                mailbox=self.offline, fanout=fanout)
+            self.cluster.register(bus)
+            self.cluster.start()
 
     def user_exists(self, username: str) -> bool:
         """RFC 6121 §8.5.1: is there such a local user?  (May ask the backend with
@@ -135,9 +181,13 @@ class Core:
     def shutdown(self) -> None:
         """Tell every client the server is going away, then close the stores."""
         self.sessions.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()  # flush, hand this node's inbox over, leave the directory
         self.offline.close()
         if self.archive is not None:
             self.archive.close()  # commits what is still queued
         self.auth.close()
         if self.webhook is not None:
             self.webhook.close()
+        if self.database is not None:
+            self.database.close()

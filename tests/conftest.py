@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from backend_app import TestBackend  # noqa: E402
-from harness import BoshClient, ServerProcess, WsClient  # noqa: E402
+from harness import BoshClient, ServerProcess, WsClient, stop_clients  # noqa: E402
 
 # The demo world every end-to-end test starts from: everyone knows everyone.
 USERS = ("alice", "bob", "carol", "dave")
@@ -50,6 +50,7 @@ def make_server(tmp_path, backend):
 
     yield make
     for server in started:
+        stop_clients(server.port)  # close their keep-alive connections first
         server.stop()
 
 
@@ -81,3 +82,23 @@ def connect(server, transport):
             client.stop()
         except Exception:  # noqa: BLE001 - best-effort cleanup
             pass
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    """Cluster tests (real Redis, PostgreSQL, nginx) count as interop too: ``-m "not interop"``
+    is the layer that needs no third-party program.
+
+    Tests marked run_first go first, run_last last, the others keep their order: the
+    request test_nginx.py holds through nginx for a minute then overlaps the whole run
+    instead of adding a minute to it."""
+    for item in items:
+        if item.get_closest_marker("cluster") and not item.get_closest_marker("interop"):
+            item.add_marker(pytest.mark.interop)
+
+    def rank(item) -> int:
+        if item.get_closest_marker("run_last"):
+            return 2
+        return 0 if item.get_closest_marker("run_first") else 1
+
+    items.sort(key=rank)

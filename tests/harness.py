@@ -1,7 +1,9 @@
 """Test harness: run the real server as a subprocess, talk to it like a client would.
 
-``ServerProcess`` writes a config, imports users through the real CLI, starts
-``python -m boshroster serve`` on a free loopback port and stops it by PID.
+``ServerProcess`` writes a config, gives the server its users (an accounts database
+made once per test session by the real CLI's ``user import``, then copied), starts the
+server (``boshroster serve``, forked by forkserver.py, or ``python -m boshroster serve``
+with ``fork=False``) on a free loopback port and stops it by PID.
 ``BoshClient`` and ``WsClient`` are small but honest XMPP clients: raw BOSH
 bodies over HTTP (with one request always parked, as real clients do) and
 raw RFC 7395 messages over websocket-client.  Both parse what arrives into
@@ -10,15 +12,21 @@ ElementTree elements kept in an inbox that tests wait on.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import itertools
+import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import weakref
 import xml.etree.ElementTree as ET
 
 import gevent
@@ -44,6 +52,17 @@ def q(ns: str, tag: str) -> str:
     return f"{{{ns}}}{tag}"
 
 
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition", interval: float = 0.01):
+    """Poll ``predicate`` until it returns something true (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        gevent.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,11 +85,164 @@ class PortTaken(Exception):
     pass
 
 
+# -- starting servers cheaply -------------------------------------------------------------
+
+class ForkServer:
+    """Client of tests/forkserver.py: one process that has imported boshroster and forks a
+    real server per request (saves an interpreter start and the imports, ~0.4 s CPU each).
+    One request at a time (``_lock``): greenlets of the test process may start servers."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # monkey-patched by conftest: a gevent lock
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+
+    def _ask(self, **request) -> dict:
+        with self._lock:
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"forkserver died (exit status {self.proc.wait()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"forkserver: {reply['error']}")
+        return reply
+
+    def cli(self, argv: list[str], log_path: str) -> "ForkedProcess":
+        """``boshroster ARGV...`` (e.g. ``serve --config F``), output appended to ``log_path``."""
+        return ForkedProcess(self, self._ask(op="cli", argv=list(argv), log=log_path)["pid"])
+
+    def run_script(self, path: str, argv: list[str], stdout_path: str, stderr_path: str,
+                   env: dict | None = None) -> "ForkedProcess":
+        """``python path argv...`` (as ``__main__``), output appended to the two files."""
+        return ForkedProcess(self, self._ask(op="script", path=path, argv=list(argv), env=env,
+                                             stdout=stdout_path, stderr=stderr_path)["pid"])
+
+    def close(self) -> None:
+        """EOF tells the fork server to kill what still runs and exit."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - at exit, best effort
+            self.proc.kill()
+
+
+class ForkedProcess:
+    """The part of ``subprocess.Popen`` the harness uses, for a child of the fork server."""
+
+    def __init__(self, forkserver: ForkServer, pid: int):
+        self.forkserver = forkserver
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.forkserver._ask(op="poll", pid=self.pid)["code"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            gevent.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return self.returncode
+
+    def send_signal(self, sig) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+_forkserver: ForkServer | None = None
+
+
+def forkserver() -> ForkServer:
+    global _forkserver
+    if _forkserver is None or _forkserver.proc.poll() is not None:
+        _forkserver = ForkServer()
+        atexit.register(_forkserver.close)
+    return _forkserver
+
+
+FORK = os.environ.get("BOSHROSTER_TEST_NO_FORK", "") in ("", "0")
+
+
+ACCOUNTS_FILE = "accounts.sqlite3"  # AccountStore's file in data_dir (boshroster/wiring.py)
+_account_templates: dict[tuple, str] = {}
+_template_root: str | None = None
+_templates_lock = threading.Lock()  # monkey-patched (conftest): a gevent lock
+
+
+def _remove_templates() -> None:
+    if _template_root is not None:
+        shutil.rmtree(_template_root, ignore_errors=True)
+
+
+def run_cli(argv: list[str], log_path: str) -> str:
+    """``boshroster ARGV...`` to completion (forked, or ``python -m boshroster`` when
+    BOSHROSTER_TEST_NO_FORK=1); its output, which ``log_path`` keeps. Fails unless it exits 0."""
+    if FORK:
+        code = forkserver().cli(argv, log_path).wait(timeout=120)
+        with open(log_path) as fh:
+            output = fh.read()
+    else:
+        result = subprocess.run([sys.executable, "-m", "boshroster", *argv],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        code, output = result.returncode, result.stderr + result.stdout
+        with open(log_path, "w") as fh:
+            fh.write(output)
+    assert code == 0, f"boshroster {' '.join(argv)} exited {code}:\n{output}"
+    return output
+
+
+def accounts_template(users: tuple[str, ...], password: str, iterations: int) -> str:
+    """Path of an accounts database holding ``users``, made by the real CLI once per session.
+
+    Deriving SCRAM keys in a ``boshroster user import`` subprocess cost every server start
+    about half a second; copying a file costs nothing.  The CLI (``boshroster user import``,
+    forked like the servers unless BOSHROSTER_TEST_NO_FORK) runs once per set of users.
+    """
+    with _templates_lock:  # greenlets may start servers at once; the CLI run yields
+        return _accounts_template(tuple(users), password, iterations)
+
+
+def _accounts_template(users: tuple[str, ...], password: str, iterations: int) -> str:
+    global _template_root
+    key = (users, password, iterations)
+    path = _account_templates.get(key)
+    if path is None:
+        if _template_root is None:
+            _template_root = tempfile.mkdtemp(prefix="boshroster-accounts-")
+            atexit.register(_remove_templates)
+        workdir = os.path.join(_template_root, str(len(_account_templates)))
+        os.makedirs(workdir)
+        config_path = os.path.join(workdir, "boshroster.toml")
+        with open(config_path, "w") as fh:
+            fh.write(f"data_dir = {toml_value(workdir)}\nscram_iterations = {iterations}\n")
+        users_file = os.path.join(workdir, "users.txt")
+        with open(users_file, "w") as fh:
+            fh.writelines(f"{u}:{password}\n" for u in users)
+        run_cli(["user", "import", users_file, "--config", config_path], os.path.join(workdir, "import.log"))
+        path = os.path.join(workdir, ACCOUNTS_FILE)
+        for leftover in ("-wal", "-shm"):  # the CLI closed the database: WAL checkpointed
+            assert not os.path.exists(path + leftover), path + leftover
+        _account_templates[key] = path
+    return path
+
+
 class ServerProcess:
     """The real server in a subprocess, with its own data dir and port."""
 
-    def __init__(self, workdir, users=("alice", "bob", "carol", "dave"), password="password", **settings):
+    def __init__(self, workdir, users=("alice", "bob", "carol", "dave"), password="password", fork=None,
+                 **settings):
         self.workdir = str(workdir)
+        self.fork = FORK if fork is None else fork  # False: `python -m boshroster serve`, as deployed
         self.port = free_port()
         self.settings = {
             "domain": "localhost",
@@ -85,11 +257,19 @@ class ServerProcess:
         self._write_config()
         self.log_path = os.path.join(self.workdir, "server.log")
         self.proc = None
-        if users:
+        if self.fork:
+            forkserver()  # starts importing now, alongside the first accounts_template's CLI run
+        if users and self.settings.get("database_url"):
+            # The accounts live in that database, not in data_dir: import them through the CLI.
             users_file = os.path.join(self.workdir, "users.txt")
             with open(users_file, "w") as fh:
                 fh.writelines(f"{u}:{password}\n" for u in users)
-            self.cli("user", "import", users_file)
+            run_cli(["user", "import", users_file, "--config", self.config_path],
+                    os.path.join(self.workdir, "import.log"))
+        elif users:
+            template = accounts_template(tuple(users), password, self.settings["scram_iterations"])
+            os.makedirs(self.settings["data_dir"], exist_ok=True)
+            shutil.copyfile(template, os.path.join(self.settings["data_dir"], ACCOUNTS_FILE))
 
     def _write_config(self) -> None:
         with open(self.config_path, "w") as fh:
@@ -129,10 +309,13 @@ class ServerProcess:
 
     def _start_once(self) -> "ServerProcess":
         self.log_file = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "boshroster", "serve", "--config", self.config_path],
-            stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
-        )
+        if self.fork:
+            self.proc = forkserver().cli(["serve", "--config", self.config_path], self.log_path)
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "boshroster", "serve", "--config", self.config_path],
+                stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -144,19 +327,25 @@ class ServerProcess:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
-            except OSError:
-                gevent.sleep(0.05)
+            except OSError:  # refused at once until the server listens: poll often
+                gevent.sleep(0.01)
         raise RuntimeError("server did not start:\n" + self.log())
 
-    def stop(self, sig=signal.SIGTERM, timeout=10) -> int | None:
+    def stop(self, sig=signal.SIGTERM, timeout=5) -> int | None:
+        """Signal the server by PID; SIGKILL if it has not exited ``timeout`` seconds later.
+
+        Server.stop takes ``grace`` (1 s) at most, so a SIGKILL here means a stop that hangs.
+        """
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            os.kill(self.proc.pid, sig)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                print(f"server pid {self.proc.pid} ignored {signal.Signals(sig).name} for {timeout}s: SIGKILL",
+                      file=sys.stderr)
+                os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         code = self.proc.returncode
         self.proc = None
@@ -174,12 +363,28 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
+_live_clients: "weakref.WeakSet[XmppClient]" = weakref.WeakSet()
+
+
+def stop_clients(port: int | None = None) -> None:
+    """Stop every client not yet stopped (of the server on ``port``, if given), closing
+    its keep-alive connections, so that no server waits on a connection left open."""
+    for client in list(_live_clients):
+        if port is None or f"127.0.0.1:{port}/" in client.url:
+            try:
+                client.stop()
+            except Exception:  # noqa: BLE001 - best-effort cleanup
+                pass
+
+
 class XmppClient:
     """Transport-independent client logic; subclasses move the bytes."""
 
     domain = "localhost"
+    url = ""
 
     def __init__(self):
+        _live_clients.add(self)
         self.inbox: gevent.queue.Queue = gevent.queue.Queue()
         self.seen: list[ET.Element] = []
         self.features: ET.Element | None = None
@@ -225,6 +430,26 @@ class XmppClient:
         except TimeoutError:
             return
         raise AssertionError(f"unexpected element: {ET.tostring(el)[:500]}")
+
+    def sync(self, timeout: float = 5.0) -> None:
+        """Ping the server and wait for the result: everything the server queued for this
+        client before answering is then in ``seen`` (a session's stanzas are processed, and
+        leave, in order; RFC 6120 §10.1)."""
+        iq_id = self.new_id()
+        self.send_xml(f"<iq xmlns='{NS_CLIENT}' type='get' id='{iq_id}' to='{self.domain}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        reply = self.recv(timeout, lambda e: e.tag == q(NS_CLIENT, "iq") and e.get("id") == iq_id)
+        assert reply.get("type") == "result", ET.tostring(reply)
+        gevent.sleep(0)  # BOSH: a response read in the same loop turn as the ping's is delivered too
+
+    def expect_nothing_queued(self, match, after=()) -> None:
+        """``expect_nothing`` without a sleep, for what the server would produce while handling
+        stanzas already sent: each client in ``after`` (senders whose stanzas must be handled
+        first), then this one, round-trips a ping; nothing matching may have arrived before."""
+        for sender in after:
+            sender.sync()
+        self.sync()
+        unexpected = [el for el in self.seen if match(el)]
+        assert not unexpected, f"unexpected element: {ET.tostring(unexpected[0])[:500]}"
 
     def wait_features(self, timeout=5.0) -> ET.Element:
         self.features = self.recv(timeout, lambda e: e.tag == q(NS_STREAM, "features"))
@@ -316,6 +541,7 @@ class BoshClient(XmppClient):
         self.terminated: ET.Element | None = None
         self._wake = gevent.event.Event()
         self._loop = None
+        self._requests: set[gevent.Greenlet] = set()  # in flight, one parked
         if start:
             self.create(to, **extra_attrs)
 
@@ -369,7 +595,9 @@ class BoshClient(XmppClient):
 
     def _spawn(self, body: str) -> None:
         self._in_flight += 1
-        gevent.spawn(self._request, body)
+        glet = gevent.spawn(self._request, body)
+        self._requests.add(glet)
+        glet.link(self._requests.discard)
 
     def _request(self, body: str) -> None:
         try:
@@ -399,11 +627,14 @@ class BoshClient(XmppClient):
         self.stop()
 
     def stop(self) -> None:
-        """Stop polling without telling the server (a vanished client)."""
+        """Stop polling without telling the server (a vanished client); close its connections."""
         if self.terminated is None:
             self.terminated = ET.Element("stopped")
         if self._loop is not None:
             self._loop.kill()
+        gevent.killall(list(self._requests))
+        self.http.close()
+        _live_clients.discard(self)
 
 
 class WsClient(XmppClient):
@@ -411,6 +642,7 @@ class WsClient(XmppClient):
 
     def __init__(self, url: str, to: str = "localhost", open_stream: bool = True, subprotocols=("xmpp",)):
         super().__init__()
+        self.url = url
         self.ws = websocket.create_connection(url, subprotocols=list(subprotocols), timeout=10)
         self.close_status = None
         self.raw: list[str] = []
@@ -459,12 +691,14 @@ class WsClient(XmppClient):
         except Exception:  # noqa: BLE001
             pass
         self._reader.kill()
+        _live_clients.discard(self)
 
     def drop(self) -> None:
         """Vanish without a close frame."""
         self.ws.sock.shutdown(socket.SHUT_RDWR)
         self.ws.sock.close()
         self._reader.kill()
+        _live_clients.discard(self)
 
 
 

@@ -153,6 +153,7 @@ def test_int_is_accepted_for_a_float_field(tmp_path):
         ('auth = "ldap"\n', "auth"),
         ('auth = "http"\n', "http_auth_url"),
         ('resource_conflict = "newest"\n', "resource_conflict"),
+        ('stanza_max_depth = 0\n', "stanza_max_depth"),
     ],
 )
 def test_bad_choices_name_the_key(tmp_path, text, word):

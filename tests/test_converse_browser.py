@@ -26,6 +26,8 @@ import pytest
 from harness import NS_CLIENT, WsClient, free_port, q
 from realclients import ROOT, artifacts_dir, require, require_node, run_node_script
 
+pytestmark = pytest.mark.interop  # real third-party clients/proxies: -m 'not interop' skips them
+
 STATIC = os.path.join(ROOT, "static")
 STEPS = ("page_loads", "login_form", "roster_names_and_group", "receive_message", "send_message",
          "roster_refresh", "cross_origin")

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -24,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+import harness
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "demo_backend.py"
@@ -71,6 +74,7 @@ class RefreshRecorder:
         self.backend = None  # base URL, set once the backend is up
         self.requests = []
         self.got_request = threading.Event()
+        self.release = threading.Event()  # ends a delay early
         recorder = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -80,7 +84,7 @@ class RefreshRecorder:
                 recorder.requests.append(record)
                 try:
                     if recorder.delay:
-                        time.sleep(recorder.delay)
+                        recorder.release.wait(recorder.delay)
                     if recorder.secret and self.headers.get("Authorization") != "Bearer " + recorder.secret:
                         return self.reply(401, {"status": "error", "message": "unauthorized"})
                     users = json.loads(body)
@@ -108,7 +112,8 @@ class RefreshRecorder:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = "http://127.0.0.1:%d/roster_admin/refresh" % self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # poll_interval: shutdown() waits for the loop to look (0.5 s by default)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
 
     def bodies(self):
@@ -120,16 +125,27 @@ class RefreshRecorder:
 
 
 class Backend:
-    """scripts/demo_backend.py as a subprocess; stopped by its PID."""
+    """scripts/demo_backend.py as a child process; stopped by its PID.
+
+    Forked by the harness's fork server (which has gevent, bottle and requests imported: no
+    interpreter start per test), or started with subprocess when BOSHROSTER_TEST_NO_FORK=1.
+    Its stdout and stderr go to files in a temporary folder of their own (tests list the
+    contacts file's folder), removed by stop()."""
 
     def __init__(self, contacts, refresh_url, *extra, secret=None):
         env = dict(os.environ)
         env.pop("BOSHROSTER_REFRESH_SECRET", None)
         if secret is not None:
             env["BOSHROSTER_REFRESH_SECRET"] = secret  # exercise the env var, not the flag
-        cmd = [sys.executable, str(SCRIPT), "--host", "127.0.0.1", "--port", "0",
-               "--contacts", str(contacts), "--refresh-url", refresh_url, *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        args = ["--host", "127.0.0.1", "--port", "0", "--contacts", str(contacts), "--refresh-url", refresh_url, *extra]
+        self.output_dir = tempfile.mkdtemp(prefix="demo-backend-")
+        self.stdout_path = os.path.join(self.output_dir, "stdout")
+        self.stderr_path = os.path.join(self.output_dir, "stderr")
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            if harness.FORK:
+                self.proc = harness.forkserver().run_script(str(SCRIPT), args, self.stdout_path, self.stderr_path, env=env)
+            else:
+                self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=out, stderr=err, env=env)
         line = self._first_line(timeout=20)
         if "listening on http://" not in line:
             self.stop()
@@ -137,11 +153,17 @@ class Backend:
         self.url = line.split("listening on ")[1].split()[0].rstrip("/")
 
     def _first_line(self, timeout):
-        result = []
-        t = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()), daemon=True)
-        t.start()
-        t.join(timeout)
-        return result[0] if result else ""
+        """The first line the script prints (it flushes it once it listens), or "" if it exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.stdout_path) as fh:
+                text = fh.read()
+            if "\n" in text:
+                return text.split("\n", 1)[0] + "\n"
+            if self.proc.poll() is not None:
+                return text
+            time.sleep(0.01)
+        return ""
 
     def stop(self):
         if self.proc.poll() is None:
@@ -151,10 +173,9 @@ class Backend:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
-        self.stderr = self.proc.stderr.read() if self.proc.stderr else ""
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f:
-                f.close()
+        with open(self.stderr_path) as fh:
+            self.stderr = fh.read()
+        shutil.rmtree(self.output_dir, ignore_errors=True)
         return self.stderr
 
     def get(self, path):
@@ -392,6 +413,7 @@ def test_refresh_target_too_slow(contacts_file):
         assert status == 200 and reply["refresh"]["ok"] is False
         assert "did not answer within 0.5s" in reply["refresh"]["error"]
         assert "bob@localhost" not in read_file(contacts_file)["alice"]
+        slow.release.set()  # the backend gave up long ago: no need to sit out the delay
         assert slow.got_request.wait(5)
         assert slow.requests[0]["headers"]["Authorization"] == "Bearer " + SECRET  # the flag works too
     finally:

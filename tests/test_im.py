@@ -162,7 +162,7 @@ def test_carbons_copy_sent_and_received_messages_to_other_tabs(connect):
     # <private/> messages are not copied.
     bob.send_xml(f"<message xmlns='{NS_CLIENT}' to='alice@localhost/tab1' type='chat'><body>secret</body><private xmlns='{NS_CARBONS}'/></message>")
     tab1.recv_message()
-    tab2.expect_nothing(0.5, lambda e: e.find(q(NS_CARBONS, "received")) is not None)
+    tab2.expect_nothing_queued(lambda e: e.find(q(NS_CARBONS, "received")) is not None)  # routed: tab1 has it
 
 
 def test_bare_jid_messages_go_to_the_highest_non_negative_priority(connect):
@@ -175,8 +175,8 @@ def test_bare_jid_messages_go_to_the_highest_non_negative_priority(connect):
     dave = online(connect, "dave", "d")
     dave.message("carol@localhost", "to the best")
     assert high.recv_message().findtext(q(NS_CLIENT, "body")) == "to the best"
-    low.expect_nothing(0.5, lambda e: e.tag == q(NS_CLIENT, "message"))
-    hidden.expect_nothing(0.2, lambda e: e.tag == q(NS_CLIENT, "message"))
+    low.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "message"))  # routed: high has it
+    hidden.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "message"))
     # A negative-priority resource still gets messages to its full JID.
     dave.message("carol@localhost/hidden", "direct")
     assert hidden.recv_message().findtext(q(NS_CLIENT, "body")) == "direct"
@@ -198,8 +198,8 @@ def test_subscription_requests_are_dropped(connect):
     bob.recv_presence(sender="alice@localhost/a")
     for kind in ("subscribe", "subscribed", "unsubscribe", "unsubscribed"):
         alice.presence(to="bob@localhost", type=kind)
-    bob.expect_nothing(0.7, lambda e: e.tag == q(NS_CLIENT, "presence") and e.get("type") in
-                       ("subscribe", "subscribed", "unsubscribe", "unsubscribed"))
+    bob.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "presence") and e.get("type") in
+                              ("subscribe", "subscribed", "unsubscribe", "unsubscribed"), after=[alice])
 
 
 def test_offline_messages_survive_a_restart_and_arrive_with_delay(make_server, transport):
@@ -216,7 +216,7 @@ def test_offline_messages_survive_a_restart_and_arrive_with_delay(make_server, t
     server.start()
     bob = make()
     bob.login("bob", resource="b")
-    bob.expect_nothing(0.5, lambda e: e.tag == q(NS_CLIENT, "message"))  # not before initial presence
+    bob.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "message"))  # not before initial presence
     bob.presence()
     first = bob.recv_message()
     second = bob.recv_message()
@@ -230,7 +230,7 @@ def test_offline_messages_survive_a_restart_and_arrive_with_delay(make_server, t
     again = make()
     again.login("bob", resource="c")
     again.presence()
-    again.expect_nothing(0.7, lambda e: e.tag == q(NS_CLIENT, "message"))
+    again.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "message"))
 
 
 def test_graceful_shutdown_tells_every_client(make_server):

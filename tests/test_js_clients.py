@@ -21,6 +21,7 @@ import os
 import secrets
 import time
 
+import gevent.pool
 import jwt
 import pytest
 
@@ -28,6 +29,8 @@ from backend_app import TestBackend
 from conftest import demo_contacts
 from harness import ServerProcess
 from realclients import require_node, run_node_script
+
+pytestmark = pytest.mark.interop  # real third-party clients/proxies: -m 'not interop' skips them
 
 RUNS = {
     # (client, transport): (script, npm packages it needs)
@@ -65,42 +68,67 @@ def mint_token(msg) -> dict:
 # new one comes within the inactivity period; a WebSocket client that enabled
 # resumable stream management (xmpp.js does) hibernates first (XEP-0198): keep all
 # of them short so the drop test is quick.
-SERVER_SETTINGS = {"bosh_max_wait": 5, "bosh_max_inactivity": 3, "smacks_hibernation_time": 3}
+SERVER_SETTINGS = {"bosh_max_wait": 2, "bosh_max_inactivity": 2, "smacks_hibernation_time": 3}
+
+
+PARALLEL_RUNS = 3  # Node runs at once: each has its own server and backend; more would only fight for 2 cores
 
 
 @pytest.fixture(scope="module")
-def js_run(tmp_path_factory):
-    cache = {}
+def js_run(tmp_path_factory, request):
+    """js_run(client, transport) -> the NodeRun of that pair's scenario script, run once.
+
+    Every pair selected in this session starts at the first call, PARALLEL_RUNS at a
+    time (their scripts mostly wait on timers and sockets), instead of one after another."""
+
+    def run_once(key):
+        client, transport = key
+        script, packages = RUNS[key]
+        try:
+            require_node(*packages)
+        except pytest.skip.Exception as skip:  # raised again in the test that asks for this run
+            return skip
+        workdir = tmp_path_factory.mktemp(f"{client}-{transport}")
+        backend = TestBackend(demo_contacts()).start()
+        server = None
+        try:
+            key_file = workdir / "jwt.secret"  # not `key`: that is this run's cache key
+            key_file.write_text(JWT_SECRET)
+            server = ServerProcess(workdir, http_roster_url=backend.url_template, jwt_key=str(key_file),
+                                   fork=False,  # python -m boshroster serve
+                                   **SERVER_SETTINGS).start()
+            url = server.bosh_url if transport == "bosh" else server.ws_url
+            args = ["--transport", transport, f"--{transport}", url, "--bosh-wait", "2", "--drop-timeout", "15000"]
+            if ONLY:
+                args += ["--only", ",".join(ONLY)]
+            result = run_node_script(script, args, server=server, backend=backend,
+                                     stderr_path=str(workdir / "node-stderr.log"),
+                                     handlers={"token": mint_token})
+            result.server_log = server.log()
+        finally:
+            if server is not None:
+                server.stop()
+            backend.stop()
+        return result
+
+    selected = [key for key in RUNS if any(
+        item.module is request.module and getattr(item, "callspec", None) is not None
+        and (item.callspec.params.get("client"), item.callspec.params.get("transport")) == key
+        for item in request.session.items)]
+    pool = gevent.pool.Pool(PARALLEL_RUNS)
+    jobs = {key: pool.spawn(run_once, key) for key in selected}
 
     def run(client, transport):
         key = (client, transport)
-        if key not in cache:
-            script, packages = RUNS[key]
-            require_node(*packages)
-            workdir = tmp_path_factory.mktemp(f"{client}-{transport}")
-            backend = TestBackend(demo_contacts()).start()
-            server = None
-            try:
-                key = workdir / "jwt.secret"
-                key.write_text(JWT_SECRET)
-                server = ServerProcess(workdir, http_roster_url=backend.url_template, jwt_key=str(key),
-                                       **SERVER_SETTINGS).start()
-                url = server.bosh_url if transport == "bosh" else server.ws_url
-                args = ["--transport", transport, f"--{transport}", url, "--bosh-wait", "5", "--drop-timeout", "15000"]
-                if ONLY:
-                    args += ["--only", ",".join(ONLY)]
-                result = run_node_script(script, args, server=server, backend=backend,
-                                         stderr_path=str(workdir / "node-stderr.log"),
-                                         handlers={"token": mint_token})
-                result.server_log = server.log()
-            finally:
-                if server is not None:
-                    server.stop()
-                backend.stop()
-            cache[key] = result
-        return cache[key]
+        if key not in jobs:
+            jobs[key] = pool.spawn(run_once, key)
+        result = jobs[key].get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    return run
+    yield run
+    pool.kill()
 
 
 @pytest.mark.parametrize("scenario", RUN_SCENARIOS)

@@ -1,7 +1,7 @@
 """boshroster behind a real nginx (Debian package) with the shipped conf/nginx.conf.
 
 The template is rendered into a temporary prefix (@LISTEN@ = a free loopback port,
-@UPSTREAM@ = the server, @STATIC_ROOT@ = the repo's static/, @PREFIX@ = the temp dir),
+@UPSTREAM@ = the server, @STATIC_ROOT@ = a world-readable copy of the repo's static/, @PREFIX@ = the temp dir),
 checked with ``nginx -t`` and run in the foreground as a subprocess. Clients then talk
 only to nginx: BOSH and WebSocket logins and messages, a BOSH request held longer than
 nginx's default 60 s proxy_read_timeout, the private endpoints refused, static files,
@@ -13,12 +13,15 @@ Skips without nginx on a developer machine; fails in CI.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -30,6 +33,10 @@ from backend_app import TestBackend
 from conftest import NAMES, demo_contacts
 from harness import NS_BOSH, NS_CLIENT, NS_ROSTER, BoshClient, ServerProcess, WsClient, free_port, q
 from realclients import ROOT, require
+
+# run_first: this module runs before every other one, so that the 61 s request held through
+# nginx (the proxied fixture) overlaps the rest of the run; the test collecting it is run_last.
+pytestmark = [pytest.mark.interop, pytest.mark.run_first]
 
 TEMPLATE = os.path.join(ROOT, "conf", "nginx.conf")
 TRICKY = 'héllo <&> "quotes" \'apos\' 😀'
@@ -43,10 +50,28 @@ def nginx_binary() -> str | None:
     return None
 
 
-def render_config(prefix: str, listen: str, upstream: str) -> str:
+def readable_static_copy() -> str:
+    """A copy of the repo's static/ (vendor/ symlinks followed) that any user can read.
+
+    nginx started as root runs its workers as an unprivileged user (nobody), which cannot
+    reach static/ when the checkout sits under a directory only its owner can read (issue 10
+    point 17); pytest's own temp dirs are 0700 too. So the files are copied to a fresh
+    directory under the system temp dir, made 0755/0644 all the way down."""
+    root = tempfile.mkdtemp(prefix="boshroster-nginx-static-")
+    target = os.path.join(root, "static")
+    shutil.copytree(os.path.join(ROOT, "static"), target, symlinks=False)
+    os.chmod(root, 0o755)
+    for folder, dirs, files in os.walk(target):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    return target
+
+
+def render_config(prefix: str, listen: str, upstream: str, static_root: str) -> str:
     with open(TEMPLATE, encoding="utf-8") as fh:
         text = fh.read()
-    for key, value in {"@LISTEN@": listen, "@UPSTREAM@": upstream, "@STATIC_ROOT@": os.path.join(ROOT, "static"),
+    for key, value in {"@LISTEN@": listen, "@UPSTREAM@": upstream, "@STATIC_ROOT@": static_root,
                        "@PREFIX@": prefix}.items():
         text = text.replace(key, value)
     left = re.findall(r"@[A-Z_]+@", text)
@@ -58,11 +83,11 @@ def render_config(prefix: str, listen: str, upstream: str) -> str:
 
 
 class Nginx:
-    def __init__(self, binary: str, prefix: str, upstream_port: int):
+    def __init__(self, binary: str, prefix: str, upstream_port: int, static_root: str):
         self.binary = binary
         self.prefix = prefix
         self.port = free_port()
-        self.conf = render_config(prefix, f"127.0.0.1:{self.port}", f"127.0.0.1:{upstream_port}")
+        self.conf = render_config(prefix, f"127.0.0.1:{self.port}", f"127.0.0.1:{upstream_port}", static_root)
         self.proc = None
 
     def check(self) -> subprocess.CompletedProcess:
@@ -133,38 +158,56 @@ def offered_mechanisms(body: ET.Element) -> list[str]:
     return [m.text for m in mechs] if mechs is not None else []
 
 
-@pytest.fixture(scope="module")
-def proxied(tmp_path_factory):
-    """(server, nginx, long_hold): one server behind one nginx for this module.
+HOLD_SCRIPT = """
+import json, sys, time, urllib.error, urllib.request
+url, body = sys.argv[1], sys.argv[2].encode()
+started = time.monotonic()
+try:
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "text/xml; charset=utf-8"}),
+                                timeout=float(sys.argv[3])) as reply:
+        status, content = reply.status, reply.read()
+except urllib.error.HTTPError as err:
+    status, content = err.code, err.read()
+print(json.dumps({"status": status, "seconds": time.monotonic() - started, "body": content.decode("utf-8", "replace")}))
+"""
 
-    long_hold is a greenlet started right away that holds one BOSH request through
-    nginx for LONG_WAIT - 1 seconds; test_held_bosh_request_outlasts_default_timeout
-    (the last test here) collects it, so the minute runs alongside the other tests.
+
+@pytest.fixture(scope="session")
+def proxied(tmp_path_factory):
+    """(server, nginx, long_hold): one server behind one nginx, for the whole run.
+
+    long_hold holds one BOSH request through nginx for LONG_WAIT - 1 seconds, started
+    right away; test_held_bosh_request_outlasts_nginx_default_timeout (run_last: the
+    last test of the run) collects it, so the minute runs alongside every other test.
+    The request is made by a child process that times it itself: a test that keeps this
+    process busy for a while cannot make the measured time longer.
     """
     binary = nginx_binary()
     require(binary is not None, "nginx is not installed (apt-get install nginx)")
     backend = TestBackend(demo_contacts()).start()
     server = ServerProcess(tmp_path_factory.mktemp("server"), http_roster_url=backend.url_template,
-                           bosh_max_wait=LONG_WAIT).start()
-    nginx = Nginx(binary, str(tmp_path_factory.mktemp("nginx")), server.port)
+                           bosh_max_wait=LONG_WAIT, fork=False).start()  # as deployed: python -m boshroster serve
+    static_root = readable_static_copy()
+    nginx = Nginx(binary, str(tmp_path_factory.mktemp("nginx")), server.port, static_root)
     checked = nginx.check()
     assert checked.returncode == 0, f"nginx -t failed:\n{checked.stderr}"
     nginx.start()
 
-    def long_hold():
-        created = raw_bosh_create(nginx.bosh_url, LONG_WAIT)
-        started = time.monotonic()
-        reply = requests.post(nginx.bosh_url, data=f"<body xmlns='{NS_BOSH}' rid='{RAW_RID + 1}' sid='{created.get('sid')}'/>",
-                              headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=LONG_WAIT + 30)
-        return {"status": reply.status_code, "seconds": time.monotonic() - started, "body": reply.content,
-                "wait": created.get("wait")}
-
-    hold = gevent.spawn(long_hold)
+    created = raw_bosh_create(nginx.bosh_url, LONG_WAIT)
+    hold = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SCRIPT, nginx.bosh_url,
+         f"<body xmlns='{NS_BOSH}' rid='{RAW_RID + 1}' sid='{created.get('sid')}'/>", str(LONG_WAIT + 30)],
+        stdout=subprocess.PIPE, text=True)
+    hold.wait_value = created.get("wait")
     yield server, nginx, hold
-    hold.kill()
+    if hold.poll() is None:
+        hold.kill()
+    hold.wait()
+    hold.stdout.close()
     nginx.stop()
     server.stop()
     backend.stop()
+    shutil.rmtree(os.path.dirname(static_root), ignore_errors=True)
 
 
 def test_nginx_config_renders_and_passes_nginx_t(proxied):
@@ -202,7 +245,9 @@ def test_bosh_login_roster_and_messages_through_nginx(proxied):
         alice.message(bob.jid, TRICKY + " back")
         assert bob.recv_message(sender="alice@localhost").find(q(NS_CLIENT, "body")).text == TRICKY + " back"
         alice.close()
-        assert bob.recv_presence(sender="alice@localhost", type_="unavailable") is not None
+        # The next presence bob gets from alice says she left (recv raises if none comes).
+        gone = bob.recv(match=lambda e: e.tag == q(NS_CLIENT, "presence") and (e.get("from") or "").startswith("alice@"))
+        assert gone.get("type") == "unavailable", ET.tostring(gone)
     finally:
         alice.stop()
         bob.stop()
@@ -307,14 +352,16 @@ def test_forwarded_headers_through_nginx(proxied):
     assert direct.get("secure") == "true" and "PLAIN" in offered_mechanisms(direct)
 
 
+@pytest.mark.run_last
 def test_held_bosh_request_outlasts_nginx_default_timeout(proxied):
-    """Last in this module: the request the fixture parked at its start comes back
+    """Last in the run: the request the fixture parked at its start comes back
     as an ordinary empty body after ~wait - 1 s (61 s), past the 60 s at which an
     nginx with the default proxy_read_timeout would have answered 504."""
     _, nginx, hold = proxied
-    result = hold.get(timeout=LONG_WAIT + 40)
-    assert result["wait"] == str(LONG_WAIT)
+    out, _ = hold.communicate(timeout=LONG_WAIT + 40)
+    result = json.loads(out)
+    assert hold.wait_value == str(LONG_WAIT)
     assert result["status"] == 200, (result, nginx.logs())
-    body = ET.fromstring(result["body"])
+    body = ET.fromstring(result["body"].encode("utf-8"))
     assert body.tag == q(NS_BOSH, "body") and body.get("type") is None and len(body) == 0
     assert 60 < result["seconds"] < LONG_WAIT + 2, result["seconds"]

@@ -7,10 +7,11 @@ import time
 import xml.etree.ElementTree as ET
 
 import gevent
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import BoshClient, WsClient
+from harness import NS_STREAM, BoshClient, ServerProcess, WsClient, q
 
 XRD = "{http://docs.oasis-open.org/ns/xri/xrd-1.0}"
 
@@ -187,3 +188,94 @@ def test_forwarded_proto_is_believed_from_a_trusted_proxy_network_only(make_serv
 
     assert create(make_server(trusted_proxies=["127.0.0.0/8"])).get("secure") == "true"
     assert create(make_server(trusted_proxies=["192.0.2.0/24"])).get("secure") == "false"
+
+
+def test_python_m_boshroster_serve_runs_and_stops_gracefully_on_sigterm(tmp_path, backend):
+    """The deployed entry point itself (the other tests fork servers from an imported copy,
+    see tests/forkserver.py): it serves, and SIGTERM tells clients system-shutdown and exits 0
+    without waiting for an idle keep-alive connection."""
+    import signal
+
+    server = ServerProcess(tmp_path, http_roster_url=backend.url_template, bosh_max_wait=5, fork=False).start()
+    try:
+        assert server.proc.args[1:4] == ["-m", "boshroster", "serve"]
+        assert health(server)["status"] == "ok"
+        ws, bosh = WsClient(server.ws_url), BoshClient(server.bosh_url, wait=5)
+        ws.login("alice")
+        bosh.login("bob")
+        idle = requests.Session()  # a kept-alive connection with no request in progress
+        assert idle.get(server.base_url + "/health", timeout=5).status_code == 200
+        assert server.stop(signal.SIGTERM) == 0
+        error = ws.recv(match=lambda e: e.tag == q(NS_STREAM, "error"))
+        assert error.find("{urn:ietf:params:xml:ns:xmpp-streams}system-shutdown") is not None
+        assert bosh.recv(match=lambda e: e.get("type") == "terminate").get("condition") == "system-shutdown"
+        log = server.log()
+        assert "signal SIGTERM received" in log and "stopped" in log
+        assert "still busy" not in log, log  # nothing had to be killed after the grace period
+        idle.close()
+        ws.stop()
+        bosh.stop()
+    finally:
+        server.stop()
+
+
+def _host_meta_links(server, headers=None) -> tuple[dict, dict]:
+    xrd = requests.get(server.base_url + "/.well-known/host-meta", headers=headers or {}, timeout=5)
+    assert xrd.status_code == 200
+    links = {link.get("rel"): link.get("href") for link in ET.fromstring(xrd.content).findall(f"{XRD}Link")}
+    assert len(ET.fromstring(xrd.content)) == 2  # nothing injected next to the two links
+    js = requests.get(server.base_url + "/.well-known/host-meta.json", headers=headers or {}, timeout=5)
+    return links, {link["rel"]: link["href"] for link in js.json()["links"]}
+
+
+def test_host_meta_never_copies_a_hostile_host_header(make_server):
+    """Issue 10 point 16: the Host header was copied unescaped into the XRD, so an attacker's
+    <Link> landed in it. A Host that is not host[:port] now yields domain:port."""
+    server = make_server(trusted_proxies=["127.0.0.1"])
+    fallback = {"urn:xmpp:alt-connections:xbosh": f"http://localhost:{server.port}/http-bind",
+                "urn:xmpp:alt-connections:websocket": f"ws://localhost:{server.port}/xmpp-websocket"}
+    hostile = ["evil'/><Link rel='urn:xmpp:alt-connections:xbosh' href='http://evil.example/x'/><x a='",
+               'evil"><script>', "a b", "evil.example/path", "evil.example:80:81", "évil.example", "[::1"]
+    for host in hostile:
+        for header in ("Host", "X-Forwarded-Host"):
+            xrd, js = _host_meta_links(server, {header: host.encode("utf-8")})
+            assert xrd == fallback and js == fallback, (header, host, xrd, js)
+    # Plain host[:port] values are still used as sent, IPv6 literals included.
+    for host in ("chat.example.org", "chat.example.org:8443", "[2001:db8::1]:5280", "192.0.2.1"):
+        xrd, js = _host_meta_links(server, {"Host": host})
+        assert xrd["urn:xmpp:alt-connections:xbosh"] == f"http://{host}/http-bind" and js == xrd
+    assert "Traceback" not in server.log()
+
+
+def test_host_meta_prefers_http_external_url(make_server):
+    server = make_server(http_external_url="https://chat.example.org/xmpp/")
+    expected = {"urn:xmpp:alt-connections:xbosh": "https://chat.example.org/xmpp/http-bind",
+                "urn:xmpp:alt-connections:websocket": "wss://chat.example.org/xmpp/xmpp-websocket"}
+    for headers in ({}, {"Host": "evil.example"}, {"X-Forwarded-Host": "evil.example"}):
+        assert _host_meta_links(server, headers) == (expected, expected)
+
+
+@pytest.mark.parametrize("settings", [
+    {"http_external_url": "chat.example.org"},                    # no scheme
+    {"http_external_url": "ftp://chat.example.org"},
+    {"http_external_url": "https://chat.example.org/?x=1"},
+    {"http_external_url": "https://chat.example.org/'><Link"},
+    {"http_external_url": "https://chat.example.org:99999"},
+    {"http_header_timeout": 0},
+    {"http_max_header_line": 10},
+    {"http_max_connections_per_address": -1},
+    {"http_connection_limit_exempt": ["10.0.0.0/33"]},
+    {"trusted_proxies": ["nginx.local"]},
+], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_bad_http_limit_settings_stop_the_server_with_a_clear_message(tmp_path, settings):
+    import subprocess
+    import sys
+
+    from harness import ROOT, toml_value
+
+    path = tmp_path / "boshroster.toml"
+    path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in {"http_ports": [0], "data_dir": "data", **settings}.items()))
+    result = subprocess.run([sys.executable, "-m", "boshroster", "serve", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert next(iter(settings)) in result.stderr and "Traceback" not in result.stderr

@@ -11,12 +11,15 @@ import time  # noqa: E402
 import tracemalloc  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.event  # noqa: E402
 import pytest  # noqa: E402
 
 try:  # tests/ is not a package: pytest puts it on sys.path
     from backend_app import TestBackend, closed_port_url_template  # noqa: E402
+    from harness import wait_for  # noqa: E402
 except ImportError:  # pragma: no cover
     from tests.backend_app import TestBackend, closed_port_url_template  # noqa: E402
+    from tests.harness import wait_for  # noqa: E402
 
 from boshroster.xmpp.jid import JIDError, prep_localpart  # noqa: E402
 from boshroster.roster.refresh import RefreshBadRequest, _prep_username, parse_refresh_body  # noqa: E402
@@ -302,34 +305,31 @@ def test_huge_content_length_refused_up_front(backend):
 
 def test_concurrency_is_bounded(backend):
     users = [f"u{i}" for i in range(6)]
+    gate = gevent.event.Event()
     for user in users:
-        backend.set_fault(user, "slow", 0.2)
-    rb = client(backend, max_concurrency=2, read_timeout=2)
-    peak = 0
-
-    def watch():
-        nonlocal peak
-        while True:
-            peak = max(peak, rb.in_flight)
-            gevent.sleep(0.01)
-
-    watcher = gevent.spawn(watch)
-    started = time.monotonic()
-    gevent.joinall([gevent.spawn(rb.fetch, u) for u in users], raise_error=True)
-    elapsed = time.monotonic() - started
-    watcher.kill()
-    assert peak == 2
-    assert elapsed >= 0.55
+        backend.set_fault(user, "gate", gate)  # every GET waits at the backend until the gate opens
+    rb = client(backend, max_concurrency=2, read_timeout=5)
+    jobs = [gevent.spawn(rb.fetch, u) for u in users]
+    wait_for(lambda: backend.in_progress == 2, what="two GETs at the backend")
+    gevent.sleep(0)  # every fetch has run up to its slot wait
+    assert rb.in_flight == 2 and not any(job.ready() for job in jobs)  # four wait for a slot
+    gate.set()
+    gevent.joinall(jobs, raise_error=True)
+    # Counted by the backend as requests arrive and leave: never more than 2 at once, all served.
+    assert backend.peak_in_progress == 2
+    assert [backend.requests_for(u) for u in users] == [1] * 6
 
 
 def test_waiting_for_a_slot_is_bounded(backend):
-    backend.set_fault("slowpoke", "slow", 1)
+    gate = gevent.event.Event()
+    backend.set_fault("slowpoke", "gate", gate)
     rb = client(backend, max_concurrency=1, read_timeout=2, queue_timeout=0.2)
     first = gevent.spawn(rb.fetch, "slowpoke")
-    gevent.sleep(0.05)
+    wait_for(lambda: backend.in_progress == 1, what="slowpoke's GET at the backend")  # it holds the slot
     err, elapsed = fetch_error(rb, "alice")
     assert err.reason == "timeout" and "slot" in str(err)
     assert elapsed < 0.5
+    gate.set()
     first.get()
 
 
@@ -382,8 +382,7 @@ def test_single_flight_failure_is_shared_and_not_cached(backend, cache):
 def test_refresh_during_inflight_fetch_chains_one_followup(backend, cache):
     backend.set_fault("alice", "slow", 0.3)
     login = gevent.spawn(cache.get, "alice")
-    gevent.sleep(0.1)  # the login fetch is on the wire, with the old contacts
-    assert backend.requests_for("alice") == 1
+    wait_for(lambda: backend.requests_for("alice") == 1, what="the login fetch")  # on the wire, with the old contacts
     backend.contacts["alice"] = {**ALICE, "new@example.com": {"name": "New"}}
     refreshes = [gevent.spawn(cache.refresh, "alice") for _ in range(3)]
     gevent.joinall([login] + refreshes, raise_error=True)
@@ -434,17 +433,17 @@ def test_grace_period_after_last_release(backend, cache, clock):
     assert cache.is_held("alice")
     cache.release("alice")
     assert not cache.is_held("alice")
-    clock.now += 29  # a page reload inside the grace period: no refetch
+    clock.now += 29  # a page reload inside the grace period: a login, so revalidated
     cache.hold("alice")
-    assert cache.get("alice") is r0
-    assert backend.requests_for("alice") == 1
+    assert cache.get("alice") is r0  # 304 (the test backend sends an ETag): the same copy
+    assert backend.requests_for("alice") == 2 and backend.not_modified_for("alice") == 1
     cache.release("alice")
     clock.now += 29
     assert cache.cached("alice") is r0
     clock.now += 2
     assert cache.cached("alice") is None and len(cache) == 0
     assert cache.get("alice") is not r0
-    assert backend.requests_for("alice") == 2
+    assert backend.requests_for("alice") == 3
 
 
 def test_unheld_entries_are_evicted_too(backend, cache, clock):
@@ -473,7 +472,7 @@ def test_drop(backend, cache):
 def test_drop_during_fetch_discards_stale_result(backend, cache):
     backend.set_fault("alice", "slow", 0.2)
     first = gevent.spawn(cache.get, "alice")
-    gevent.sleep(0.05)
+    wait_for(lambda: backend.requests_for("alice") == 1, what="the first fetch")
     cache.drop("alice")  # e.g. the backend said alice's roster changed
     backend.contacts["alice"] = {"fresh@x": {}}
     second = gevent.spawn(cache.get, "alice")
@@ -488,7 +487,7 @@ def test_killed_waiter_does_not_break_the_flight(backend, cache):
     backend.set_fault("alice", "slow", 0.2)
     doomed = gevent.spawn(cache.get, "alice")
     other = gevent.spawn(cache.get, "alice")
-    gevent.sleep(0.05)
+    wait_for(lambda: backend.requests_for("alice") == 1, what="the fetch both wait for")
     doomed.kill()
     assert len(other.get(timeout=2)) == 2
     assert backend.requests_for("alice") == 1

@@ -40,7 +40,7 @@ from gevent.pywsgi import WSGIServer
 
 from backend_app import TestBackend, _RawPathHandler, closed_port_url_template
 from conftest import NAMES, USERS, demo_contacts
-from harness import NS_CLIENT, NS_ROSTER, NS_SASL, NS_STANZAS, BoshClient, ServerProcess, WsClient, q
+from harness import NS_CLIENT, NS_ROSTER, NS_SASL, NS_STANZAS, BoshClient, ServerProcess, WsClient, q, wait_for
 
 NS_ROSTERVER = "urn:xmpp:features:rosterver"
 NS_PING = "urn:xmpp:ping"
@@ -121,10 +121,13 @@ def is_push(el: ET.Element) -> bool:
     return el.tag == q(NS_CLIENT, "iq") and el.get("type") == "set" and el.find(q(NS_ROSTER, "query")) is not None
 
 
-def pushes(client, count: int, timeout: float = 5.0, quiet: float = 0.3) -> list[ET.Element]:
-    """Exactly ``count`` roster pushes (then nothing more for ``quiet`` seconds), checked for RFC 6121 §2.1.6 form."""
+def pushes(client, count: int, timeout: float = 5.0) -> list[ET.Element]:
+    """Exactly ``count`` roster pushes, checked for RFC 6121 §2.1.6 form.
+
+    "Exactly": a change's pushes are queued together, so once ``count`` are here any
+    extra one is queued too, and must have arrived before a ping's result."""
     got = [client.recv(timeout, is_push) for _ in range(count)]
-    client.expect_nothing(quiet, is_push)
+    client.expect_nothing_queued(is_push)
     for push in got:
         assert push.get("id"), ET.tostring(push)
         assert push.get("from") in (None, client.jid.split("/")[0]), ET.tostring(push)
@@ -239,13 +242,14 @@ def test_grace_period_after_logout(make_server, backend, clients):
     server = make_server(roster_cache_grace=1.0, bosh_max_wait=5)
     login(clients, server, "bosh", "alice", "a").close()
     assert backend.requests_for("alice") == 1
-    # A quick reconnect (page reload) within the grace period: no refetch.
+    # A quick reconnect (page reload) within the grace period: the login revalidates the cached
+    # copy with a conditional GET (issue 10 point 14; test_roster_revalidate.py), here a 304.
     login(clients, server, "websocket", "alice", "b").close()
-    assert backend.requests_for("alice") == 1
+    assert backend.requests_for("alice") == 2 and backend.not_modified_for("alice") == 1
     gevent.sleep(1.5)
-    # After the grace period the roster was evicted: the next login fetches.
+    # After the grace period the roster was evicted: the next login fetches it whole.
     client = login(clients, server, "bosh", "alice", "c")
-    assert backend.requests_for("alice") == 2
+    assert backend.full_requests_for("alice") == 2 and backend.conditional_requests_for("alice") == 1
     ping_ok(client)
 
 
@@ -269,8 +273,7 @@ def test_groups_both_forms_bad_jids_skipped_names_and_subscription(server, backe
         "marie@example.com": ("Marie", (), "both"),
     }
     ping_ok(alice)
-    gevent.sleep(0.2)
-    log = server.log()
+    log = wait_for(lambda: "skipping contact" in (text := server.log()) and text, what="'skipping contact' in the log")
     assert "not a jid@localhost" in log and "skipping contact" in log
 
 
@@ -315,7 +318,7 @@ def test_roster_set_is_refused_and_the_roster_unchanged(server, backend, connect
     assert error_of(reply) == ("cancel", "service-unavailable")
     reply = alice.iq(f"<query xmlns='{NS_ROSTER}'><item jid='bob@localhost' subscription='remove'/></query>", type_="set")
     assert error_of(reply) == ("cancel", "service-unavailable")
-    alice.expect_nothing(0.5, is_push)
+    alice.expect_nothing_queued(is_push)
     after = alice.get_roster()
     assert items_of(after) == items_of(before) == demo_items("alice")
     assert after.find(q(NS_ROSTER, "query")).get("ver") == before.find(q(NS_ROSTER, "query")).get("ver")
@@ -353,7 +356,7 @@ def test_refresh_pushes_added_removed_changed_to_interested_resources(server, ba
         assert {push_item(p) for p in got} == expected
         assert all(p.get("to") == client.jid for p in got)
         assert len({p.get("id") for p in got}) == 3
-    three.expect_nothing(0.3, is_push)
+    three.expect_nothing_queued(is_push)
     # The cache now holds the new roster: a get shows it, without another fetch.
     assert items_of(two.get_roster()) == {
         "carol@localhost": ("Captain Marvel", ("Avengers", "Friends"), "both"),
@@ -365,7 +368,7 @@ def test_refresh_pushes_added_removed_changed_to_interested_resources(server, ba
     assert reply.status_code == 200 and reply.headers["Content-Type"].startswith("application/json")
     assert reply.json() == ok(1)
     assert backend.requests_for("alice") == 3
-    one.expect_nothing(0.3, is_push)
+    one.expect_nothing_queued(is_push)
     # Duplicates are fetched once and counted once.
     assert refresh(server, ["alice", "alice", "ALICE"]) == ok(1)
     assert backend.requests_for("alice") == 4
@@ -384,7 +387,8 @@ def test_presence_follows_refresh_both_ways(server, backend, connect, transport)
     carol.login("carol", resource="c")
     carol.get_roster()
     carol.presence()
-    alice.expect_nothing(0.3, lambda e: e.tag == q(NS_CLIENT, "presence") and (e.get("from") or "").startswith("carol@"))
+    alice.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "presence") and (e.get("from") or "").startswith("carol@"),
+                                after=[carol])
     # The backend makes them contacts of each other and says so.
     backend.contacts["alice"] = {"bob@localhost": {}, "carol@localhost": {"name": "Carol"}}
     backend.contacts["carol"] = {"bob@localhost": {}, "alice@localhost": {"name": "Alice"}}
@@ -407,7 +411,8 @@ def test_presence_follows_refresh_both_ways(server, backend, connect, transport)
     carol.recv_presence(sender="alice@localhost/a", type_="unavailable")
     # ... and presence no longer flows.
     alice.presence("<show>dnd</show>")
-    carol.expect_nothing(0.5, lambda e: e.tag == q(NS_CLIENT, "presence") and e.findtext(q(NS_CLIENT, "show")) == "dnd")
+    carol.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "presence") and e.findtext(q(NS_CLIENT, "show")) == "dnd",
+                                after=[alice])
     ping_ok(alice)
     ping_ok(carol)
 
@@ -427,7 +432,7 @@ def test_refresh_for_user_without_initial_presence(server, backend, connect):
     assert refresh(server, ["dave"]) == ok(1)
     assert push_item(pushes(dave, 1)[0]) == ("carol@localhost", "Carol", (), "both")
     # RFC 6121 §4.4: no presence to a resource before its initial presence.
-    dave.expect_nothing(0.5, lambda e: e.tag == q(NS_CLIENT, "presence"))
+    dave.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "presence"))
     ping_ok(dave)
     # Initial presence now: the probe shows carol, carol sees dave.
     dave.presence()
@@ -440,7 +445,7 @@ def test_refresh_for_user_without_initial_presence(server, backend, connect):
     backend.contacts["bob"] = {}
     assert refresh(server, ["bob"]) == ok(1)
     assert {push_item(p)[3] for p in pushes(bob, 3)} == {"remove"}
-    bob.expect_nothing(0.3, lambda e: e.tag == q(NS_CLIENT, "presence"))
+    bob.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "presence"))
     ping_ok(bob)
 
 
@@ -454,11 +459,12 @@ def test_refresh_of_offline_user_refetches_the_cached_copy(server, backend, conn
     # Offline but cached (grace period): re-fetched; never cached: counted, no fetch.
     assert refresh(server, ["alice", "nobody"]) == ok(2)
     assert backend.requests_for("alice") == 2 and backend.requests_for("nobody") == 0
-    # A page reload within the grace period finds the new roster without a fetch.
+    # A page reload within the grace period finds the new roster; the login revalidates it
+    # (issue 10 point 14): a conditional GET, answered 304, no second transfer of the roster.
     again = connect()
     again.login("alice", resource="again")
     assert items_of(again.get_roster()) == {"zoe@example.org": ("Zoe", (), "both")}
-    assert backend.requests_for("alice") == 2
+    assert backend.full_requests_for("alice") == 2 and backend.not_modified_for("alice") == 1
 
 
 def test_failed_refresh_of_offline_cached_user_drops_the_stale_copy(server, backend, connect):
@@ -484,7 +490,7 @@ def test_overlapping_refreshes_push_each_change_once(server, backend, connect):
     backend.set_fault("alice", "slow", 1.5)
     backend.contacts["alice"] = {**DEMO["alice"], "zoe@example.org": {"name": "Zoe"}}
     first = gevent.spawn(refresh, server, ["alice"])
-    gevent.sleep(0.4)  # the first fetch is now in flight at the backend
+    wait_for(lambda: backend.requests_for("alice") == 2, what="the refresh's fetch at the backend")  # now in flight
     backend.set_fault("alice", None)
     backend.contacts["alice"] = {**backend.contacts["alice"], "yuri@example.org": {"name": "Yuri"}}
     # Two refreshes arriving while it runs share ONE follow-up fetch ...
@@ -525,7 +531,7 @@ def fault_world(tmp_path_factory):
     server = ServerProcess(
         tmp_path_factory.mktemp("faults"), users=FAULT_USERS, http_roster_url=backend.url_template,
         roster_connect_timeout=0.5, roster_read_timeout=0.5, roster_max_body=1048576,
-        roster_retry_backoff=0.5, roster_retry_count=4, bosh_max_wait=5,
+        roster_retry_backoff=0.25, roster_retry_count=5, bosh_max_wait=5,
     ).start()
     yield server, backend
     server.stop()
@@ -565,7 +571,7 @@ def test_backend_fault_at_login_answers_wait_error_keeps_session_and_retries(fau
 def test_connection_refused_at_login_then_backend_comes_up(make_server, clients, transport):
     url = closed_port_url_template()
     port = int(url.split(":")[2].split("/")[0])
-    server = make_server(http_roster_url=url, roster_retry_backoff=0.5, roster_retry_count=5, bosh_max_wait=5)
+    server = make_server(http_roster_url=url, roster_retry_backoff=0.25, roster_retry_count=6, bosh_max_wait=5)
     client = clients(server, transport)
     client.login("alice")
     reply = client.get_roster()
@@ -588,7 +594,7 @@ def test_backend_fault_with_a_cached_roster_keeps_it(make_server, backend, clien
         backend.set_fault("alice", fault, value)
         backend.contacts["alice"] = {"zoe@example.org": {}}  # never seen: the fetch fails
         assert refresh(server, ["alice"]) == ok(0, 1)
-        alice.expect_nothing(0.2, is_push)
+        alice.expect_nothing_queued(is_push)
         assert items_of(alice.get_roster()) == demo_items("alice")
         ping_ok(alice)
     # A new resource logging in meanwhile is served the cached roster too.
@@ -597,7 +603,7 @@ def test_backend_fault_with_a_cached_roster_keeps_it(make_server, backend, clien
     backend.set_fault("alice", None)
     backend.contacts["alice"] = DEMO["alice"]
     assert refresh(server, ["alice"]) == ok(1)
-    alice.expect_nothing(0.3, is_push)
+    alice.expect_nothing_queued(is_push)
 
 
 def test_retry_reaches_the_resource_that_got_the_error_even_if_another_fetched_first(make_server, backend, clients, transport):
@@ -612,7 +618,7 @@ def test_retry_reaches_the_resource_that_got_the_error_even_if_another_fetched_f
     # ... the tab that got the error still receives the contacts, as pushes.
     got = pushes(first, 3, timeout=6)
     assert {push_item(p) for p in got} == {(j, *rest) for j, rest in demo_items("alice").items()}
-    second.expect_nothing(0.2, is_push)  # it already has them
+    second.expect_nothing_queued(is_push)  # it already has them
     ping_ok(first)
 
 
@@ -649,9 +655,9 @@ def test_subscription_stanzas_are_dropped(server, backend, connect, transport):
         alice.presence(to="bob@localhost", type=ptype)
         alice.presence(to="bob@localhost/b", type=ptype)
         alice.presence(to="mallory@localhost", type=ptype)
-    bob.expect_nothing(0.8, lambda e: e.tag == q(NS_CLIENT, "presence") and e.get("type") is not None)
-    alice.expect_nothing(0.1, is_push)
-    bob.expect_nothing(0.1, is_push)
+    bob.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "presence") and e.get("type") is not None, after=[alice])
+    alice.expect_nothing_queued(is_push)
+    bob.expect_nothing_queued(is_push)
     # Nothing changed: same rosters, presence still flowing.
     assert items_of(alice.get_roster()) == demo_items("alice")
     assert items_of(bob.get_roster()) == demo_items("bob")

@@ -252,7 +252,7 @@ def test_duplicate_resource_from_a_second_socket_gets_another_and_both_stay(serv
     sender.message(second.jid, "to second")
     assert first.recv_message().findtext(q(NS_CLIENT, "body")) == "to first"
     assert second.recv_message().findtext(q(NS_CLIENT, "body")) == "to second"
-    first.expect_nothing(0.3, lambda e: e.tag == q(NS_CLIENT, "message"))
+    first.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "message"), after=[sender])
 
 
 def test_messages_are_stamped_with_from(server, clients):
@@ -393,7 +393,7 @@ def test_stanza_before_auth_is_not_authorized(server, clients, bystander):
     client.wait_features()
     client.send_xml(f"<message xmlns='{NS_CLIENT}' to='dave@localhost/bystander'><body>sneaky</body></message>")
     assert_stream_error(client, "not-authorized")
-    bystander.expect_nothing(0.3, lambda e: e.tag == q(NS_CLIENT, "message"))
+    bystander.expect_nothing_queued(lambda e: e.tag == q(NS_CLIENT, "message"))  # the sender's stream is over
     assert pinged_ok(bystander)
 
 
@@ -413,7 +413,7 @@ def test_binary_frames_are_ignored(server, clients, bystander):
     clients.append(client)
     client.ws.send_binary(f"<iq xmlns='{NS_CLIENT}' type='get' id='bin'><ping xmlns='urn:xmpp:ping'/></iq>".encode())
     client.ws.send_binary(b"\x00\xff\x00 not xml at all")
-    client.expect_nothing(0.3, lambda e: e.get("id") == "bin" or e.tag == "socket-closed")
+    client.expect_nothing_queued(lambda e: e.get("id") == "bin" or e.tag == "socket-closed")
     assert pinged_ok(client)
     assert pinged_ok(bystander)
 
@@ -439,20 +439,22 @@ def test_vanished_client_is_announced_unavailable_and_the_server_keeps_serving(s
 
 def test_ping_frames_are_sent_at_the_configured_interval(make_server):
     server = make_server(websocket_ping_interval=0.3)
+    started = time.monotonic()
     ws = websocket.create_connection(server.ws_url, subprotocols=["xmpp"], timeout=5)
     try:
         ws.send(f"<open xmlns='{NS_FRAMING}' to='localhost' version='1.0'/>")
         pings = 0
         texts = 0
-        deadline = time.monotonic() + 1.6
-        while time.monotonic() < deadline:
+        while pings < 3:  # the socket timeout (5 s) fails the test if they stop coming
             opcode, _ = ws.recv_data(control_frame=True)  # websocket-client answers with a pong
             if opcode == websocket.ABNF.OPCODE_PING:
                 pings += 1
             elif opcode == websocket.ABNF.OPCODE_TEXT:
                 texts += 1
+        # The server sent the third ping 3 intervals after the connection at the earliest
+        # (it can only be late, and so can we): not more often than configured.
+        assert time.monotonic() - started >= 3 * 0.3 - 0.05
         assert texts == 2  # <open/> and <stream:features/>
-        assert 3 <= pings <= 7, pings
         # the stream is still usable after answering pings
         ws.send(f"<close xmlns='{NS_FRAMING}'/>")
         opcode, data = ws.recv_data(control_frame=True)
@@ -470,7 +472,7 @@ def test_no_ping_frames_when_disabled(make_server):
         ws.send(f"<open xmlns='{NS_FRAMING}' to='localhost' version='1.0'/>")
         assert ws.recv_data(control_frame=True)[0] == websocket.ABNF.OPCODE_TEXT
         assert ws.recv_data(control_frame=True)[0] == websocket.ABNF.OPCODE_TEXT
-        ws.settimeout(0.8)
+        ws.settimeout(0.5)  # more than the 0.3 s interval the ping test sees pings at
         with pytest.raises(websocket.WebSocketTimeoutException):
             ws.recv_data(control_frame=True)
     finally:

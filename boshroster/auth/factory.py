@@ -49,7 +49,17 @@ class AuthSetup:
             self.tokens.close()
 
 
-def build_auth(config) -> AuthSetup:
+def account_store(config, database=None) -> AccountStore:
+    """The account store: SQLite under data_dir, or PostgreSQL when database_url is set
+    (cluster/pg_accounts.py; the ``boshroster user`` commands write there too)."""
+    if config.database_url:
+        from boshroster.cluster.pg_accounts import PgAccountStore
+
+        return PgAccountStore(config.database_url, config.scram_iterations, config.database_pool_size, database)
+    return AccountStore(os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations)
+
+
+def build_auth(config, database=None) -> AuthSetup:
     user_check = None
     if config.http_user_exists_url:
         user_check = HttpUserCheck(config.http_user_exists_url, config.http_auth_timeout,
@@ -59,7 +69,7 @@ def build_auth(config) -> AuthSetup:
         passwords = HttpAuthenticator(config.http_auth_url, config.domain, config.http_auth_timeout,
                                       config.http_auth_cache_seconds, user_check=user_check)
     else:
-        accounts = AccountStore(os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations)
+        accounts = account_store(config, database)
         passwords = accounts
     tokens = None
     authenticator = passwords

@@ -13,7 +13,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 
 from boshroster import __version__  # noqa: E402
-from boshroster.config import ConfigError, load  # noqa: E402
+from boshroster.config import ConfigError, StartupError, load  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,15 +57,20 @@ def main(argv=None) -> int:
         try:
             server = Server(config)
             server.serve_forever()  # binds the listeners first: "address in use" lands here
-        except OSError as exc:
+        except (OSError, StartupError) as exc:
             print(f"boshroster: cannot start: {exc}", file=sys.stderr)
             return 1
         return 0
-    from boshroster.auth.accounts import AccountStore
+    from boshroster.auth.factory import account_store
     from boshroster.cli.users import run_user_command
 
     os.makedirs(config.data_dir, exist_ok=True)
-    with AccountStore(os.path.join(config.data_dir, "accounts.sqlite3"), config.scram_iterations) as store:
+    try:
+        store = account_store(config)  # database_url set: PostgreSQL
+    except StartupError as exc:
+        print(f"boshroster: {exc}", file=sys.stderr)
+        return 1
+    with store:
         return run_user_command(args, store)
 
 

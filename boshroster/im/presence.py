@@ -83,6 +83,9 @@ def addressed(stanza: Element, to: str) -> Element:
 class PresenceHandler:
     def __init__(self, sessions: "SessionManager", contacts: Contacts, domain: str, bus: EventBus):
         self.sessions = sessions
+        # In a cluster ``sessions`` is cluster/view.py's ClusterSessions; roster changes are
+        # applied by every node to its own sessions, so those loops use the local ones.
+        self.local = getattr(sessions, "local", sessions)
         self.roster = contacts
         self.domain = domain
         self.bus = bus
@@ -153,7 +156,7 @@ class PresenceHandler:
         contact_user = local_user(contact, self.domain)
         if contact_user is None:
             return
-        for session in self.sessions.sessions_of(username):
+        for session in self.local.sessions_of(username):
             # RFC 6121 §4.2.2/§4.3: a resource without initial presence neither
             # broadcasts nor gets probe answers; its initial presence will probe.
             if session.presence is not None:
@@ -165,13 +168,13 @@ class PresenceHandler:
         contact_user = local_user(contact, self.domain)
         if contact_user is None:
             return
-        for session in self.sessions.sessions_of(username):
+        for session in self.local.sessions_of(username):
             if session.presence is not None:
                 gone = E(PRESENCE, {"type": "unavailable", "from": session.jid_str, "to": contact})
                 self._deliver_to_user(contact_user, gone)
         for other in self.sessions.sessions_of(contact_user):
             if other.presence is not None:
-                for session in self.sessions.sessions_of(username):
+                for session in self.local.sessions_of(username):
                     if session.presence is not None:  # never saw the contact's presence otherwise
                         session.send(E(PRESENCE, {"type": "unavailable", "from": other.jid_str, "to": session.jid_str}))
 

@@ -1,20 +1,30 @@
 """BOSH (XEP-0124) carrying XMPP (XEP-0206): HTTP requests in, stanzas to the session core.
 
-This module owns framing, timing and flow control only: the rid window,
-held requests, replayed responses, inactivity and overactivity.  Errors go
-out as HTTP 200 ``<body type='terminate' condition='…'/>`` because Strophe
-drops the session on any 4xx (XEP-0124 §17.2).
+This module owns framing, timing and flow control: the rid window, held
+requests, replayed responses, inactivity, overactivity and the limits on
+input (integer attributes, stanzas per body, unauthenticated sessions per
+address).  What a session owes its client (bounded queue, acknowledgements
+XEP-0124 §9.2) is bosh_outbox.py.  Errors go out as HTTP 200 ``<body
+type='terminate' condition='…'/>``: Strophe drops the session on any 4xx
+(§17.2).  A terminal body carries no stanzas: what the session still owed
+goes back to routing.  Every wait (``wait``, early rids, inactivity,
+lingering terminal bodies) is a timer of an injectable clock (clock.py).
 
 Greenlet safety: each HTTP request runs in its own greenlet.  A BoshSession's
-fields are mutated by those greenlets, the inactivity timer and the session
-core (``send``), all without yielding except at the documented waits
-(``_wait_turn`` and ``AsyncResult.get``), after which state is re-checked.
-Payloads are processed strictly in rid order: a request waits for its turn.
+fields are mutated by those greenlets, the clock's timer greenlets, the
+session core (``send``, from any user's greenlet) and the hub callback
+``_flush``, none of which yield except at the documented waits
+(``_wait_turn``, ``_hold``'s ``AsyncResult.get``, a yield every
+``_YIELD_EVERY`` stanzas of a body, the shutdown grace), after which state is
+re-checked.  Payloads are processed in rid order (a request waits for its
+turn) and responses are sent in rid order (§14.2: an older held request is
+always answered first).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections import OrderedDict, deque
 from typing import Callable
@@ -22,29 +32,30 @@ from typing import Callable
 import gevent
 from gevent.event import AsyncResult, Event
 
+from boshroster.transports.clock import GeventClock
+from boshroster.transports.bosh_outbox import BODY_OPEN as _BODY_OPEN, DECLARED as _DECLARED, EMPTY_BODY, Outbox
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StreamError
-from boshroster.xmpp.stream import ClientSession, Peer
-from boshroster.xmpp.xmlio import Element, NS_BOSH, NS_CLIENT, NS_STREAM, NS_XBOSH
+from boshroster.xmpp.stream import ClientSession, Peer, StreamContext
+from boshroster.xmpp.xmlio import Element, NS_BOSH, NS_CLIENT, NS_XBOSH
 
 log = logging.getLogger("boshroster.bosh")
 
 _BODY = f"{{{NS_BOSH}}}body"
 _RESTART = f"{{{NS_XBOSH}}}restart"
-_BODY_OPEN = (
-    f'<body xmlns="{NS_BOSH}" xmlns:stream="{NS_STREAM}"'
-)
-_DECLARED = frozenset({NS_STREAM})
 # BOSH conditions that stream errors map to directly (XEP-0124 §17.2); others are remote-stream-error.
 _DIRECT_CONDITIONS = {"system-shutdown", "policy-violation", "host-unknown", "improper-addressing", "bad-request"}
+# XEP-0124 §14.1: rids stay below 2**53, so 16 ASCII digits are plenty.  Only ASCII:
+# str.isdigit() accepts '²' (which int() refuses) and int() accepts '١' (Arabic-Indic one).
+_DIGITS = re.compile(r"[0-9]{1,16}")
+# Integer attributes a client may send (XEP-0124 §7.1, §9.2, §10); each is checked.
+_INT_ATTRIBUTES = ("rid", "wait", "hold", "ack", "pause")
+_YIELD_EVERY = 100  # stanzas of one body processed between two yields to other greenlets
 
 
 def terminate_body(condition: str | None, children: str = "") -> bytes:
     cond = f' condition="{condition}"' if condition else ""
     return f'{_BODY_OPEN} type="terminate"{cond}>{children}</body>'.encode("utf-8")
-
-
-EMPTY_BODY = f"{_BODY_OPEN}/>".encode("utf-8")
 
 
 def _to_client_ns(el: Element) -> None:
@@ -54,89 +65,116 @@ def _to_client_ns(el: Element) -> None:
             node.tag = f"{{{NS_CLIENT}}}" + node.tag[len(NS_BOSH) + 2 :]
 
 
-def _int_attr(body: Element, name: str) -> int | None:
-    value = body.get(name)
-    if value is None or not value.isdigit() or len(value) > 16:
-        return None
-    return int(value)
+class BadAttribute(ValueError):
+    """An integer attribute of a <body/> that is not ASCII digits (answered with bad-request)."""
+
+
+def _int_attrs(body: Element) -> dict[str, int | None]:
+    """Every integer attribute (None when absent); BadAttribute when one is not plain digits."""
+    values = {}
+    for name in _INT_ATTRIBUTES:
+        value = body.get(name)
+        if value is not None:
+            if _DIGITS.fullmatch(value) is None:
+                raise BadAttribute(f"{name}={value[:40]!r} is not a non-negative integer")
+            value = int(value)
+        values[name] = value
+    return values
 
 
 class _Held:
-    __slots__ = ("rid", "result")
+    __slots__ = ("rid", "result", "timer")
 
     def __init__(self, rid: int):
         self.rid = rid
         self.result = AsyncResult()
+        self.timer = None
 
 
 class BoshSession:
-    """One BOSH session: the transport object the ClientSession writes into."""
+    """One BOSH session: the transport object the ClientSession writes into.
+
+    Its stanzas for the client live in ``outbox`` (bosh_outbox.py): queued,
+    then sent in a response, then acknowledged."""
 
     kind = "bosh"
+    tracks_delivery = True  # ClientSession.send passes ``delivered`` through (see module docstring)
 
-    def __init__(self, manager: "BoshManager", sid: str, rid: int, wait: int, hold: int, peer: Peer):
+    def __init__(self, manager: "BoshManager", sid: str, rid: int, wait: int, hold: int, peer: Peer,
+                 acks: bool = False):
         self.manager = manager
+        self.clock = manager.clock
         cfg = manager.config
         self.sid = sid
         self.wait = wait
         self.hold = hold
+        self.acks = acks  # the client acknowledges with 'ack' attributes (XEP-0124 §9.2)
+        self.ip = peer.ip
         self.requests = max(cfg.bosh_max_requests, hold + 1)
         self.inactivity = cfg.bosh_max_inactivity
         self.last_rid = rid
-        self.pending: list[Element] = []
+        self.outbox = Outbox(self, cfg, self.requests + 1, acks)
         self.held: deque[_Held] = deque()
         self.responses: OrderedDict[int, bytes] = OrderedDict()
         self.in_flight = 0
         self.terminal: bytes | None = None  # set once the stream is over
-        self._turn = Event()
+        self._turn_waiters: list[Event] = []
+        self._arrived: set[int] = set()  # rids of the requests being handled
         self._inactivity_timer = None
         self._flush_scheduled = False
-        self.session = ClientSession(manager.core, self, peer)
+        self.session = ClientSession(manager.ctx, self, peer)
 
     # -- called by the session core -------------------------------------------
 
-    def send(self, el: Element) -> None:
+    def send(self, el: Element, delivered: Callable[[bool], None] | None = None) -> None:
+        """Queue ``el`` for the client; ``delivered`` (if given) is called once it is acknowledged."""
         if self.terminal is not None:
+            # Only reachable between the terminal body and ClientSession.end (which stops sends).
+            log.debug("stanza for ended BOSH session of %s not queued", self.session.jid_str)
+            if delivered is not None:
+                delivered(False)
             return
-        self.pending.append(el)
-        if len(self.pending) > self.manager.config.bosh_max_pending:
-            self.pending.clear()
-            self.session.fail("policy-violation", "too many undelivered stanzas; the client stopped polling")
-            return
-        if self.held and not self._flush_scheduled:
+        if self.outbox.add(el, delivered) and self.held and not self._flush_scheduled and not self.outbox.frozen:
             # Answer once the current greenlet step is done, so that everything
             # it produced (a roster result and its presences, a burst of
             # messages) leaves in one response instead of one response each.
             self._flush_scheduled = True
             gevent.get_hub().loop.run_callback(self._flush)
 
+    @property
+    def congested(self) -> bool:
+        """Above the high-water mark: routing bounces other users' stanzas
+        (``resource-constraint``) instead of queueing more (issue 10 point 5)."""
+        outbox = self.outbox
+        return len(outbox.pending) > outbox.high_water or outbox.pending_bytes > outbox.high_water_bytes
+
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self.held and self.pending and self.terminal is None:
+        while self.held and self.outbox.ready and self.terminal is None:
             self._answer(self.held.popleft())
 
     def stream_error(self, error: Element) -> None:
         condition_el = error[0] if len(error) else None
         cond = xmlio.split_tag(condition_el.tag)[1] if condition_el is not None else "undefined-condition"
         condition = cond if cond in _DIRECT_CONDITIONS else "remote-stream-error"
-        self._finish(condition, error)
+        self._end(condition, f"stream error {cond}", error)
 
-    # -- helpers ---------------------------------------------------------------
+    # -- responses and acknowledgements -------------------------------------------
 
-    def _render(self, stanzas: list[Element]) -> bytes:
-        if not stanzas:
-            return EMPTY_BODY
-        inner = "".join(xmlio.tostring(el, NS_BOSH, _DECLARED) for el in stanzas)
-        return f"{_BODY_OPEN}>{inner}</body>".encode("utf-8")
+    def _respond(self, rid: int) -> bytes:
+        data = self.outbox.take(rid)
+        self._remember(rid, data)
+        return data
 
     def _answer(self, held: _Held) -> None:
-        """Answer a held request with everything pending (or the terminal body)."""
+        """Answer a held request with what is pending (or the terminal body)."""
+        self.clock.cancel(held.timer)
+        held.timer = None
         if self.terminal is not None:
             data = self.terminal
+            self._remember(held.rid, data)
         else:
-            data = self._render(self.pending)
-            self.pending = []
-        self._remember(held.rid, data)
+            data = self._respond(held.rid)
         held.result.set(data)
 
     def _remember(self, rid: int, data: bytes) -> None:
@@ -144,53 +182,51 @@ class BoshSession:
         while len(self.responses) > self.requests + 1:
             self.responses.popitem(last=False)
 
-    def _finish(self, condition: str | None, error: Element | None = None, linger: bool = True) -> None:
-        """The stream is over: build the terminal body, answer held requests, forget the sid."""
+    # -- the end -------------------------------------------------------------------
+
+    def _end(self, condition: str | None, reason: str, error: Element | None = None, linger: bool = True) -> None:
+        """The stream is over: build the terminal body, answer held requests, forget the
+        sid, end the ClientSession, then give back everything the client may not have."""
         if self.terminal is not None:
             return
-        children = list(self.pending)
-        if error is not None:
-            children.append(error)
-        self.pending = []
-        inner = "".join(xmlio.tostring(el, NS_BOSH, _DECLARED) for el in children)
+        inner = xmlio.tostring(error, NS_BOSH, _DECLARED) if error is not None else ""
         self.terminal = terminate_body(condition, inner)
+        self._next_turn()  # early requests waiting for their turn see the end
         if self.held:
             self._answer(self.held.popleft())
         while self.held:
             held = self.held.popleft()
+            self.clock.cancel(held.timer)
             held.result.set(terminate_body(None))
         keep = linger and not self._delivered_terminal()
-        self.manager.forget(self.sid, linger=self.terminal if keep else None)
+        self.manager.forget(self, linger=self.terminal if keep else None)
         self._cancel_inactivity()
+        self.session.end(reason)  # unbinds first: what is given back cannot come back here
+        self.outbox.give_back_all()
 
     def _delivered_terminal(self) -> bool:
         return any(data is self.terminal for data in self.responses.values())
 
     def _cancel_inactivity(self) -> None:
-        if self._inactivity_timer is not None:
-            self._inactivity_timer.kill(block=False)
-            self._inactivity_timer = None
+        self.clock.cancel(self._inactivity_timer)
+        self._inactivity_timer = None
 
     def _request_done(self) -> None:
         self.in_flight -= 1
         if self.in_flight <= 0 and self.terminal is None:
             self._cancel_inactivity()
-            self._inactivity_timer = gevent.spawn_later(self.inactivity, self._inactive)
+            self._inactivity_timer = self.clock.call_later(self.inactivity, self._inactive)
 
     def _inactive(self) -> None:
         self._inactivity_timer = None
         if self.in_flight > 0 or self.terminal is not None:
             return
         log.info("BOSH session of %s timed out after %ss of inactivity", self.session.jid_str or "(unbound)", self.inactivity)
-        undelivered = self.pending
-        self.pending = []
-        self._finish(None, linger=False)  # XEP-0124 §10: later requests get item-not-found
-        self.session.end("BOSH inactivity timeout")
-        self.session.return_undelivered(undelivered)
+        self._end(None, "BOSH inactivity timeout", linger=False)  # XEP-0124 §10: later requests get item-not-found
 
     # -- one HTTP request --------------------------------------------------------
 
-    def handle(self, body: Element, rid: int) -> bytes:
+    def handle(self, body: Element, rid: int, ack: int | None = None) -> bytes:
         cached = self.responses.get(rid)
         if cached is not None:
             return cached  # XEP-0124 §14.3: a repeated rid gets the same answer
@@ -200,6 +236,7 @@ class BoshSession:
             for held in self.held:
                 if held.rid == rid:  # the client re-sent a held request: the newer one takes over
                     self.held.remove(held)
+                    self.clock.cancel(held.timer)
                     held.result.set(EMPTY_BODY)
                     return self._hold(rid)
             return self._terminate_request("item-not-found", f"rid {rid} is no longer available")
@@ -208,7 +245,15 @@ class BoshSession:
         is_terminate = body.get("type") == "terminate"
         if self.in_flight + 1 > self.requests + (1 if is_terminate else 0):
             return self._terminate_request("policy-violation", "too many simultaneous requests")
+        limit = self.manager.config.bosh_max_stanzas_per_body
+        if len(body) > limit:
+            log.warning("BOSH body with %d stanzas from %s (%s) refused (bosh_max_stanzas_per_body=%d)",
+                        len(body), self.ip, self.session.jid_str or "unauthenticated", limit)
+            return self._terminate_request("policy-violation", f"{len(body)} stanzas in one body")
+        if self.outbox.unacked:
+            self.outbox.acknowledge(rid, ack)
         self.in_flight += 1
+        self._arrived.add(rid)
         self._cancel_inactivity()
         try:
             if not self._wait_turn(rid):
@@ -217,16 +262,42 @@ class BoshSession:
                 return self.terminal
             return self._process(body, rid, is_terminate)
         finally:
+            self._arrived.discard(rid)
             self._request_done()
 
     def _wait_turn(self, rid: int) -> bool:
-        """Hold a request that came early until the requests before it are processed."""
-        deadline = self.wait + 1
-        while self.last_rid + 1 < rid:
-            self._turn.clear()
-            if not self._turn.wait(timeout=deadline):
-                return False
-        return True
+        """Hold a request that came early until the requests before it are processed
+        (XEP-0124 §14.2); False if a missing rid has not arrived within wait + 1 seconds
+        (a request that arrived and is still being processed, e.g. slowed down by
+        the shaper, is no gap)."""
+        if self.last_rid + 1 >= rid:
+            return True
+        expired = []
+        event = Event()
+
+        def expire():
+            if all(r in self._arrived for r in range(self.last_rid + 1, rid)):
+                timers[0] = self.clock.call_later(self.wait + 1, expire)
+                return
+            expired.append(True)
+            event.set()
+
+        timers = [self.clock.call_later(self.wait + 1, expire)]
+        try:
+            while self.last_rid + 1 < rid and self.terminal is None:
+                if expired:
+                    return False
+                event.clear()
+                self._turn_waiters.append(event)
+                event.wait()
+            return True
+        finally:
+            self.clock.cancel(timers[0])
+
+    def _next_turn(self) -> None:
+        waiters, self._turn_waiters = self._turn_waiters, []
+        for event in waiters:
+            event.set()
 
     def _process(self, body: Element, rid: int, is_terminate: bool) -> bytes:
         try:
@@ -234,72 +305,92 @@ class BoshSession:
                 features = self.session.restart()  # XEP-0206 §5: payloads of a restart are ignored
                 self.send(features)
             else:
-                for child in list(body):
+                for index, child in enumerate(list(body), 1):
                     _to_client_ns(child)
                     self.session.feed(child)
                     if self.terminal is not None:
                         break
+                    if index % _YIELD_EVERY == 0:
+                        gevent.sleep(0)  # a body of thousands of stanzas must not stall everyone else
+                        if self.terminal is not None:
+                            break
         except StreamError as err:
             self.session.fail(err.condition, err.text)
         finally:
             self.last_rid = rid
-            self._turn.set()
+            if self._turn_waiters:
+                self._next_turn()
         if self.terminal is not None:
             self._remember(rid, self.terminal)
             return self.terminal
         if is_terminate:
             log.info("BOSH session of %s terminated by the client", self.session.jid_str or "(unbound)")
-            self._finish(None)
-            self.session.end("client terminated the BOSH session")
+            self._end(None, "client terminated the BOSH session")
             data = terminate_body(None, "")
             self._remember(rid, data)
             return data
-        if self.pending or self.hold == 0 or self.wait == 0:
-            data = self._render(self.pending)
-            self.pending = []
-            self._remember(rid, data)
-            return data
-        return self._hold(rid)
+        if not self.held and (self.outbox.ready or self.hold == 0 or self.wait == 0):
+            return self._respond(rid)
+        return self._hold(rid)  # an older held request is answered first (rid order, §14.2)
 
     def _hold(self, rid: int) -> bytes:
         held = _Held(rid)
         self.held.append(held)
         while len(self.held) > self.hold:
             self._answer(self.held.popleft())  # XEP-0124 §11: never hold more than 'hold'
-        try:
+        if self.outbox.ready:
+            self._flush()  # what did not fit in the older response goes in this one
+        if held in self.held and self.outbox.awaiting_ack:
+            # Only the client's next request acknowledges what was just sent, and it
+            # sends one when this request returns: answer now, do not stall for 'wait'.
+            self.held.remove(held)
+            self._answer(held)
+        if held in self.held:
             # Answer a little before 'wait' so no client or proxy gives up first.
-            return held.result.get(timeout=max(0.2, self.wait - min(1.0, self.wait * 0.1)))
-        except gevent.Timeout:
-            if held in self.held:
-                self.held.remove(held)
-                self._answer(held)
-            return held.result.get()
+            held.timer = self.clock.call_later(max(0.2, self.wait - min(1.0, self.wait * 0.1)), self._expire, held)
+        return held.result.get()
+
+    def _expire(self, held: _Held) -> None:
+        held.timer = None
+        if held in self.held:
+            self.held.remove(held)
+            self._answer(held)
 
     def _terminate_request(self, condition: str, why: str) -> bytes:
         log.info("BOSH %s for session of %s: %s", condition, self.session.jid_str or "(unbound)", why)
-        undelivered = self.pending
-        self.pending = []
-        self._finish(condition)
-        self.session.end(f"BOSH {condition}: {why}")
-        self.session.return_undelivered(undelivered)
+        self._end(condition, f"BOSH {condition}: {why}")
         return terminate_body(condition)
 
 
 class BoshManager:
-    """All BOSH sessions by sid, and the creation of new ones."""
+    """All BOSH sessions by sid, and the creation of new ones.
 
-    def __init__(self, core):
-        self.core = core
-        self.config = core.config
+    ``_unauthenticated`` maps a client address to its sessions that had not
+    authenticated when last looked at (pruned at each creation from that
+    address, emptied as sessions end): the per-address cap (issue 10 points 8, 16)."""
+
+    def __init__(self, ctx: StreamContext, clock=None):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.clock = clock or GeventClock()
         self.sessions: dict[str, BoshSession] = {}
         self._lingering: dict[str, bytes] = {}
+        self._unauthenticated: dict[str, set[BoshSession]] = {}
+        self._refused_unauthenticated: dict[str, int] = {}
+        self.sid_prefix = ""  # a cluster node's "<node_id>." (cluster/bosh_forward.py finds the owner by it)
 
-    def forget(self, sid: str, linger: bytes | None = None) -> None:
+    def forget(self, bosh: BoshSession, linger: bytes | None = None) -> None:
+        sid = bosh.sid
         self.sessions.pop(sid, None)
+        group = self._unauthenticated.get(bosh.ip)
+        if group is not None:
+            group.discard(bosh)
+            if not group:
+                del self._unauthenticated[bosh.ip]
         if linger is not None:
             # Keep the terminal body for the next request of a client that was not polling.
             self._lingering[sid] = linger
-            gevent.spawn_later(self.config.bosh_max_wait + 5, self._lingering.pop, sid, None)
+            self.clock.call_later(self.config.bosh_max_wait + 5, self._lingering.pop, sid, None)
 
     def handle(self, body: Element, peer_of: Callable[[], Peer]) -> bytes:
         """Answer one BOSH request body (already parsed); never raises for client errors.
@@ -309,61 +400,94 @@ class BoshManager:
         the many polls of a session do not pay for parsing addresses."""
         if body.tag != _BODY:
             return terminate_body("bad-request")
-        rid = _int_attr(body, "rid")
-        if rid is None:
-            return terminate_body("bad-request")
         sid = body.get("sid")
+        try:
+            values = _int_attrs(body)
+            if values["rid"] is None:
+                raise BadAttribute("no rid")
+        except BadAttribute as bad:
+            bosh = self.sessions.get(sid) if sid is not None else None
+            if bosh is not None:
+                return bosh._terminate_request("bad-request", str(bad))
+            log.info("BOSH bad-request: %s", bad)
+            return terminate_body("bad-request")
+        rid, ack = values["rid"], values["ack"]
         if sid is None:
-            return self._create(body, rid, peer_of())
+            return self._create(body, rid, values["wait"], values["hold"], ack, peer_of())
         bosh = self.sessions.get(sid)
         if bosh is None:
             lingering = self._lingering.pop(sid, None)
             return lingering if lingering is not None else terminate_body("item-not-found")
-        return bosh.handle(body, rid)
+        return bosh.handle(body, rid, ack)
 
-    def _create(self, body: Element, rid: int, peer: Peer) -> bytes:
+    def _admit_unauthenticated(self, peer: Peer) -> tuple[bool, set | None]:
+        """(admitted, the address's group of unauthenticated sessions to join or None when not counted)."""
+        cfg = self.config
+        cap = cfg.bosh_max_unauthenticated_per_address
+        if cap <= 0 or (peer.is_loopback and not cfg.bosh_unauthenticated_limit_loopback):
+            return True, None
+        group = self._unauthenticated.get(peer.ip)
+        if group is None:
+            group = self._unauthenticated[peer.ip] = set()
+        else:
+            for bosh in [b for b in group if b.session.username is not None or b.terminal is not None]:
+                group.discard(bosh)
+        if len(group) < cap:
+            self._refused_unauthenticated.pop(peer.ip, None)
+            return True, group
+        refused = self._refused_unauthenticated.get(peer.ip, 0) + 1
+        self._refused_unauthenticated[peer.ip] = refused
+        if refused == 1 or refused % 1000 == 0:
+            log.warning("BOSH: %d unauthenticated sessions from %s: new session refused "
+                        "(bosh_max_unauthenticated_per_address=%d; %d refused so far)", len(group), peer.ip, cap, refused)
+        return False, None
+
+    def _create(self, body: Element, rid: int, wait: int | None, hold: int | None, ack: int | None,
+                peer: Peer) -> bytes:
         cfg = self.config
         to = body.get("to")
         if not to:
             return terminate_body("improper-addressing")
-        wait = _int_attr(body, "wait")
-        hold = _int_attr(body, "hold")
-        if body.get("wait") is not None and wait is None or body.get("hold") is not None and hold is None:
-            return terminate_body("bad-request")
         wait = min(cfg.bosh_max_wait, cfg.bosh_max_wait if wait is None else wait)
         hold = min(cfg.bosh_hold, 1 if hold is None else hold)
-        sid = secrets.token_urlsafe(24)  # XEP-0124 §19.3: a bearer token, unguessable
-        bosh = BoshSession(self, sid, rid, wait, hold, peer)
+        admitted, group = self._admit_unauthenticated(peer)
+        if not admitted:
+            return terminate_body("policy-violation")
+        sid = self.sid_prefix + secrets.token_urlsafe(24)  # XEP-0124 §19.3: a bearer token, unguessable
+        bosh = BoshSession(self, sid, rid, wait, hold, peer, acks=ack is not None)
         try:
             features = bosh.session.open_stream(to)
         except StreamError as err:
             return terminate_body("host-unknown" if err.condition == "host-unknown" else "bad-request")
         self.sessions[sid] = bosh
+        if group is not None:
+            group.add(bosh)
         bosh.in_flight = 1
         bosh._request_done()  # starts the inactivity timer
-        attrs = {
-            "sid": sid,
-            "wait": str(wait),
-            "requests": str(bosh.requests),
-            "hold": str(hold),
-            "inactivity": str(bosh.inactivity),
-            "polling": str(cfg.bosh_polling),
-            "ver": "1.11",
-            "from": cfg.domain,
-            "authid": bosh.session.stream_id,
-            "secure": "true" if peer.secure else "false",
-            "xmpp:version": "1.0",
-            "xmpp:restartlogic": "true",
-        }
+        attrs = {"sid": sid, "wait": str(wait), "requests": str(bosh.requests), "hold": str(hold),
+                 "inactivity": str(bosh.inactivity), "polling": str(cfg.bosh_polling), "ver": "1.11",
+                 "from": cfg.domain, "authid": bosh.session.stream_id, "secure": "true" if peer.secure else "false",
+                 "xmpp:version": "1.0", "xmpp:restartlogic": "true"}
         if body.get("content"):
             attrs["content"] = body.get("content")
-        log.info("BOSH session created for %s (wait %s, hold %s)", peer.ip, wait, hold)
+        log.info("BOSH session created for %s (wait %s, hold %s%s)", peer.ip, wait, hold, ", acks" if bosh.acks else "")
         opening = "".join(f' {name}="{xmlio.escape_attr(value)}"' for name, value in attrs.items())
         inner = xmlio.tostring(features, NS_BOSH, _DECLARED)
         data = f'{_BODY_OPEN} xmlns:xmpp="{NS_XBOSH}"{opening}>{inner}</body>'.encode("utf-8")
         bosh._remember(rid, data)
         return data
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace: float = 0.5) -> None:
+        """system-shutdown for every session.  First, for up to ``grace`` seconds, responses
+        carry nothing new while the clients' next requests acknowledge the responses
+        already sent: what is unacknowledged at the end goes back to offline storage
+        and would be a duplicate for a client that did read it; what was never sent
+        goes there too, exactly once."""
+        for bosh in self.sessions.values():
+            bosh.outbox.frozen = True
+        waited = 0.0
+        while waited < grace and any(bosh.outbox.unacked for bosh in self.sessions.values()):
+            gevent.sleep(0.02)
+            waited += 0.02
         for bosh in list(self.sessions.values()):
             bosh.session.fail("system-shutdown", "the server is shutting down")

@@ -19,15 +19,27 @@ Settings are read from attributes of the ``WSGIServer`` instance (set them befor
 ``ws_max_wire``      wire bytes per incoming message, headers included; 0 = 2 x ws_max_message
 ``ws_close_grace``   seconds to wait for the peer's close frame (default 2.0)
 ``ws_flush_timeout`` seconds allowed to flush the queue after ``close()`` (default 10.0)
+``boshroster_limits`` a :class:`~boshroster.transports.http_limits.HttpLimits`: timeouts,
+                     header caps, per-address cap (default None: none of them)
+
+Request reading (``handle``, ``MessageClass``, ``get_environ``, ``handle_one_request``) tells
+the limits which phase the connection is in (http_limits.py explains the timeouts); client
+errors (``_handle_client_error``, ``handle_error`` for a body that stopped short) are one log
+line, never a traceback.
 """
 
 import binascii
+import email.parser
+import logging
 import socket
+import time
 
 from gevent import GreenletExit
-from gevent.pywsgi import WSGIHandler
+from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _InvalidClientRequest
 from geventwebsocket.handler import WebSocketHandler
 
+from boshroster.transports import http_limits as _limits
+from boshroster.transports.http_limits import APP, BODY, HEADERS, WAIT, BoundedInput, body_done
 from boshroster.transports.ws_connection import (
     DEFAULT_CLOSE_GRACE,
     DEFAULT_FLUSH_TIMEOUT,
@@ -55,8 +67,22 @@ _NOT_XMPP_BODY = (
 )
 
 
+log = logging.getLogger("boshroster.http")
+
+
 def _ignore_start_response(status, headers, exc_info=None):
     return lambda data: None
+
+
+def _response(status: str, reason: str = "") -> bytes:
+    body = (reason + "\n").encode("latin-1", "replace") if reason else b""
+    return (f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1") + body
+
+
+_HEADER_PARSER = email.parser.Parser(_class=OldMessage)  # stateless: parsestr() makes its own FeedParser
+_OVER_CAP = _response("503 Service Unavailable", "too many connections from your address")
+_TIMEOUT = _response("408 Request Timeout")
 
 
 class ServerHandler(WebSocketHandler):
@@ -64,6 +90,15 @@ class ServerHandler(WebSocketHandler):
 
     # 0.10.1 names these in its 426 for a handshake without a version header
     SUPPORTED_VERSIONS = (_VERSION,)
+
+    # Per connection, for transports/http_limits.py (class defaults keep the constructor as it is).
+    _limits = None      # the server's HttpLimits, None when it has none
+    _peer = ""          # the TCP peer's address
+    _counted = False    # counted in HttpLimits.addresses
+    _phase = APP        # WAIT / HEADERS / BODY / APP
+    _deadline = 0.0     # time.monotonic() by which the phase must end; 0 = none
+    _expired = None     # why the limits ended the connection ("header-timeout", ...)
+    _requests = 0       # request lines read on this connection
 
     def handle(self):
         # Design notes F: pywsgi writes headers and body in two sends; without TCP_NODELAY the
@@ -74,7 +109,118 @@ class ServerHandler(WebSocketHandler):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        return super().handle()
+        limits = getattr(self.server, "boshroster_limits", None)
+        if limits is None:
+            return super().handle()
+        address = self.client_address
+        self._peer = address[0] if isinstance(address, tuple) else str(address)
+        if not limits.admit(self):
+            try:
+                sock.sendall(_OVER_CAP)
+            except OSError:
+                pass
+            self.rfile.close()  # the socket's fd is only closed with its makefile() reader
+            sock.close()
+            return None
+        try:
+            return super().handle()
+        finally:
+            limits.release(self)
+
+    # -- request reading (phases for transports/http_limits.py) ------------------------------------
+
+    def MessageClass(self, fp, *args):
+        """The request headers (pywsgi calls this right after the request line), read within
+        the caps: http.client's reader, which pywsgi uses, allows 64 KB x 100 lines."""
+        limits = self._limits
+        if limits is None:
+            lines = _limits.read_headers(fp, 65536, 65536 * 100)
+        else:
+            limits.waiting.pop(self, None)
+            self._phase = HEADERS
+            if self._requests:  # kept alive: the headers get their own time from now
+                self._deadline = time.monotonic() + limits.header_timeout
+            self._requests += 1
+            lines = _limits.read_headers(fp, limits.max_header_line, limits.max_header_size)
+        headers = _HEADER_PARSER.parsestr(b"".join(lines).decode("iso-8859-1"))
+        _limits.check_framing(headers)
+        if self._expired is not None:  # end-of-file from the limits cut the headers short
+            raise _limits.HeaderTimeout(self._expired)
+        return headers
+
+    def get_environ(self):
+        environ = super().get_environ()
+        inp = self.wsgi_input
+        inp.__class__ = BoundedInput  # same slots: bounded discard of an unread body
+        if self._limits is not None:
+            if inp.chunked_input or inp.content_length:
+                self._phase = BODY
+                self._deadline = time.monotonic() + self._limits.body_timeout
+            else:
+                self._phase, self._deadline = APP, 0.0
+        return environ
+
+    def handle_one_request(self):
+        result = super().handle_one_request()
+        limits = self._limits
+        if result is True:
+            inp = self.wsgi_input  # body_done(), inlined: this is every kept-alive request
+            if self._expired is not None or (inp.position < (inp.content_length or 0) if not inp.chunked_input
+                                             else not body_done(inp)):
+                return None  # timed out, or a body left unread: close, never parse it as a request
+            if limits is not None:
+                self._phase = WAIT
+                self._deadline = time.monotonic() + limits.keepalive_timeout
+                limits.waiting[self] = None
+        elif result is not None and result[0] == "414":
+            self._note_client_error("request-line", logging.WARNING,
+                                    f"request line over {_limits.MAX_REQUEST_LINE} bytes refused (414)")
+        return result
+
+    # -- client errors: one line, no traceback --------------------------------------------
+
+    def _note_client_error(self, kind: str, level: int, message: str) -> None:
+        peer = self._peer or str(self.client_address)
+        if self._limits is not None:
+            self._limits.note(kind, level, message, peer)
+        else:
+            log.log(level, "%s (from %s)", message, peer)
+
+    def _handle_client_error(self, ex):
+        # pywsgi prints a traceback for anything but ValueError (http.client's "got more than
+        # 100 headers" was one) and logs the rest at ERROR; these are the client's mistakes.
+        self.close_connection = True
+        if isinstance(ex, _limits.HeaderTimeout) or self._expired is not None:
+            return ("408", _TIMEOUT)  # the sweeper logged it
+        if isinstance(ex, _limits.HeaderTooLarge):
+            self._note_client_error(f"header-size {ex}", logging.WARNING,  # three kinds
+                                    f"request refused (431): {ex}")
+            return ("431", _response("431 Request Header Fields Too Large", str(ex)))
+        if isinstance(ex, _InvalidClientRequest):
+            detail = ex.formatted_message
+        else:
+            detail = str(ex) or type(ex).__name__
+        self._note_client_error("bad-request", logging.INFO,
+                                f"bad HTTP request refused (400): {detail[:200]}")
+        return ("400", _response("400 Bad Request"))
+
+    def handle_error(self, t, v, tb):
+        # Reading the body failed because the client closed or was timed out (limits): its
+        # doing, so one line and close, not pywsgi's traceback and 500.
+        if issubclass(t, (OSError, _limits.ClientGone, _InvalidClientInput)) and (
+                self._expired is not None or not body_done(self.wsgi_input)):
+            if self._expired is None:
+                self._note_client_error("body-incomplete", logging.INFO,
+                                        f"request body incomplete, connection closed: {v}")
+            self.close_connection = True
+            if not self.headers_sent:
+                try:
+                    self.socket.sendall(_TIMEOUT if self._expired else _response("400 Bad Request"))
+                except OSError:
+                    pass
+                self.response_length = 1  # nothing more may be written as this response
+            return
+        super().handle_error(t, v, tb)
 
     # 0.10.1 routes its access log to a logger that emits nothing; use pywsgi's (server.log).
     log_request = WSGIHandler.log_request

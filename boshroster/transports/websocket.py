@@ -146,8 +146,10 @@ class WebSocketStream:
                     reason = "connection dropped" if dropped else "connection closed"
                     return
                 try:
-                    el = xmlio.parse(text, limit)
+                    el = xmlio.parse(text, limit, max_depth=self.core.config.stanza_max_depth)
                 except xmlio.XMLError as err:
+                    if err.condition == "policy-violation":  # a limit was hit (issue 10, point 7)
+                        log.warning("WebSocket message from %s refused: %s", self.session.peer.ip, err.text)
                     self.session.fail(err.condition, err.text)
                     return
                 try:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
+import re
 from typing import Iterable
 
 __all__ = ["check_access", "client_address", "from_trusted_proxy"]
 
+_CREDENTIALS = re.compile(r"[ \t]*([^ \t]+)[ \t]+([^ \t](?:.*[^ \t])?)[ \t]*", re.DOTALL)
 _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -30,7 +32,9 @@ def check_access(*, peer_ip: str, forwarded_for: str | None,
     (CIDRs or single addresses; a whitelist, so an empty list allows no one:
     to rely on the secret alone pass ``['0.0.0.0/0', '::/0']``) -> else 403.
     Then, if ``secret`` is not None, ``Authorization: Bearer <secret>`` is
-    required (compared in constant time) -> else 401.  An empty secret
+    required -> else 401: the scheme in any case (RFC 7235), the token
+    compared in constant time as the bytes the client sent, against the
+    secret in UTF-8 or latin-1 (``_secret_matches``).  An empty secret
     matches nothing.  Malformed ``trusted_proxies``/``allowed_networks``
     entries raise ValueError: validate them when loading the config."""
     client = client_address(peer_ip, forwarded_for, trusted_proxies)
@@ -42,9 +46,34 @@ def check_access(*, peer_ip: str, forwarded_for: str | None,
         token = _bearer_token(authorization)
         if token is None:
             return 401, "missing Authorization: Bearer token"
-        if not secret or not hmac.compare_digest(token.encode("utf-8"), secret.encode("utf-8")):
+        if not secret or not _secret_matches(_header_bytes(token), secret):
             return 401, "invalid bearer token"
     return None
+
+
+def _secret_matches(sent: bytes, secret: str) -> bool:
+    """Constant-time comparison of the client's bytes with the secret in UTF-8 (what a web
+    app sends) or, when the secret has a latin-1 form, in latin-1 (what Python's http.client
+    and requests send for a str header). Both are computed, so the time says nothing."""
+    utf8 = hmac.compare_digest(sent, secret.encode("utf-8"))
+    try:
+        latin1 = hmac.compare_digest(sent, secret.encode("latin-1"))
+    except UnicodeEncodeError:
+        latin1 = hmac.compare_digest(sent, b"\0" + secret.encode("utf-8"))  # same work, never equal
+    return utf8 or latin1
+
+
+def _header_bytes(value: str) -> bytes:
+    """The bytes the client sent for a header value.
+
+    WSGI (PEP 3333) hands header values over as latin-1-decoded native strings, so a UTF-8
+    secret ("sécret") arrives as mojibake ("sÃ©cret"): encode back to latin-1 to compare the
+    client's bytes with the UTF-8 bytes of the configured secret. A caller that passes real
+    Unicode text (not from a WSGI environ) gets its UTF-8 bytes instead of an exception."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
 
 
 def client_address(peer_ip: str, forwarded_for: str | None, trusted_proxies: list[str]) -> str:
@@ -75,13 +104,18 @@ def client_address(peer_ip: str, forwarded_for: str | None, trusted_proxies: lis
 
 
 def _bearer_token(authorization: str | None) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` (RFC 6750 §2.1).
+
+    The scheme is case-insensitive (RFC 7235 §2.1: "Bearer", "bearer", "BEARER"); the
+    token may be separated by spaces or tabs and is taken as sent (no decoding)."""
     if not authorization:
         return None
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    # Only SP and HTAB are whitespace here: str.split()/strip() would also eat "\xa0", a
+    # byte of many UTF-8 characters ("à" is C3 A0) once WSGI decoded it as latin-1.
+    match = _CREDENTIALS.fullmatch(authorization)
+    if match is None or match.group(1).lower() != "bearer":
         return None
-    return token
+    return match.group(2)
 
 
 def _parse_ip(text: str | None) -> _IPAddress | None:
@@ -129,3 +163,4 @@ def from_trusted_proxy(peer_ip: str, trusted_proxies: list[str]) -> bool:
     an untrusted IPv4-mapped peer must not."""
     peer = _parse_ip(peer_ip)
     return peer is not None and _in_networks(peer, _networks(tuple(trusted_proxies)))
+

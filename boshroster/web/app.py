@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+import xml.sax.saxutils
 
 import bottle
 from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
@@ -24,6 +26,7 @@ from boshroster.xmpp import xmlio
 from boshroster.transports.bosh import BoshManager, terminate_body
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
 from boshroster.web.access import check_access, client_address, from_trusted_proxy
+from boshroster.transports.http_limits import ClientGone
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import ENVIRON_KEY
@@ -31,7 +34,17 @@ from boshroster.web.api import AppApi  # the app's API (issue 13)
 
 log = logging.getLogger("boshroster.web")
 
-STATIC_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+# RFC 3986 §3.2.2 host (reg-name or IP-literal) with an optional port: what a Host header may be.
+_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+def _xml_attr(text: str) -> str:
+    """Escaped for a single- or double-quoted XML attribute."""
+    return xml.sax.saxutils.escape(text, {"'": "&apos;", '"': "&quot;"})
+
+
+# The checkout's static/ (boshroster/web/app.py -> ../../static).
+STATIC_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "static")
 _XML_TYPE = "text/xml; charset=utf-8"
 
 _BOSH_PAGE = b"""<!DOCTYPE html>
@@ -77,6 +90,10 @@ class WebApp:
         self.core = core
         self.config = core.config
         self.bosh = BoshManager(core.stream_context)
+        # Cluster (issue 14): sids name their node; a request for another node's sid is relayed there.
+        self.bosh_forwarder = getattr(core, "bosh_forwarder", None)
+        if self.bosh_forwarder is not None:
+            self.bosh.sid_prefix = self.bosh_forwarder.sid_prefix
         self.static_dir = self.config.static_dir or STATIC_DEFAULT
         self.started = time.time()
         self._install_backend_metrics()
@@ -152,29 +169,60 @@ class WebApp:
             reply = terminate_body("policy-violation")
         else:
             try:
-                body = xmlio.parse(data, self.config.bosh_max_body)
+                body = xmlio.parse(data, self.config.bosh_max_body, child_limit=self.config.stanza_size_limit,
+                                   max_depth=self.config.stanza_max_depth)
             except xmlio.XMLError as err:
-                log.info("bad BOSH body from %s: %s", environ.get("REMOTE_ADDR"), err.text)
-                reply = terminate_body("bad-request")
+                reply = self._refused_body(environ, err)
             else:
-                reply = self.bosh.handle(body, lambda: self.peer(environ, "bosh"))
+                relayed = self.bosh_forwarder.relay(body, data, environ) if self.bosh_forwarder is not None else None
+                reply = relayed if relayed is not None else self.bosh.handle(body, lambda: self.peer(environ, "bosh"))
         start_response("200 OK", cors + [("Content-Type", _XML_TYPE), ("Content-Length", str(len(reply)))])
         return [reply]
 
+    def _refused_body(self, environ, err: xmlio.XMLError) -> bytes:
+        """The answer to a BOSH body the parser refused (issue 10, points 6 and 7).
+
+        Not acceptable XML: ``bad-request`` (XEP-0124 §17.2).  Well-formed but over
+        a limit (a stanza in it larger than ``stanza_size_limit`` or nested deeper
+        than ``stanza_max_depth``): the session the body names ends with a
+        ``policy-violation`` stream error, as a WebSocket client's would (RFC 6120
+        §4.9.3.18, XEP-0206 §7), and nothing in the body is processed.  Runs in the
+        request's greenlet; ``session.fail`` answers the session's held request too."""
+        peer = environ.get("REMOTE_ADDR")
+        if err.condition != "policy-violation":
+            log.info("bad BOSH body from %s: %s", peer, err.text)
+            return terminate_body("bad-request")
+        log.warning("BOSH body from %s refused: %s", peer, err.text)
+        doc = err.document
+        sid = doc.get("sid") if doc is not None and doc.tag == f"{{{xmlio.NS_BOSH}}}body" else None
+        bosh = self.bosh.sessions.get(sid) if sid else None
+        if bosh is None:
+            return terminate_body("policy-violation")
+        bosh.session.fail("policy-violation", err.text)
+        return bosh.terminal or terminate_body("policy-violation")
+
     @staticmethod
     def _read_body(environ, limit: int) -> bytes | None:
-        """The request body, or None if it is larger than ``limit`` (checked before reading)."""
+        """The request body, or None if it is larger than ``limit`` (checked before reading).
+
+        A body over the limit is left unread: the HTTP handler then closes the connection
+        rather than read and discard it (Content-Length: 99999999999999999999 is refused at
+        once). Raises ClientGone when the client stops short (it closed, or
+        ``http_body_timeout`` expired): the handler logs one line, no traceback."""
         length = environ.get("CONTENT_LENGTH")
         stream = environ["wsgi.input"]
-        if length:
-            try:
-                size = int(length)
-            except ValueError:
-                return b""
-            if size > limit:
-                return None
-            return stream.read(size)
-        data = stream.read(limit + 1)
+        try:
+            if length:
+                try:
+                    size = int(length)
+                except ValueError:
+                    return b""
+                if size > limit:
+                    return None
+                return stream.read(size)
+            data = stream.read(limit + 1)
+        except (OSError, ValueError) as exc:  # pywsgi: "unexpected end of file", bad chunking
+            raise ClientGone(str(exc) or type(exc).__name__) from None
         return None if len(data) > limit else data
 
     def _websocket(self, environ, start_response):
@@ -227,7 +275,12 @@ class WebApp:
         denied = self._refresh_denied()
         if denied is not None:
             return denied
-        data = self._read_body(bottle.request.environ, self.config.refresh_max_body)
+        try:
+            data = self._read_body(bottle.request.environ, self.config.refresh_max_body)
+        except ClientGone as err:  # Bottle would log a traceback and answer 500
+            log.info("refresh request from %s: body incomplete (%s)", bottle.request.environ.get("REMOTE_ADDR"), err)
+            bottle.response.set_header("Connection", "close")
+            return self._json(400, {"status": "error", "message": "request body incomplete"})
         try:
             if data is None:
                 raise RefreshBadRequest(f"body larger than {self.config.refresh_max_body} bytes")
@@ -285,9 +338,24 @@ class WebApp:
         return self.core.metrics.exposition()
 
     def _base_urls(self) -> tuple[str, str]:
+        """The public http(s):// and ws(s):// base URLs of this server (XEP-0156).
+
+        ``http_external_url`` when set (behind a proxy that rewrites Host, or to pin the
+        public name); else the Host the client used (X-Forwarded-Host from a trusted proxy),
+        if it is a plain host[:port] (RFC 3986 §3.2.2): anything else (an attacker's
+        "<Link .../>") falls back to domain:port instead of being copied into the XRD."""
+        external = self.config.http_external_url.rstrip("/")
+        if external:
+            scheme, rest = external.split("://", 1)
+            return external, f"{'wss' if scheme == 'https' else 'ws'}://{rest}"
         env = bottle.request.environ
         host = env.get("HTTP_X_FORWARDED_HOST") if self.from_trusted_proxy(env) else None
-        host = host or env.get("HTTP_HOST") or f"{self.config.domain}:{self.config.http_ports[0]}"
+        host = (host or env.get("HTTP_HOST") or "").split(",")[0].strip()
+        if not _HOST.fullmatch(host):
+            if host:
+                log.info("host-meta for %s: Host header %r is not host[:port], using the domain",
+                         env.get("REMOTE_ADDR"), host[:100])
+            host = f"{self.config.domain}:{self.config.http_ports[0]}"
         secure = self.peer(env, "http").secure
         return (f"{'https' if secure else 'http'}://{host}", f"{'wss' if secure else 'ws'}://{host}")
 
@@ -299,7 +367,7 @@ class WebApp:
         self._cors_for_discovery()
         if bottle.request.method == "OPTIONS":
             return ""
-        http, ws = self._base_urls()
+        http, ws = (_xml_attr(url) for url in self._base_urls())
         bottle.response.content_type = "application/xrd+xml; charset=utf-8"
         return (
             "<?xml version='1.0' encoding='utf-8'?>\n"

@@ -1,0 +1,265 @@
+"""The session directory: which resource is bound on which node, with its presence.
+
+In Redis (ejabberd's Redis session backend layout): a hash per user
+(``br:user:<u>``: resource -> JSON entry) and a set per node
+(``br:node:<n>:sessions``) for cleanup, written together in MULTI/EXEC with a
+PUBLISH on ``br:dir`` so that every node can mirror the others' entries.
+
+Reads never touch Redis: each node keeps ``remote`` (username -> {resource:
+RemoteSession}) for the *other* nodes' resources, so presence and message
+delivery look them up as cheaply as local sessions (view.py).  The mirror is
+loaded at start (and after a lost subscription) and kept current by the
+``br:dir`` messages.
+
+Writes are asynchronous: the hooks only mark (username, resource) dirty
+(``touch``); the writer greenlet (routing.Writer) reads the session's state at
+flush time from the local registry and writes what is true then.  So a burst
+of changes costs one round trip, and a bind, presence, carbons toggle and
+unbind in quick succession never leave Redis in a state that was never true.
+
+Ordering with the inboxes: every ``br:dir`` message carries the writer's
+sequence number, and every inbox entry the sequence of the directory writes
+flushed before it (same MULTI), so a receiver can wait until its mirror has
+seen the sender's directory changes before acting on its stanzas
+(``wait_seen``): bob never answers alice's presence while still believing she
+is offline.
+
+Shared state: ``remote``, ``seen`` (node -> (boot, seq)) and ``_dirty``, all
+mutated without yielding by the pub/sub greenlet (apply), the hooks (touch)
+and the writer (take_dirty).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Callable
+
+import gevent.event
+
+from boshroster.cluster import keys
+from boshroster.xmpp import xmlio
+
+if TYPE_CHECKING:
+    from boshroster.xmpp.sessions import SessionRegistry
+    from boshroster.xmpp.stream import ClientSession
+
+log = logging.getLogger("boshroster.cluster.directory")
+
+MAX_DIRTY = 100_000  # marks waiting for the writer; past it, a full resync is scheduled instead
+
+
+class RemoteSession:
+    """A resource bound on another node, as presence and message delivery see it.
+
+    ``send`` queues the stanza for that node's inbox (routing.Outbox): it never
+    yields, like a local session's send.  The IM fields come from the
+    directory; ``presence`` is parsed once per directory change."""
+
+    __slots__ = ("node", "username", "resource", "jid_str", "priority", "presence", "carbons", "interested",
+                 "directed", "_send")
+
+    congested = False  # the owner node bounces for its own congested sessions
+    ended = False
+    remote = True
+
+    def __init__(self, node: str, username: str, resource: str, domain: str, entry: dict,
+                 send: Callable[[str, str, str, xmlio.Element], None]):
+        self.node = node
+        self.username = username
+        self.resource = resource
+        self.jid_str = f"{username}@{domain}/{resource}"
+        self.priority = int(entry.get("p", 0))
+        self.presence = None
+        text = entry.get("x")
+        if text:
+            try:
+                self.presence = xmlio.parse(text, 1 << 20)
+            except xmlio.XMLError:
+                log.error("unreadable presence of %s in the directory", self.jid_str)
+        self.carbons = bool(entry.get("c"))
+        self.interested = bool(entry.get("i"))
+        self.directed: set[str] = set()
+        self._send = send
+
+    @property
+    def available(self) -> bool:
+        return self.presence is not None
+
+    def send(self, el: xmlio.Element, delivered=None) -> None:
+        self._send(self.node, self.username, self.resource, el)
+        if delivered is not None:
+            delivered(True)  # handed to the owner node's inbox (at-least-once from here)
+
+    def __repr__(self) -> str:
+        return f"<RemoteSession {self.jid_str} on {self.node}>"
+
+
+def entry_of(session: "ClientSession", node: str) -> dict:
+    """What the directory keeps of a local session."""
+    return {
+        "n": node,
+        "p": session.priority,
+        "x": xmlio.tostring(session.presence) if session.presence is not None else None,
+        "c": 1 if session.carbons else 0,
+        "i": 1 if session.interested else 0,
+    }
+
+
+class Directory:
+    def __init__(self, node: str, boot: str, domain: str, registry: "SessionRegistry",
+                 send: Callable[[str, str, str, xmlio.Element], None]):
+        self.node = node
+        self.boot = boot
+        self.domain = domain
+        self.registry = registry
+        self._send = send
+        self.remote: dict[str, dict[str, RemoteSession]] = {}
+        self.seen: dict[str, tuple[str, int]] = {}  # node -> (boot, last directory seq applied)
+        self._seen_changed = gevent.event.Event()
+        self._dirty: dict[tuple[str, str], None] = {}
+        self.wakeup: Callable[[], None] = lambda: None  # set by the writer
+        self.resync_needed = False
+        self.seq = 0
+        self.loaded_at = 0.0
+        self.dead: set[str] = set()  # nodes cleaned up: their entries are ignored until they rejoin
+
+    # -- local changes (hooks) ----------------------------------------------
+
+    def touch(self, session: "ClientSession") -> None:
+        """``session`` changed (bound, presence, carbons, roster interest, unbound)."""
+        if session.jid is None:
+            return
+        if len(self._dirty) >= MAX_DIRTY:
+            if not self.resync_needed:
+                log.warning("directory: %d changes waiting for Redis; a full resync will follow", MAX_DIRTY)
+            self.resync_needed = True
+            self._dirty.clear()
+        else:
+            self._dirty[(session.jid.local, session.jid.resource)] = None
+        self.wakeup()
+
+    def has_dirty(self) -> bool:
+        return bool(self._dirty)
+
+    def write_dirty(self, pipe) -> int:
+        """Queue the Redis writes of every dirty key on ``pipe`` (a MULTI); returns how many."""
+        dirty, self._dirty = self._dirty, {}
+        for username, resource in dirty:
+            self._write_one(pipe, username, resource)
+        return len(dirty)
+
+    def _write_one(self, pipe, username: str, resource: str) -> None:
+        session = self.registry.get(username, resource)
+        member = f"{username}/{resource}"
+        self.seq += 1
+        if session is not None and not session.ended:
+            entry = entry_of(session, self.node)
+            pipe.hset(keys.user(username), resource, json.dumps(entry))
+            pipe.sadd(keys.node_sessions(self.node), member)
+            msg = {"op": "set", "n": self.node, "b": self.boot, "q": self.seq, "u": username, "r": resource, "e": entry}
+        else:
+            pipe.hdel(keys.user(username), resource)
+            pipe.srem(keys.node_sessions(self.node), member)
+            msg = {"op": "del", "n": self.node, "b": self.boot, "q": self.seq, "u": username, "r": resource}
+        pipe.publish(keys.DIR_CHANNEL, json.dumps(msg))
+
+    def resync(self, redis) -> None:
+        """Make Redis hold exactly this node's bound sessions (after a Redis outage,
+        a restart of Redis, or being declared dead by mistake)."""
+        listed = redis.smembers(keys.node_sessions(self.node))
+        pipe = redis.pipeline(transaction=True)
+        current = set()
+        for session in self.registry.all_sessions():
+            if session.jid is not None:
+                current.add(f"{session.jid.local}/{session.jid.resource}")
+                self._write_one(pipe, session.jid.local, session.jid.resource)
+        for member in set(listed) - current:
+            username, _, resource = member.partition("/")
+            self._write_one(pipe, username, resource)
+        pipe.execute()
+        self.resync_needed = False
+        log.info("directory: resynchronised %d local session(s) in Redis", len(current))
+
+    # -- the mirror of the other nodes ----------------------------------------
+
+    def load(self, redis) -> None:
+        """Rebuild the mirror from Redis (subscribe to br:dir first, then call this)."""
+        remote: dict[str, dict[str, RemoteSession]] = {}
+        count = 0
+        for key in redis.scan_iter(match=keys.user("*"), count=1000):
+            username = key[len(keys.user("")):]
+            for resource, raw in redis.hgetall(key).items():
+                entry = json.loads(raw)
+                node = entry.get("n")
+                if node == self.node or node in self.dead:
+                    continue
+                remote.setdefault(username, {})[resource] = self._remote(node, username, resource, entry)
+                count += 1
+        self.remote = remote
+        self.loaded_at = gevent.get_hub().loop.now()
+        log.info("directory: mirror loaded, %d remote resource(s)", count)
+
+    def _remote(self, node, username, resource, entry) -> RemoteSession:
+        return RemoteSession(node, username, resource, self.domain, entry, self._send)
+
+    def apply(self, msg: dict) -> None:
+        """One br:dir message from another node."""
+        node = msg.get("n")
+        if node == self.node:
+            return
+        op = msg.get("op")
+        if op == "node-down":
+            self.forget_node(node)
+            return
+        boot, seq = msg.get("b"), msg.get("q", 0)
+        if op in ("set", "del"):
+            if node in self.dead:
+                self.dead.discard(node)  # it came back (rejoined after being declared dead)
+            username, resource = msg["u"], msg["r"]
+            if op == "set":
+                self.remote.setdefault(username, {})[resource] = self._remote(node, username, resource, msg["e"])
+            else:
+                resources = self.remote.get(username)
+                if resources is not None and resources.get(resource) is not None \
+                        and resources[resource].node == node:
+                    del resources[resource]
+                    if not resources:
+                        del self.remote[username]
+        self.seen[node] = (boot, seq)
+        self._seen_changed.set()
+        self._seen_changed = gevent.event.Event()
+
+    def forget_node(self, node: str) -> list[RemoteSession]:
+        """Drop a dead node's entries from the mirror; returns them."""
+        self.dead.add(node)
+        self.seen.pop(node, None)
+        gone = []
+        for username in list(self.remote):
+            resources = self.remote[username]
+            for resource in [r for r, s in resources.items() if s.node == node]:
+                gone.append(resources.pop(resource))
+            if not resources:
+                del self.remote[username]
+        return gone
+
+    def wait_seen(self, node: str, boot: str, seq: int, timeout: float = 1.0) -> bool:
+        """Wait (bounded) until the mirror applied ``node``'s directory change ``seq``."""
+        deadline = None
+        while True:
+            if node not in self.seen and gevent.get_hub().loop.now() - self.loaded_at < 2.0:
+                # The mirror was just loaded from Redis: it holds this node's entries
+                # without their sequence numbers.  Take it as seen from here on.
+                self.seen[node] = (boot, seq)
+            seen_boot, seen_seq = self.seen.get(node, (None, 0))
+            if seq <= 0 or (seen_boot == boot and seen_seq >= seq):
+                return True
+            if deadline is None:
+                deadline = gevent.get_hub().loop.now() + timeout
+            left = deadline - gevent.get_hub().loop.now()
+            if left <= 0:
+                return False
+            self._seen_changed.wait(left)
+
+    def remote_entries_of(self, node: str) -> int:
+        return sum(1 for resources in self.remote.values() for s in resources.values() if s.node == node)

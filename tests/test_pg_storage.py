@@ -1,0 +1,160 @@
+"""PostgreSQL storage (issue 14): the SQLite storage tests, run again on a real PostgreSQL.
+
+One private PostgreSQL (initdb, free loopback port, stopped by PID) for the
+module; each test gets a database of its own.  The account-store tests of
+test_accounts.py and the offline-storage tests of test_session_core.py are
+imported here and run with PostgreSQL-backed fixtures of the same names, so
+both backends pass the same tests.  Plus what only PostgreSQL has: a slow
+query must not block the hub, migrations run once, and a clear error when
+the database cannot be reached.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import time
+
+import gevent
+import psycopg
+import pytest
+import requests
+from gevent.pywsgi import WSGIServer
+
+from cluster_harness import PostgresProcess
+from harness import ROOT, free_port
+
+from boshroster.cluster.pg import PgDatabase, StorageUnavailable
+from boshroster.cluster.pg_accounts import PgAccountStore
+from boshroster.config import StartupError, load
+from boshroster.wiring import Core
+
+import test_accounts
+import test_session_core
+from test_accounts import (  # noqa: F401  (collected here with the PostgreSQL ``store``)
+    test_errors,
+    test_import_is_one_transaction_and_empty_input,
+    test_import_lines_semantics,
+    test_round_trip_and_prepared_names,
+    test_saslprep_applied_to_passwords,
+    test_scram_auth_info_matches_scramp,
+    test_set_password_and_delete,
+)
+from test_session_core import (  # noqa: F401  (collected here with the PostgreSQL ``core``)
+    test_negative_priority_resource_does_not_get_bare_messages_so_they_are_stored,
+    test_offline_message_is_stored_and_delivered_with_delay_on_initial_presence,
+    test_offline_message_to_a_full_jid_of_an_offline_user_is_stored,
+)
+
+pytestmark = pytest.mark.cluster
+_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory):
+    server = PostgresProcess(str(tmp_path_factory.mktemp("pg"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_url(pg):
+    name = f"t{next(_numbers)}_{int(time.time() * 1000) % 100000}"
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} OWNER boshroster")
+    return f"postgresql://boshroster:{pg.password}@127.0.0.1:{pg.port}/{name}"
+
+
+@pytest.fixture
+def store(database_url):
+    s = PgAccountStore(database_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def backend():
+    contacts = test_session_core.contacts_of
+    return test_session_core.RosterBackendStub({"alice": contacts("bob", "carol"), "bob": contacts("alice"),
+                                                "carol": contacts("alice"), "dave": contacts("alice")})
+
+
+@pytest.fixture
+def core(tmp_path, backend, database_url):
+    config = load(None, env={}, data_dir=str(tmp_path / "data"), domain=test_session_core.DOMAIN,
+                  scram_iterations=4096, database_url=database_url)
+    made = Core(config, roster_backend=backend)
+    assert type(made.offline).__name__ == "PgOfflineStore"
+    for user in ("alice", "bob", "carol", "dave"):
+        made.accounts.add(user, test_session_core.PASSWORD)
+    yield made
+    made.shutdown()
+
+
+def test_the_account_store_is_postgresql_and_shared_by_two_processes(database_url):
+    first = PgAccountStore(database_url)
+    second = PgAccountStore(database_url)  # like `boshroster user add` while the server runs
+    first.add("alice", test_accounts.SECRET)
+    assert second.exists("alice")
+    assert second.check_password("alice", test_accounts.SECRET)
+    first.close()
+    second.close()
+
+
+def test_migrations_run_once_and_record_their_version(database_url):
+    PgAccountStore(database_url).close()
+    database = PgDatabase(database_url, 2)
+    assert database.migrate("accounts", [""]) == 1  # already at version 1: nothing run
+    rows = database.execute("SELECT component, version FROM schema_version ORDER BY component").fetchall()
+    assert rows == [("accounts", 1)]
+    with pytest.raises(StartupError, match="newer than this"):
+        database.migrate("accounts", [])
+    database.close()
+
+
+def test_a_slow_query_does_not_block_the_hub(database_url):
+    """pg_sleep(1) in one greenlet while an HTTP server in this process answers at once."""
+    database = PgDatabase(database_url, 2)
+    server = WSGIServer(("127.0.0.1", free_port()), lambda env, start: (start("200 OK", []), [b"pong"])[1], log=None)
+    server.start()
+    try:
+        slow = gevent.spawn(database.execute, "SELECT pg_sleep(1)")
+        gevent.sleep(0.1)
+        started = time.monotonic()
+        answers = 0
+        while not slow.ready():
+            reply = requests.get(f"http://127.0.0.1:{server.server_port}/", timeout=2)
+            assert reply.content == b"pong"
+            answers += 1
+        assert slow.get() is not None
+        assert answers >= 20, f"only {answers} pings answered during the query"
+        assert time.monotonic() - started < 2
+    finally:
+        server.stop()
+        database.close()
+
+
+def test_pool_is_bounded_and_waits_then_gives_up(database_url):
+    database = PgDatabase(database_url, 1, timeout=0.3)
+    holder = gevent.spawn(database.execute, "SELECT pg_sleep(1)")
+    gevent.sleep(0.1)
+    with pytest.raises(StorageUnavailable, match="no free connection"):
+        database.execute("SELECT 1")
+    holder.join()
+    assert database.execute("SELECT 1").fetchone() == (1,)
+    database.close()
+
+
+def test_unreachable_postgresql_at_start_is_a_clear_error(tmp_path):
+    url = f"postgresql://boshroster:secret@127.0.0.1:{free_port()}/boshroster"
+    config_path = tmp_path / "b.toml"
+    config_path.write_text(f'data_dir = "{tmp_path}/data"\ndatabase_url = "{url}"\nhttp_ports = [{free_port()}]\n')
+    result = subprocess.run([sys.executable, "-m", "boshroster", "serve", "--config", str(config_path)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1
+    assert "database_url" in result.stderr and "cannot reach PostgreSQL" in result.stderr, result.stderr
+    assert "secret" not in result.stderr  # the password is never printed
+    result = subprocess.run([sys.executable, "-m", "boshroster", "user", "list", "--config", str(config_path)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1 and "cannot reach PostgreSQL" in result.stderr
