@@ -339,12 +339,17 @@ def test_an_expired_id_tells_nothing_to_another_user(core, timers):  # noqa: F81
     assert failed_of(alice).get("h") == "3"
 
 
-def test_expired_ids_are_forgotten_after_the_hibernation_time(core, timers):  # noqa: F811
+def test_expired_ids_are_forgotten_after_an_hour(core, timers):  # noqa: F811
+    from boshroster.xmpp.stream_management import _TOMBSTONE_LIFETIME
+
     sm = core.stream_context.sm
     now = [1000.0]
     sm.clock = lambda: now[0]
     sm_id = expired(core, timers)
-    now[0] += sm.settings.hibernation_time + 1
+    now[0] += sm.settings.hibernation_time * 2  # well after the expiry, a backed-off client
+    assert failed_of(ws_login(core, "alice", resume=(sm_id, 0))).get("h") == "2"
+    sm_id = expired(core, timers)
+    now[0] += _TOMBSTONE_LIFETIME + 1
     late = ws_login(core, "alice", resume=(sm_id, 0))
     assert failed_of(late).get("h") is None
     # and the next expiry purges the stale entry

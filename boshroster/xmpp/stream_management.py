@@ -24,7 +24,8 @@ from offline storage when its stream is later lost for good, nor when it
 closes without a final ``<a/>`` (XEP-0198 §4 only RECOMMENDS that one).
 
 An expired session leaves a tombstone (its id and the count of stanzas handled
-from the client, for ``hibernation_time`` more): a late ``<resume/>`` gets
+from the client, for an hour: clients back off exponentially, StanzaJS up to 32 s
+between attempts, so they often come back well after the expiry): a late ``<resume/>`` gets
 ``<failed h/>`` (§5 allows the 'h'), so the client resends only what the
 server never had instead of everything it holds (no duplicates that way).
 
@@ -66,6 +67,7 @@ ENABLE, ENABLED, RESUME, RESUMED, FAILED = (q(NS_SM, n) for n in ("enable", "ena
 R, A = q(NS_SM, "r"), q(NS_SM, "a")
 _WRAP = 1 << 32
 _MAX_TOMBSTONES = 10000  # expired session ids remembered at most, server-wide
+_TOMBSTONE_LIFETIME = 3600.0  # seconds an expired id is remembered (a few dozen bytes each)
 
 
 class AckTooHigh(Exception):
@@ -266,7 +268,7 @@ class StreamManagement:
 
     def _bury(self, sm_id: str, username: str, handled: int) -> None:
         """Remember an expired id for a late ``<resume/>`` (§5: ``<failed h/>``); bounded
-        per user (``max_old_sessions``), server-wide and in time (``hibernation_time``)."""
+        per user (``max_old_sessions``), server-wide and in time (``_TOMBSTONE_LIFETIME``)."""
         now = self.clock()
         while self._tombstones and next(iter(self._tombstones.values()))[2] <= now:
             self._tombstones.popitem(last=False)
@@ -277,7 +279,7 @@ class StreamManagement:
             log.warning("%d expired stream management sessions remembered: forgetting the oldest",
                         len(self._tombstones))
             self._tombstones.popitem(last=False)
-        self._tombstones[sm_id] = (username, handled, now + self.settings.hibernation_time)
+        self._tombstones[sm_id] = (username, handled, now + _TOMBSTONE_LIFETIME)
 
     def ended(self, session: ClientSession) -> list:
         """The session is over (called once from ClientSession.end): forget it and
