@@ -14,7 +14,15 @@ state), so 10,000+ users cost nothing:
 
 A "change at the backend" (``POST /_ctl/bump`` with a JSON array of usernames)
 renames the user's first contact, so the next fetch differs by one item: one
-roster push per refresh.  ``GET /_ctl/stats`` answers ``{"gets": total GETs}``.
+roster push per refresh.  ``GET /_ctl/stats`` answers ``{"gets": total GETs,
+"conditional": GETs with a validator, "not_modified": 304s, "connections": TCP
+connections accepted}`` (a kept-alive client opens few; each new one is counted).
+
+``--validators etag|last-modified|both|none`` (default etag): what the replies carry
+for conditional GETs (tests/backend_app.py).  ``--nagle``: no TCP_NODELAY on accepted
+sockets, like Python's http.server and the ejabberd peer's roster shim: pywsgi writes a
+reply's headers and body apart, so a client that delays its ACK waits ~40 ms per reply
+on a kept-alive connection (the WebSocket login stall of issue 12).
 """
 
 from gevent import monkey
@@ -77,13 +85,18 @@ class GeneratedContacts:
 class BenchBackend(TestBackend):
     __test__ = False
 
-    def __init__(self, contacts: GeneratedContacts):
+    def __init__(self, contacts: GeneratedContacts, nagle: bool = False):
         super().__init__()
         self.contacts = contacts  # duck-typed: only .get() is used
+        self.nagle = nagle
 
     def start_on(self, port: int) -> "BenchBackend":
-        self._server = WSGIServer(("127.0.0.1", port), self._ctl_app, handler_class=_RawPathHandler,
+        handler = _RawPathHandler
+        if self.nagle:
+            handler = type("NagleHandler", (_RawPathHandler,), {"nodelay": False})
+        self._server = WSGIServer(("127.0.0.1", port), self._ctl_app, handler_class=handler,
                                   spawn=Pool(), log=None, error_log=None, backlog=1024)
+        self._server.owner = self
         self._server.start()
         return self
 
@@ -97,7 +110,9 @@ class BenchBackend(TestBackend):
                 self.contacts.gen[user] = self.contacts.gen.get(user, 0) + 1
             body = b'{"ok": true}'
         elif path == "/_ctl/stats":
-            body = json.dumps({"gets": sum(self._counts.values())}).encode()
+            body = json.dumps({"gets": sum(self._counts.values()), "conditional": sum(self._conditional.values()),
+                               "not_modified": sum(self._not_modified.values()),
+                               "connections": self.connections}).encode()
         else:
             start_response("404 Not Found", [("Content-Length", "0")])
             return [b""]
@@ -111,8 +126,12 @@ def main() -> int:
     p.add_argument("--hub", type=int, default=100)
     p.add_argument("--domain", default="localhost")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--validators", default="etag", choices=("etag", "last-modified", "both", "none"))
+    p.add_argument("--nagle", action="store_true", help="no TCP_NODELAY (like Python's http.server)")
     args = p.parse_args()
-    backend = BenchBackend(GeneratedContacts(args.ring, args.hub, args.domain)).start_on(args.port)
+    backend = BenchBackend(GeneratedContacts(args.ring, args.hub, args.domain), nagle=args.nagle)
+    backend.set_validators(None if args.validators == "none" else args.validators)
+    backend.start_on(args.port)
     print(f"PORT {backend.port}", flush=True)
     stop = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stop.set)

@@ -38,6 +38,8 @@ RE_FEATURES = re.compile(r"</stream:features>|<stream:features[^>]*/>")
 RE_SASL = re.compile(r"<(challenge|success|failure)\b[^>]*?(?:/>|>(.*?)</\1>)", re.S)
 RE_JID = re.compile(r"<jid>([^<]+)</jid>")
 RE_ITEM = re.compile(r"<item\b")
+RE_SID = re.compile(rb"""\bsid=["']([^"']+)""")  # servers quote attributes either way
+RE_ROSTER_RESULT = re.compile(r'<iq\b[^>]*\bid=["\']roster1["\'][^>]*?(?:/>|>(.*?)</iq>)', re.S)
 RE_PRESENCE_SELF = None  # built per client (depends on its JID)
 
 
@@ -164,6 +166,7 @@ class Client:
         self.closed = False
         self.error: str | None = None
         self.data: dict = {}  # per-workload scratch space
+        self.steps: dict[str, float] = {}  # seconds per login step (login())
 
     def _feed(self, text: str) -> None:
         if self.handler is not None:
@@ -226,7 +229,8 @@ class BoshClient(Client):
         if len(data) < 120 and data.endswith(b"/>") and b"terminate" not in data:
             return  # an empty body
         text = data.decode("utf-8")
-        if 'type="terminate"' in text[:400]:
+        head = text[:400]
+        if 'type="terminate"' in head or "type='terminate'" in head:
             self.closed = True
             self.error = "terminated: " + text[:300]
             self.event.set()
@@ -239,7 +243,7 @@ class BoshClient(Client):
                 f"ver='1.6' xml:lang='en' xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh'/>")
         data = conn.request(body.encode())
         self.idle_conns.append(conn)
-        m = re.search(rb'sid="([^"]+)"', data)
+        m = RE_SID.search(data)
         if m is None:
             raise BenchError(f"no sid in {data[:300]!r}")
         self.sid = m.group(1).decode()
@@ -247,6 +251,25 @@ class BoshClient(Client):
 
     def restart(self) -> None:
         self._sync("", f" xmpp:restart='true' xmlns:xmpp='urn:xmpp:xbosh' to='{self.domain}'")
+
+    def expect(self, regex: re.Pattern, timeout: float = 20.0) -> re.Match:
+        """Login phase: if what is expected was not in the responses so far, poll for it with an
+        empty request (the server holds it until it has something, XEP-0124 §8): a server may
+        answer a request before the stanzas it causes are ready (ejabberd does, for the presence
+        echo), and with no request in flight it could never deliver them."""
+        if self.polling or self.handler is not None:
+            return super().expect(regex, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = regex.search(self.buf)
+            if m is not None:
+                self.buf = self.buf[m.end():]
+                return m
+            if self.closed:
+                raise BenchError(f"{self.user}: stream closed ({self.error}) waiting for {regex.pattern!r}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.user}: timeout waiting for {regex.pattern!r}; have {self.buf[-300:]!r}")
+            self._sync("")
 
     def login_send(self, xml: str) -> None:
         self._sync(xml)
@@ -468,12 +491,23 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+LOGIN_STEPS = ("open", "sasl", "restart", "bind", "roster", "presence")
+
+
 def login(client: Client, user: str, password: str, scram: ScramCache | None, mechanism: str = "SCRAM-SHA-1",
           resource: str = "bench", roster: bool = True, presence: bool = True, timeout: float = 30.0) -> int:
-    """Full login; returns the number of roster items received (-1 if no roster get)."""
+    """Full login; returns the number of roster items received (-1 if no roster get).
+
+    ``client.steps`` gets the seconds each step of LOGIN_STEPS took (open: connect + stream
+    open until the features; sasl: auth until success; restart: until the new features; bind;
+    roster; presence: until the server echoed it), so a stall shows up as one step."""
     client.user = user
+    steps = client.steps = {}
+    clock = time.perf_counter
+    t = clock()
     client.open()
     client.expect(RE_FEATURES, timeout)
+    steps["open"], t = clock() - t, clock()
     if mechanism == "PLAIN":
         token = _b64(("\0" + user + "\0" + password).encode())
         client.login_send(f"<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{token}</auth>")
@@ -506,17 +540,22 @@ def login(client: Client, user: str, password: str, scram: ScramCache | None, me
         expected = "v=" + _b64(hmac.new(server_key, auth_message, "sha1").digest())
         if verifier != expected:
             raise BenchError(f"{user}: SCRAM server signature mismatch")
+    steps["sasl"], t = clock() - t, clock()
     client.restart()
     client.expect(RE_FEATURES, timeout)
+    steps["restart"], t = clock() - t, clock()
     client.login_send(f"<iq xmlns='jabber:client' type='set' id='bind1'><bind xmlns='{NS_BIND}'>"
                       f"<resource>{resource}</resource></bind></iq>")
     client.jid = client.expect(RE_JID, timeout).group(1)
+    steps["bind"], t = clock() - t, clock()
     items = -1
     if roster:
         client.login_send("<iq xmlns='jabber:client' type='get' id='roster1'><query xmlns='jabber:iq:roster'/></iq>")
-        m = client.expect(re.compile(r'<iq\b[^>]*\bid="roster1"[^>]*?(?:/>|>(.*?)</iq>)', re.S), timeout)
+        m = client.expect(RE_ROSTER_RESULT, timeout)
         items = len(RE_ITEM.findall(m.group(1) or ""))
+        steps["roster"], t = clock() - t, clock()
     if presence:
         client.login_send("<presence xmlns='jabber:client'/>")
-        client.expect(re.compile(r'<presence\b[^>]*\bfrom="' + re.escape(client.jid) + '"'), timeout)
+        client.expect(re.compile(r'<presence\b[^>]*\bfrom=["\']' + re.escape(client.jid) + '["\']'), timeout)
+        steps["presence"] = clock() - t
     return items

@@ -88,7 +88,7 @@ class Config:
     # --- stream management (XEP-0198), Prosody's mod_smacks names
     smacks_enabled: bool = True
     smacks_hibernation_time: float = 600.0
-    smacks_max_unacked_stanzas: int = 5
+    smacks_max_unacked_stanzas: int = 0
     smacks_max_queue_size: int = 500
     smacks_max_old_sessions: int = 1
     # --- per-stream traffic shaping (stanzas a client may send: burst, then per second; 0 = off)

@@ -242,13 +242,14 @@ def test_grace_period_after_logout(make_server, backend, clients):
     server = make_server(roster_cache_grace=1.0, bosh_max_wait=5)
     login(clients, server, "bosh", "alice", "a").close()
     assert backend.requests_for("alice") == 1
-    # A quick reconnect (page reload) within the grace period: no refetch.
+    # A quick reconnect (page reload) within the grace period: the login revalidates the cached
+    # copy with a conditional GET (issue 10 point 14; test_roster_revalidate.py), here a 304.
     login(clients, server, "websocket", "alice", "b").close()
-    assert backend.requests_for("alice") == 1
+    assert backend.requests_for("alice") == 2 and backend.not_modified_for("alice") == 1
     gevent.sleep(1.5)
-    # After the grace period the roster was evicted: the next login fetches.
+    # After the grace period the roster was evicted: the next login fetches it whole.
     client = login(clients, server, "bosh", "alice", "c")
-    assert backend.requests_for("alice") == 2
+    assert backend.full_requests_for("alice") == 2 and backend.conditional_requests_for("alice") == 1
     ping_ok(client)
 
 
@@ -458,11 +459,12 @@ def test_refresh_of_offline_user_refetches_the_cached_copy(server, backend, conn
     # Offline but cached (grace period): re-fetched; never cached: counted, no fetch.
     assert refresh(server, ["alice", "nobody"]) == ok(2)
     assert backend.requests_for("alice") == 2 and backend.requests_for("nobody") == 0
-    # A page reload within the grace period finds the new roster without a fetch.
+    # A page reload within the grace period finds the new roster; the login revalidates it
+    # (issue 10 point 14): a conditional GET, answered 304, no second transfer of the roster.
     again = connect()
     again.login("alice", resource="again")
     assert items_of(again.get_roster()) == {"zoe@example.org": ("Zoe", (), "both")}
-    assert backend.requests_for("alice") == 2
+    assert backend.full_requests_for("alice") == 2 and backend.not_modified_for("alice") == 1
 
 
 def test_failed_refresh_of_offline_cached_user_drops_the_stale_copy(server, backend, connect):

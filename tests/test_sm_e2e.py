@@ -2,9 +2,10 @@
 every message sent meanwhile arriving exactly once, and the contact never sees
 it go unavailable; an expired or unknown id fails and a fresh bind works."""
 
+import time
 import xml.etree.ElementTree as ET
 
-from harness import NS_BIND, NS_CLIENT, NS_SASL, WsClient, q
+from harness import NS_BIND, NS_CLIENT, NS_SASL, NS_STANZAS, WsClient, q
 
 NS_SM = "urn:xmpp:sm:3"
 
@@ -72,3 +73,64 @@ def test_resume_with_an_unknown_id_fails_then_bind_works(server):
     assert failed.find("{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found") is not None
     assert client.bind("web").startswith("alice@localhost/")
     client.close()
+
+
+def resumable(server, user):
+    client = online(server, user)
+    client.send_xml(sm("enable", resume="true"))
+    return client, client.recv(match=lambda e: e.tag == q(NS_SM, "enabled")).get("id")
+
+
+def try_resume(server, user, sm_id, h=0):
+    again = WsClient(server.ws_url)
+    authenticate(again, user)
+    again.send_xml(sm("resume", previd=sm_id, h=h))
+    return again, again.recv(match=lambda e: e.tag.startswith(f"{{{NS_SM}}}"))
+
+
+def test_a_close_frame_without_close_leaves_the_session_resumable(server):
+    """RFC 7395 §3.6.1, XEP-0198 §7: only <close/> ends the stream; a WebSocket closed without
+    it (a browser closes with 1001 Going Away when the page unloads: a reload) hibernates."""
+    bob = online(server, "bob")
+    alice, sm_id = resumable(server, "alice")
+    bob.recv_presence(sender="alice@localhost/web")
+    alice.ws.close(status=1001)  # the close handshake, no <close/>
+    bob.message("alice@localhost", "while reloading")
+    bob.expect_nothing(1.0, lambda e: e.tag == q(NS_CLIENT, "presence") and e.get("type") == "unavailable")
+    again, answer = try_resume(server, "alice", sm_id)
+    assert answer.tag == q(NS_SM, "resumed"), ET.tostring(answer)
+    assert again.recv_message().findtext(q(NS_CLIENT, "body")) == "while reloading"
+    assert "alice@localhost/web hibernating" in server.log()
+    again.close(), bob.close()
+
+
+def test_close_ends_a_resumable_session_for_good(server):
+    """<close/> is the clean end (XEP-0198 §7): contacts see unavailable at once, the id is gone."""
+    bob = online(server, "bob")
+    alice, sm_id = resumable(server, "alice")
+    bob.recv_presence(sender="alice@localhost/web")
+    alice.close()
+    assert bob.recv_presence(timeout=5, sender="alice@localhost/web", type_="unavailable") is not None
+    again, answer = try_resume(server, "alice", sm_id)
+    assert answer.tag == q(NS_SM, "failed") and answer.get("h") is None
+    assert answer.find(f"{{{NS_STANZAS}}}item-not-found") is not None
+    again.close(), bob.close()
+
+
+def test_resume_after_the_hibernation_ended_says_what_the_server_had(make_server):
+    """XEP-0198 §5: <failed h/> for an expired id, so the client resends only the rest."""
+    server = make_server(smacks_hibernation_time=1)
+    alice, sm_id = resumable(server, "alice")
+    for n in range(3):
+        alice.message("alice@localhost/web", f"note {n}")  # three stanzas the server handled
+    alice.send_xml(sm("r"))
+    assert alice.recv(match=lambda e: e.tag == q(NS_SM, "a")).get("h") == "3"
+    alice.drop()
+    deadline = time.monotonic() + 10
+    while "alice@localhost/web: hibernation timed out" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.1)
+    again, answer = try_resume(server, "alice", sm_id)
+    assert answer.tag == q(NS_SM, "failed") and answer.get("h") == "3", ET.tostring(answer)
+    assert again.bind("web") == "alice@localhost/web"
+    again.close()

@@ -139,6 +139,7 @@ def test_enable_then_acks_both_ways(core):  # noqa: F811
     assert core.sessions.get("alice", "res").sm.sent == 3
     alice.feed(sm_el("a", h=2))
     assert [s.findtext(q(NS_CLIENT, "body")) for s in core.sessions.get("alice", "res").sm.unacked()] == ["m2"]
+    alice.take()
     # the server answers <r/> with what it handled from the client (stanzas only, not nonzas)
     message(alice, "bob@localhost/res", "hi", "x")
     alice.feed(sm_el("r"))
@@ -146,13 +147,36 @@ def test_enable_then_acks_both_ways(core):  # noqa: F811
     assert a.tag == q(NS_SM, "a") and a.get("h") == "1"
 
 
-def test_the_server_asks_for_an_ack_after_max_unacked(core):  # noqa: F811
+def tags(elements):
+    return ["r" if el.tag == q(NS_SM, "r") else el.findtext(q(NS_CLIENT, "body")) or el.tag for el in elements]
+
+
+def test_the_server_asks_for_an_ack_at_once_one_request_at_a_time(core):  # noqa: F811
+    """smacks_max_unacked_stanzas = 0 (Prosody's default): an <r/> as soon as a stanza is
+    unacknowledged, never a second one while it is outstanding; the <a/> that leaves some
+    unacknowledged brings the next <r/>, the one that leaves none does not."""
     alice, bob = ws_login(core, "alice"), ws_login(core, "bob")
     enable(alice, resume=False)
     for n in range(5):
         message(bob, "alice@localhost/res", f"m{n}", n)
-    got = alice.take()
-    assert [el.tag for el in got].count(q(NS_SM, "r")) == 1 and got[-1].tag == q(NS_SM, "r")
+    assert tags(alice.take()) == ["m0", "r", "m1", "m2", "m3", "m4"]
+    alice.feed(sm_el("a", h=1))
+    assert tags(alice.take()) == ["r"]  # four left: asked again
+    alice.feed(sm_el("a", h=5))
+    assert alice.take() == []
+    message(bob, "alice@localhost/res", "m5", 5)
+    assert tags(alice.take()) == ["m5", "r"]
+
+
+def test_max_unacked_lets_more_go_before_asking(core):  # noqa: F811
+    core.stream_context.sm.settings.max_unacked = 5
+    alice, bob = ws_login(core, "alice"), ws_login(core, "bob")
+    enable(alice, resume=False)
+    for n in range(7):
+        message(bob, "alice@localhost/res", f"m{n}", n)
+    assert tags(alice.take()) == ["m0", "m1", "m2", "m3", "m4", "m5", "r", "m6"]
+    alice.feed(sm_el("a", h=2))  # five left: not more than five
+    assert alice.take() == []
 
 
 def test_an_ack_of_more_than_was_sent_is_a_stream_error(core):  # noqa: F811
@@ -213,6 +237,7 @@ def test_dropped_stream_hibernates_and_resumes_with_exactly_the_unacked(core, ti
     got = fresh.take()
     assert got[0].tag == q(NS_SM, "resumed") and got[0].get("previd") == sm_id
     assert bodies(got[1:]) == ["before-2", "during"]  # exactly once each, in order
+    assert got[-1].tag == q(NS_SM, "r")  # and the server asks at once what of it arrived
     assert core.sessions.get("alice", "res").transport is fresh.transport
     message(bob, "alice@localhost", "after", 4)
     assert bodies(fresh.take()) == ["after"]
@@ -263,3 +288,89 @@ def test_resume_takes_over_a_connection_that_has_not_noticed_it_is_dead(core, ti
     assert alice.errors and alice.errors[0].find(q(NS_STREAMS_ERR, "conflict")) is not None
     assert core.sessions.get("alice", "res").transport is fresh.transport
     gevent.sleep(0)
+
+
+def test_nothing_to_retransmit_no_ack_request(core, timers):  # noqa: F811
+    alice, bob = ws_login(core, "alice"), ws_login(core, "bob")
+    sm_id = enable(alice).get("id")
+    message(bob, "alice@localhost/res", "seen", 1)
+    alice.take()
+    alice.feed(sm_el("a", h=1))
+    alice.session.connection_lost("connection dropped")
+    fresh = ws_login(core, "alice", resume=(sm_id, 1))
+    assert tags(fresh.take()) == [q(NS_SM, "resumed")]
+
+
+def expired(core, timers, user="alice", handled=2):
+    """A resumable session of ``user`` that handled ``handled`` stanzas from its client,
+    dropped and expired; returns its SM id."""
+    client = ws_login(core, user)
+    sm_id = enable(client).get("id")
+    for n in range(handled):
+        message(client, f"{user}@localhost/res", f"to myself {n}", n)
+    client.session.connection_lost("connection dropped")
+    timers[-1].fire()
+    assert client.session.ended
+    return sm_id
+
+
+def failed_of(client):
+    failed = [el for el in client.take() if el.tag == q(NS_SM, "failed")]
+    assert len(failed) == 1 and failed[0].find(q(NS_STANZAS, "item-not-found")) is not None
+    return failed[0]
+
+
+def test_resume_after_expiry_says_how_many_stanzas_the_server_had(core, timers):  # noqa: F811
+    """XEP-0198 §5: '<failed h/>' for an id that timed out, so the client resends only what
+    the server never handled; once said, the id is forgotten; a fresh bind works."""
+    sm_id = expired(core, timers, handled=2)
+    late = ws_login(core, "alice", resume=(sm_id, 0))
+    assert failed_of(late).get("h") == "2"
+    assert late.bind("res").get("type") == "result"
+    again = ws_login(core, "alice", resume=(sm_id, 0))
+    assert failed_of(again).get("h") is None
+
+
+def test_an_expired_id_tells_nothing_to_another_user(core, timers):  # noqa: F811
+    sm_id = expired(core, timers, handled=3)
+    mallory = ws_login(core, "bob", resume=(sm_id, 0))
+    assert failed_of(mallory).get("h") is None
+    alice = ws_login(core, "alice", resume=(sm_id, 0))  # still there for alice
+    assert failed_of(alice).get("h") == "3"
+
+
+def test_expired_ids_are_forgotten_after_an_hour(core, timers):  # noqa: F811
+    from boshroster.xmpp.stream_management import _TOMBSTONE_LIFETIME
+
+    sm = core.stream_context.sm
+    now = [1000.0]
+    sm.clock = lambda: now[0]
+    sm_id = expired(core, timers)
+    now[0] += sm.settings.hibernation_time * 2  # well after the expiry, a backed-off client
+    assert failed_of(ws_login(core, "alice", resume=(sm_id, 0))).get("h") == "2"
+    sm_id = expired(core, timers)
+    now[0] += _TOMBSTONE_LIFETIME + 1
+    late = ws_login(core, "alice", resume=(sm_id, 0))
+    assert failed_of(late).get("h") is None
+    # and the next expiry purges the stale entry
+    expired(core, timers, user="bob")
+    assert sm_id not in sm._tombstones
+
+
+def test_expired_ids_kept_per_user_are_bounded(core, timers):  # noqa: F811
+    sm = core.stream_context.sm
+    sm.settings.max_old_sessions = 2
+    ids = [expired(core, timers, handled=n) for n in range(3)]
+    assert [key for key in sm._tombstones] == ids[1:]  # the oldest went
+    assert failed_of(ws_login(core, "alice", resume=(ids[0], 0))).get("h") is None
+    assert failed_of(ws_login(core, "alice", resume=(ids[2], 0))).get("h") == "2"
+
+
+def test_expired_ids_are_bounded_server_wide(core, timers, monkeypatch, caplog):  # noqa: F811
+    from boshroster.xmpp import stream_management
+
+    monkeypatch.setattr(stream_management, "_MAX_TOMBSTONES", 2)
+    sm = core.stream_context.sm
+    ids = [expired(core, timers, user=user) for user in ("alice", "bob", "carol")]
+    assert list(sm._tombstones) == ids[1:]
+    assert "expired stream management sessions remembered: forgetting the oldest" in caplog.text

@@ -47,7 +47,7 @@ from typing import Protocol
 
 import scramp
 
-from boshroster.xmpp.errors import SASL_CONDITIONS as CONDITIONS, SaslFailure
+from boshroster.xmpp.errors import SaslFailure
 from boshroster.xmpp.jid import JID, JIDError, prep_domain, prep_localpart
 
 log = logging.getLogger(__name__)

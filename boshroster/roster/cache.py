@@ -5,6 +5,21 @@ The session core calls ``hold``/``release`` as resources come and go,
 roster changed; the HTTP refresh handler calls ``refresh`` for users who are
 online or still cached, and ``drop`` when such a refresh fails for a user who
 is offline (contract §4: no stale copy for the next login).
+
+Revalidation at login (issue 10 point 14): a roster kept through the grace
+period after a logout may have changed at the backend without a refresh (the
+backend may not know the user is cached).  So when the first resource of a
+user binds (``hold`` from 0 to 1, a login) while a copy is cached, the copy
+is marked stale and the next ``get`` revalidates it: a conditional GET when
+the backend sent an ETag or Last-Modified with it (304: keep the copy), a
+full GET otherwise, as Prosody fetches at every first login.  The stale copy
+is served only if the backend cannot be reached (``get`` raises, the caller
+falls back to ``cached``).  Concurrent logins of one user share that one GET.
+
+Fetch at bind (``prefetch``, the default): that login fetch (or revalidation)
+starts when the resource binds, as Prosody loads the roster at bind, not when
+the roster get arrives one client round trip later; the roster get joins it.
+If it failed, the next ``get`` gets its error instead of a second GET at once.
 """
 
 from __future__ import annotations
@@ -18,7 +33,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from boshroster.roster.model import Roster
-from boshroster.roster.backend import RosterFetchError
+from boshroster.roster.backend import RosterFetchError, Validators
 
 log = logging.getLogger("boshroster.roster_cache")
 
@@ -32,15 +47,19 @@ class _Flight:
     turns true when the fetching greenlet runs (before that, the GET has not
     been issued, so anyone may join it and still see fresh data).  ``store``
     is false once ``drop()`` made the result stale.  ``followup`` is the
-    fetch chained after this one by refreshes that arrived while it ran."""
+    fetch chained after this one by refreshes that arrived while it ran.
+    ``conditional``: only a login's revalidation asked for this fetch, so it
+    may be a conditional GET; a refresh that joins it makes it a full GET
+    (the backend said the roster changed: no validator is needed to know)."""
 
-    __slots__ = ("result", "started", "store", "followup")
+    __slots__ = ("result", "started", "store", "followup", "conditional")
 
-    def __init__(self) -> None:
+    def __init__(self, conditional: bool = False) -> None:
         self.result: AsyncResult = AsyncResult()
         self.started = False
         self.store = True
         self.followup: _Flight | None = None
+        self.conditional = conditional
 
 
 class RosterCache:
@@ -53,7 +72,12 @@ class RosterCache:
       refresh that must see newer data hangs a ``followup`` on it);
     * ``_holders``  username -> number of online resources (hold/release);
     * ``_expiry`` + ``_heap``  eviction time of cached rosters whose user has
-      no holder (the heap may hold stale entries; ``_expiry`` is the truth).
+      no holder (the heap may hold stale entries; ``_expiry`` is the truth);
+    * ``_validators``  username -> the ETag/Last-Modified of the cached roster;
+    * ``_stale``  users who logged in while their roster was cached: their
+      next ``get`` revalidates (cleared when any fetch for them completes);
+    * ``_prefetched``  username -> the flight a login started at bind, until
+      the next ``get`` (or the last release) takes it: its error is served once.
 
     Who mutates it: the public methods (called from session and HTTP
     greenlets) and ``_run``, the one greenlet spawned per backend fetch,
@@ -77,8 +101,9 @@ class RosterCache:
     """
 
     def __init__(self, backend, *, grace_seconds: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, prefetch: bool = True) -> None:
         self._backend = backend
+        self._prefetch = prefetch
         self._grace = grace_seconds
         self._clock = clock
         self._rosters: dict[str, Roster] = {}
@@ -86,22 +111,34 @@ class RosterCache:
         self._holders: dict[str, int] = {}
         self._expiry: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
+        self._validators: dict[str, Validators] = {}
+        self._stale: set[str] = set()
+        self._prefetched: dict[str, _Flight] = {}
+        # fetch_validated (conditional GETs) if the backend has it; test stubs may have fetch only
+        self._fetch_validated = getattr(backend, "fetch_validated", None)
 
     # -- reading ------------------------------------------------------------------
     def get(self, username: str) -> Roster:
         """The cached roster, else the result of the (single) fetch for it.
 
+        After a login with a copy cached (see the module docstring), the copy
+        is revalidated first: this waits for a fetch (joining one in flight).
         Raises RosterFetchError, shared with every caller waiting on the same
-        fetch."""
+        fetch; the stale copy is then still ``cached()``."""
         self._evict_expired()
+        prefetched = self._prefetched.pop(username, None)
         roster = self._rosters.get(username)
-        if roster is not None:
+        if roster is not None and username not in self._stale:
             return roster
         flight = self._flights.get(username)
+        if flight is None and prefetched is not None and prefetched.result.ready():
+            # The fetch this login started at bind failed a moment ago (a success
+            # would be cached): its error, not a second GET right away.
+            return prefetched.result.get()[1]
         if flight is None or not flight.store:
             # Nothing in flight, or the fetch in flight was started before a
             # drop() and its data is stale: wait for a fresh one.
-            flight = self._fresh_flight(username)
+            flight = self._fresh_flight(username, conditional=roster is not None)
         return flight.result.get()[1]
 
     def refresh(self, username: str) -> tuple[Roster | None, Roster]:
@@ -115,7 +152,7 @@ class RosterCache:
         pushing it again would repeat every push and presence stanza).  Raises
         RosterFetchError; the cache then keeps what it had."""
         self._evict_expired()
-        return self._fresh_flight(username).result.get()
+        return self._fresh_flight(username, conditional=False).result.get()
 
     def cached(self, username: str) -> Roster | None:
         """The cached roster, or None; never fetches, never waits."""
@@ -136,17 +173,34 @@ class RosterCache:
         """Forget the user's cached roster; a fetch already in flight will not
         be stored (its waiters still get its result), so the next get fetches
         afresh."""
-        self._rosters.pop(username, None)
-        self._expiry.pop(username, None)
+        self._forget(username)
         flight = self._flights.get(username)
         if flight is not None and flight.started:
             flight.store = False
 
     def hold(self, username: str) -> None:
-        """One more online resource for this user: keep the roster cached."""
+        """One more online resource for this user: keep the roster cached.
+
+        The first one (a login) marks a cached copy stale (see ``get``) and, with
+        ``prefetch``, starts the login's fetch or revalidation now; never yields."""
         self._evict_expired()
-        self._holders[username] = self._holders.get(username, 0) + 1
+        count = self._holders.get(username, 0)
+        self._holders[username] = count + 1
         self._expiry.pop(username, None)
+        if count:
+            return
+        cached = username in self._rosters
+        if cached:
+            self._stale.add(username)
+        if self._prefetch:
+            flight = self._flights.get(username)
+            if flight is None or not flight.store:
+                flight = self._fresh_flight(username, conditional=cached)
+            self._prefetched[username] = flight
+
+    def is_stale(self, username: str) -> bool:
+        """Whether the cached copy waits for its login revalidation."""
+        return username in self._stale
 
     def release(self, username: str) -> None:
         """One resource fewer; at zero the roster stays ``grace_seconds`` more."""
@@ -158,6 +212,7 @@ class RosterCache:
             self._holders[username] = count - 1
             return
         del self._holders[username]
+        self._prefetched.pop(username, None)
         if username in self._rosters:
             self._schedule_expiry(username)
         self._evict_expired()
@@ -166,16 +221,22 @@ class RosterCache:
         return self._holders.get(username, 0) > 0
 
     # -- internals -------------------------------------------------------------------
-    def _fresh_flight(self, username: str) -> _Flight:
-        """A flight whose GET has not been issued yet (new, joined or chained)."""
+    def _fresh_flight(self, username: str, *, conditional: bool) -> _Flight:
+        """A flight whose GET has not been issued yet (new, joined or chained).
+
+        ``conditional``: the caller only revalidates (a login); a refresh
+        passes False, and a flight it joins becomes a full GET."""
         flight = self._flights.get(username)
         if flight is None:
-            return self._launch(username, _Flight())
+            return self._launch(username, _Flight(conditional))
         if not flight.started:
             flight.store = True
+            flight.conditional = flight.conditional and conditional
             return flight
         if flight.followup is None:
-            flight.followup = _Flight()
+            flight.followup = _Flight(conditional)
+        else:
+            flight.followup.conditional = flight.followup.conditional and conditional
         return flight.followup
 
     def _launch(self, username: str, flight: _Flight) -> _Flight:
@@ -186,8 +247,19 @@ class RosterCache:
     def _run(self, username: str, flight: _Flight) -> None:
         flight.started = True
         error: BaseException | None = None
+        # What a 304 confirms: the copy cached when the GET is issued (one
+        # flight per user at a time, so nothing else replaces it meanwhile
+        # except drop(), which clears flight.store).
+        base = self._rosters.get(username) if flight.conditional else None
+        validators = self._validators.get(username) if base is not None else None
+        got: Validators | None = None
         try:
-            new = self._backend.fetch(username)
+            if self._fetch_validated is not None:
+                new, got = self._fetch_validated(username, validators)
+                if new is None:  # 304 Not Modified
+                    new, got = base, validators
+            else:
+                new = self._backend.fetch(username)
         except RosterFetchError as exc:
             error = exc
         except gevent.GreenletExit:
@@ -198,11 +270,16 @@ class RosterCache:
                 "connection", f"internal error fetching roster of {username!r}: {exc!r}")
         # From here to the end: no yields.
         self._evict_expired()
+        self._stale.discard(username)  # fetched, or the backend is down: serve what we have
         outcome: tuple[Roster | None, Roster] | None = None
         if error is None:
             if flight.store:
                 old = self._rosters.get(username)
                 self._rosters[username] = new
+                if got is not None:
+                    self._validators[username] = got
+                else:
+                    self._validators.pop(username, None)
                 if self.is_held(username):
                     self._expiry.pop(username, None)
                 else:
@@ -233,5 +310,11 @@ class RosterCache:
         while heap and heap[0][0] <= now:
             when, username = heapq.heappop(heap)
             if self._expiry.get(username) == when:
-                del self._expiry[username]
-                self._rosters.pop(username, None)
+                self._forget(username)
+
+    def _forget(self, username: str) -> None:
+        self._prefetched.pop(username, None)
+        self._rosters.pop(username, None)
+        self._expiry.pop(username, None)
+        self._validators.pop(username, None)
+        self._stale.discard(username)

@@ -63,7 +63,7 @@ import socket
 import time
 
 import gevent
-from gevent.pywsgi import MAX_REQUEST_LINE, Input  # pywsgi answers 414 at 8192
+from gevent.pywsgi import MAX_REQUEST_LINE, Input  # noqa: F401 (re-exported: pywsgi answers 414 past MAX_REQUEST_LINE)
 
 
 __all__ = ["ClientGone", "HttpLimits", "body_done", "connection_cap", "raise_fd_limit",

@@ -174,8 +174,11 @@ class WebSocketStream:
         finally:
             self._stop_negotiation_timer()
             self.conn.on_overflow = None  # no cycle conn <-> stream left behind
-            if reason == "connection dropped":
-                self.session.connection_lost(reason)  # XEP-0198: a resumable session hibernates
+            if reason != "client closed the stream":
+                # RFC 7395 §3.6.1, XEP-0198 §7: a WebSocket closed (close frame or not) without
+                # <close/> leaves the stream unfinished; a resumable session hibernates.  A
+                # browser closes with 1001 when the page unloads: a reload must be resumable.
+                self.session.connection_lost(reason)
             else:
                 self.session.end(reason)
             if not self.conn.closed:

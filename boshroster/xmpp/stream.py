@@ -163,7 +163,7 @@ class ClientSession:
         self.username: str | None = None
         self.jid: JID | None = None
         self.jid_str = ""
-        self._sasl: sasl.SaslExchange | None = None
+        self._sasl = None  # the SASL exchange in progress (ctx.start_sasl)
         # IM state, read by other users' deliveries (see presence.py / messages.py)
         self.presence: Element | None = None  # last available presence broadcast
         self.priority = 0

@@ -15,12 +15,27 @@ it had dropped: unavailable is broadcast and the unacknowledged stanzas go
 back through routing (``stanzas-undelivered``: other resources or offline
 storage), so nothing vanishes.  Settings keep Prosody's mod_smacks names.
 
+Acks are asked for early (as Prosody does by default): an ``<r/>`` as soon as
+more than ``max_unacked`` stanzas (default 0) are unacknowledged and none is
+outstanding, again after an ``<a/>`` that leaves some, and after a resumption's
+retransmission.  One ``<r/>`` per round trip, and what a client has handled is
+known within a round trip: a stanza the client got is not sent to it again
+from offline storage when its stream is later lost for good, nor when it
+closes without a final ``<a/>`` (XEP-0198 §4 only RECOMMENDS that one).
+
+An expired session leaves a tombstone (its id and the count of stanzas handled
+from the client, for an hour: clients back off exponentially, StanzaJS up to 32 s
+between attempts, so they often come back well after the expiry): a late ``<resume/>`` gets
+``<failed h/>`` (§5 allows the 'h'), so the client resends only what the
+server never had instead of everything it holds (no duplicates that way).
+
 Offered only to transports that keep a stream on one connection (WebSocket):
 Converse.js and Strophe.js use SM over WebSocket only.
 
-Greenlet safety: ``_resumable`` (id -> session) and ``_hibernating`` (session ->
-timer) are mutated by stream greenlets (enable, end, resume) and by the
-hibernation timers, never across a yield.  A session's ``sm`` state is mutated
+Greenlet safety: ``_resumable`` (id -> session), ``_hibernating`` (session ->
+timer) and ``_tombstones`` (id -> (user, h, expiry)) are mutated by stream
+greenlets (enable, end, resume) and by the hibernation timers, never across a
+yield.  A session's ``sm`` state is mutated
 by whoever sends to it (any greenlet, without yielding) and by its own stream
 greenlet (acks).
 """
@@ -29,7 +44,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -50,6 +66,8 @@ SM_PREFIX = f"{{{NS_SM}}}"
 ENABLE, ENABLED, RESUME, RESUMED, FAILED = (q(NS_SM, n) for n in ("enable", "enabled", "resume", "resumed", "failed"))
 R, A = q(NS_SM, "r"), q(NS_SM, "a")
 _WRAP = 1 << 32
+_MAX_TOMBSTONES = 10000  # expired session ids remembered at most, server-wide
+_TOMBSTONE_LIFETIME = 3600.0  # seconds an expired id is remembered (a few dozen bytes each)
 
 
 class AckTooHigh(Exception):
@@ -59,7 +77,7 @@ class AckTooHigh(Exception):
 @dataclass
 class SmSettings:
     hibernation_time: float = 600.0  # smacks_hibernation_time
-    max_unacked: int = 5  # smacks_max_unacked_stanzas: request an ack after this many
+    max_unacked: int = 0  # smacks_max_unacked_stanzas: request an ack when more than this many
     max_queue: int = 500  # smacks_max_queue_size: unacknowledged stanzas kept at most
     max_old_sessions: int = 1  # smacks_max_old_sessions: hibernating sessions per user
 
@@ -136,12 +154,15 @@ class _Detached:
 class StreamManagement:
     """The server side of XEP-0198, shared by every stream."""
 
-    def __init__(self, settings: SmSettings, bus: EventBus, spawn_later=gevent.spawn_later):
+    def __init__(self, settings: SmSettings, bus: EventBus, spawn_later=gevent.spawn_later, clock=time.monotonic):
         self.settings = settings
         self.bus = bus
         self.spawn_later = spawn_later
+        self.clock = clock
         self._resumable: dict[str, ClientSession] = {}
         self._hibernating: dict[ClientSession, object] = {}
+        # expired ids, oldest first (all live as long): id -> (username, h handled from the client, expiry)
+        self._tombstones: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
 
     def register(self, bus: EventBus) -> None:
         bus.hook("stream-features", self._features)
@@ -193,6 +214,7 @@ class StreamManagement:
         for _, delivered in entries:
             if delivered is not None:
                 delivered(True)
+        self._request_if_needed(session)  # what was sent after our last <r/> (Prosody's handle_a)
 
     def after_send(self, session: ClientSession) -> None:
         """Ask for an ack when enough is unacknowledged; end a stream that never acks."""
@@ -205,7 +227,15 @@ class StreamManagement:
             else:
                 session.fail("resource-constraint", "too many unacknowledged stanzas")
             return
-        if not sm.requested and len(sm.queue) >= self.settings.max_unacked and session not in self._hibernating:
+        self._request_if_needed(session)
+
+    def _request_if_needed(self, session: ClientSession, force: bool = False) -> None:
+        """One outstanding ``<r/>`` at a time, sent once more than ``max_unacked`` stanzas
+        are unacknowledged (``force``: once any is)."""
+        sm = session.sm
+        if sm.requested or not sm.queue or session in self._hibernating:
+            return
+        if force or len(sm.queue) > self.settings.max_unacked:
             sm.requested = True
             session.send_nonza(E(R))
 
@@ -231,7 +261,25 @@ class StreamManagement:
         if timer is not None and timer is not gevent.getcurrent():
             timer.kill(block=False)
         log.info("%s: %s", session.jid_str, why)
+        sm = session.sm
+        if sm.id is not None and self._resumable.get(sm.id) is session:
+            self._bury(sm.id, session.username, sm.handled_in)
         session.end(why)
+
+    def _bury(self, sm_id: str, username: str, handled: int) -> None:
+        """Remember an expired id for a late ``<resume/>`` (§5: ``<failed h/>``); bounded
+        per user (``max_old_sessions``), server-wide and in time (``_TOMBSTONE_LIFETIME``)."""
+        now = self.clock()
+        while self._tombstones and next(iter(self._tombstones.values()))[2] <= now:
+            self._tombstones.popitem(last=False)
+        mine = [key for key, (user, _, _) in self._tombstones.items() if user == username]
+        for key in mine[:max(0, len(mine) - max(1, self.settings.max_old_sessions) + 1)]:
+            del self._tombstones[key]
+        if len(self._tombstones) >= _MAX_TOMBSTONES:
+            log.warning("%d expired stream management sessions remembered: forgetting the oldest",
+                        len(self._tombstones))
+            self._tombstones.popitem(last=False)
+        self._tombstones[sm_id] = (username, handled, now + _TOMBSTONE_LIFETIME)
 
     def ended(self, session: ClientSession) -> list:
         """The session is over (called once from ClientSession.end): forget it and
@@ -249,6 +297,14 @@ class StreamManagement:
         previd, h = el.get("previd", ""), parse_h(el)
         old = self._resumable.get(previd)
         if old is None or old.username != fresh.username or old.ended or h is None:
+            tomb = self._tombstones.get(previd)
+            if tomb is not None and tomb[0] == fresh.username and tomb[2] > self.clock():
+                # §5: "the server MAY also include a 'h' attribute indicating the number of
+                # stanzas received before the timeout": the client resends only the rest.
+                del self._tombstones[previd]
+                log.info("resume refused for %s from %s: the session expired (h=%d)", fresh.username,
+                         fresh.peer.ip, tomb[1])
+                return fresh.send_nonza(_failed("item-not-found", tomb[1]))
             log.info("resume refused for %s from %s: unknown or expired id", fresh.username, fresh.peer.ip)
             return fresh.send_nonza(_failed("item-not-found"))
         try:
@@ -260,6 +316,7 @@ class StreamManagement:
             timer.kill(block=False)
         previous = fresh.hand_over_to(old)
         if timer is None:  # its old connection has not noticed it is dead yet: close it
+            log.info("%s: closing the connection it was resumed from (still open)", old.jid_str)
             previous.stream_error(stream_error_element("conflict", "the session was resumed on another connection"))
         for _, delivered in entries:
             if delivered is not None:
@@ -267,5 +324,6 @@ class StreamManagement:
         old.send_nonza(E(RESUMED, {"previd": previd, "h": str(old.sm.handled_in)}))
         for stanza in old.sm.unacked():  # §5: exactly what the client did not acknowledge
             old.transport.send(stanza)
-        old.sm.requested = False
+        old.sm.requested = False  # an <r/> sent on the dead connection will never be answered
+        self._request_if_needed(old, force=True)  # know soon what of it arrived (as Prosody does)
         log.info("%s resumed (%d stanzas retransmitted)", old.jid_str, len(old.sm.queue))

@@ -8,8 +8,8 @@
  *
  * Prints one JSON line per scenario (see common.js). StanzaJS runs in Node as it
  * is: BOSH through Node's global fetch, WebSocket through its own `ws` dependency.
- * Stream management (XEP-0198) is off: boshroster does not offer it, and StanzaJS
- * would otherwise keep queued stanzas for a resumption that never comes.
+ * Stream management (XEP-0198) is off here: these scenarios are about the basics (a
+ * dropped client must go unavailable at once); stanza_continuity.js tests StanzaJS with it.
  */
 
 const { parseArgs, log, Inbox } = require('./common');

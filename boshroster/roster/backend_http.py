@@ -1,0 +1,132 @@
+"""The backend's HTTP plumbing under ``requests``: counted, kept-alive connections.
+
+One pool of connections to the backend (urllib3 under requests), each counted when
+opened (the bench checks keep-alive), with TCP_NODELAY and TCP_QUICKACK so no reply
+waits for a delayed ACK, and a response wrapper that skips what requests would do
+per call (cookie extraction, settings merge).  Used only by backend.py.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import requests
+import urllib3
+import urllib3.connection
+import urllib3.connectionpool
+from requests.adapters import HTTPAdapter
+
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+class _Counters:
+    """New TCP connections made by one RosterBackend (shared by its pools)."""
+
+    __slots__ = ("connections",)
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+
+class _ConnectionMixin:
+    """urllib3 connection: counts connects; ``TCP_QUICKACK`` before each reply.
+
+    Linux delays the ACK of a segment that carries no request for up to 40 ms
+    on an interactive connection.  A backend whose reply goes out in two
+    writes (headers, then body) with Nagle on cannot send the body before
+    that ACK; quick-ack mode, set right after the request went out, ACKs the
+    headers at once.  The flag is not sticky, hence once per reply."""
+
+    _counters: _Counters
+
+    def connect(self):
+        super().connect()
+        self._counters.connections += 1
+
+    def getresponse(self, *args, **kwargs):
+        sock = self.sock
+        if _TCP_QUICKACK is not None and sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                pass
+        return super().getresponse(*args, **kwargs)
+
+
+def _pool_classes(counters: _Counters) -> dict:
+    """Pool classes whose connections count into ``counters``."""
+    http_conn = type("RosterHTTPConnection", (_ConnectionMixin, urllib3.connection.HTTPConnection),
+                     {"_counters": counters})
+    https_conn = type("RosterHTTPSConnection", (_ConnectionMixin, urllib3.connection.HTTPSConnection),
+                      {"_counters": counters})
+    return {
+        "http": type("RosterHTTPPool", (urllib3.connectionpool.HTTPConnectionPool,),
+                     {"ConnectionCls": http_conn}),
+        "https": type("RosterHTTPSPool", (urllib3.connectionpool.HTTPSConnectionPool,),
+                      {"ConnectionCls": https_conn}),
+    }
+
+
+class _Reply:
+    """What ``_BackendAdapter.send`` answers instead of a ``requests.Response``:
+    the urllib3 response and the three things read from it.  A Response would
+    cost a cookie jar, a copy of the headers and cookie extraction per fetch,
+    none of which is used (cookies are refused by policy; urllib3's header
+    dict is case-insensitive already)."""
+
+    __slots__ = ("raw", "status_code", "reason", "headers")
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.status_code = raw.status
+        self.reason = raw.reason
+        self.headers = raw.headers
+
+    @property
+    def is_redirect(self) -> bool:
+        return "location" in self.headers and self.status_code in requests.sessions.REDIRECT_STATI
+
+    def close(self, consumed: bool = False) -> None:
+        """Give the connection back to the pool if the body was read to its end, else close it
+        (like ``requests.Response.close``)."""
+        if not consumed:
+            self.raw.close()
+        self.raw.release_conn()
+
+
+class _BackendAdapter(HTTPAdapter):
+    """The HTTPAdapter of the roster backend's one origin (the URL template's).
+
+    Overrides the documented subclassing hooks only: pool classes that count
+    connections and set quick-ack, a cached pool (one origin: the lookup,
+    proxy selection and pool-key normalization per call cost ~40 µs), and a
+    minimal reply (``_Reply``) instead of a ``requests.Response``."""
+
+    def __init__(self, counters: _Counters, **kwargs) -> None:
+        self._counters = counters
+        self._pool = None
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _pool_classes(self._counters)
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        if proxies:
+            return super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = super().get_connection_with_tls_context(request, verify, cert=cert)
+        return pool
+
+    def request_url(self, request, proxies):
+        if proxies:
+            return super().request_url(request, proxies)
+        return request.path_url
+
+    def build_response(self, req, resp) -> "_Reply":
+        return _Reply(resp)
+
+    def close(self) -> None:
+        self._pool = None
+        super().close()
