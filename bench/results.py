@@ -37,7 +37,7 @@ SELF = "boshroster"
 
 def is_cost(row: dict) -> bool:
     """A CPU-per-operation or memory figure (issue 12's done-when compares these)."""
-    return row["lower_is_better"] and (row["unit"] == "KiB" or (row["unit"] == "s" and "cpu" in row["metric"]))
+    return row["lower_is_better"] and (row["unit"] == "KiB" or (row["unit"] in ("s", "%core") and "cpu" in row["metric"]))
 
 
 class Results:
