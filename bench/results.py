@@ -37,7 +37,7 @@ SELF = "boshroster"
 
 def is_cost(row: dict) -> bool:
     """A CPU-per-operation or memory figure (issue 12's done-when compares these)."""
-    return row["lower_is_better"] and (row["unit"] == "KiB" or (row["unit"] == "s" and "cpu" in row["metric"]))
+    return row["lower_is_better"] and (row["unit"] == "KiB" or (row["unit"] in ("s", "%core") and "cpu" in row["metric"]))
 
 
 class Results:
@@ -108,7 +108,9 @@ class Results:
         peers = {(row["workload"], row["transport"], row["metric"]): row for row in self.rows if row["server"] != SELF}
         for row in self.rows:
             other = peers.get((row["workload"], row["transport"], row["metric"])) if row["server"] == SELF else None
-            if other is not None and other["value"] and row["value"] is not None:
+            # no ratio to a figure that is ~0 (an idle WebSocket server's CPU): it would say nothing
+            tiny = other is not None and other["unit"] == "%core" and (other["value"] or 0) < 0.005
+            if other is not None and other["value"] and not tiny and row["value"] is not None:
                 row["peer"] = other["server"]
                 row["peer_value"] = other["value"]
                 row["ratio_peer"] = row["value"] / other["value"]
