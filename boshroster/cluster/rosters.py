@@ -79,6 +79,14 @@ class SharedRosterBackend:
                 self._degraded = True
             return self.backend.fetch(username)
 
+    def fetch_validated(self, username: str, validators) -> tuple[Roster, None]:
+        """The cache's login fetch/revalidation (roster/cache.py) goes through the shared
+        copy and its single-flight lock too: without this, ``__getattr__`` handed the cache
+        the real backend's method and every node fetched on its own, leaving no shared copy
+        for the other nodes' presence lookups.  No validators are kept: the shared copy is
+        replaced by every refresh, on any node."""
+        return self.fetch(username), None
+
     def _fetch(self, username: str) -> Roster:
         key = keys.roster(username)
         raw = self.redis.get(key)
