@@ -24,13 +24,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 import xml.etree.ElementTree as ET
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.queue
 import requests
 import scramp
