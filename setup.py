@@ -22,7 +22,7 @@ setup(
     extras_require={
         # A cluster (issue 14): Redis (cluster_redis_url) and PostgreSQL (database_url); imported only then.
         "cluster": ["redis>=5", "psycopg[binary]>=3.2"],
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "websocket-client>=1.7", "redis>=5", "psycopg[binary]>=3.2",
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-split>=0.9", "websocket-client>=1.7", "redis>=5", "psycopg[binary]>=3.2",
                  "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["boshroster=boshroster.cli.main:main"]},

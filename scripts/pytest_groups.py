@@ -1,0 +1,79 @@
+"""Run the test suite as N pytest processes at once, one group each (pytest-split).
+
+Why not pytest-xdist: its workers talk to the controller from a real thread, and the
+suite monkey-patches threading with gevent (conftest.py), so a worker never wakes up
+(gevent LoopExit).  Plain pytest processes have no such thread: pytest-split assigns each
+test to one of N groups so that the groups' recorded durations (tests/test_durations.json)
+are even, and this script runs the groups side by side.  Most of a test's time is spent
+waiting on servers and clients (processes of their own), so on 2 cores three groups take
+well under half the serial time.
+
+    python scripts/pytest_groups.py [-j N] [pytest args...]
+
+Each group's output goes to a log file and is printed whole when the group ends, so the
+lines of different groups are not mixed.  The exit status is the first failing group's;
+when no group collected a test it is 1 (pytest's 5, "no tests", must not pass silently).
+Record new durations after adding slow tests: ``scripts/test --store-durations`` runs serially
+with pytest-split's --store-durations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DURATIONS = os.path.join(ROOT, "tests", "test_durations.json")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-j", "--groups", type=int, default=int(os.environ.get("BOSHROSTER_TEST_GROUPS", "3")))
+    ours, rest = parser.parse_known_args(argv)
+    groups = max(1, ours.groups)
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *rest]
+    if groups == 1:
+        return subprocess.call(base, cwd=ROOT)
+    started = time.monotonic()
+    logdir = tempfile.mkdtemp(prefix="boshroster-tests-")
+    running = []
+    for group in range(1, groups + 1):
+        log_path = os.path.join(logdir, f"group{group}.log")
+        log = open(log_path, "w")
+        cmd = [*base, "--splits", str(groups), "--group", str(group), "--durations-path", DURATIONS,
+               "--splitting-algorithm", "least_duration"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        running.append((group, proc, log, log_path))
+    print(f"test: {groups} pytest groups running (logs in {logdir})", flush=True)
+    codes = {}
+    pending = list(running)
+    while pending:
+        for entry in list(pending):
+            group, proc, log, log_path = entry
+            if proc.poll() is None:
+                continue
+            pending.remove(entry)
+            log.close()
+            codes[group] = proc.returncode
+            print(f"\n===== group {group}/{groups}: exit {proc.returncode} "
+                  f"after {time.monotonic() - started:.0f} s =====", flush=True)
+            with open(log_path, errors="replace") as f:
+                sys.stdout.write(f.read())
+            sys.stdout.flush()
+        time.sleep(0.2)
+    print(f"\ntest: all {groups} groups done in {time.monotonic() - started:.0f} s; exit codes {codes}")
+    failing = [code for code in codes.values() if code not in (0, 5)]
+    if failing:
+        return failing[0]
+    if all(code == 5 for code in codes.values()):
+        print("test: pytest collected no tests: that is a failure", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
