@@ -23,7 +23,8 @@ from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 from boshroster import __version__
 
 from boshroster.xmpp import xmlio
-from boshroster.transports.bosh import BoshManager, terminate_body
+from boshroster.transports.bosh import terminate_body
+from boshroster.transports.bosh_manager import BoshManager
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
 from boshroster.web.access import check_access, client_address, from_trusted_proxy
 from boshroster.transports.http_limits import ClientGone
