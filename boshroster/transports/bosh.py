@@ -31,6 +31,7 @@ from typing import Callable
 import gevent
 from gevent.event import AsyncResult, Event
 
+from boshroster.transports.bosh_watch import ConnectionWatch, peer_closed
 from boshroster.transports.bosh_outbox import BODY_OPEN as _BODY_OPEN, DECLARED as _DECLARED, EMPTY_BODY, Outbox
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StreamError
@@ -80,12 +81,13 @@ def _int_attrs(body: Element) -> dict[str, int | None]:
 
 
 class _Held:
-    __slots__ = ("rid", "result", "timer")
+    __slots__ = ("rid", "result", "timer", "watch")
 
-    def __init__(self, rid: int):
+    def __init__(self, rid: int, sock=None):
         self.rid = rid
         self.result = AsyncResult()
         self.timer = None
+        self.watch = ConnectionWatch(sock) if sock is not None else None  # bosh_watch.py
 
 
 class BoshSession:
@@ -117,6 +119,9 @@ class BoshSession:
         self.terminal: bytes | None = None  # set once the stream is over
         self._turn_waiters: list[Event] = []
         self._arrived: set[int] = set()  # rids of the requests being handled
+        # rids of held requests whose client closed the connection (bosh_watch.py): a client
+        # that re-sends one (§14.3) is held again, not refused as an old rid
+        self._abandoned: deque[int] = deque(maxlen=self.requests)
         self._inactivity_timer = None
         self._flush_scheduled = False
         self.session = ClientSession(manager.ctx, self, peer)
@@ -165,6 +170,8 @@ class BoshSession:
 
     def _answer(self, held: _Held) -> None:
         """Answer a held request with what is pending (or the terminal body)."""
+        if held.watch is not None and self.terminal is None and self.outbox.ready and held.watch.closed():
+            return self._drop(held)  # its client is gone: the stanzas wait for the next request
         self.clock.cancel(held.timer)
         held.timer = None
         if self.terminal is not None:
@@ -173,6 +180,28 @@ class BoshSession:
         else:
             data = self._respond(held.rid)
         held.result.set(data)
+
+    def _client_gone(self, held: _Held) -> None:
+        """The watch of a held request saw its client close the connection (runs in the hub)."""
+        if held in self.held:
+            self.held.remove(held)
+            self._drop(held)
+
+    def _drop(self, held: _Held) -> None:
+        self.clock.cancel(held.timer)
+        held.timer = None
+        held.result.set(self._abandon(held.rid))
+
+    def _abandon(self, rid: int) -> bytes:
+        """A request whose client closed its connection is not answered with stanzas: they
+        stay queued for the session's next request (XEP-0124 §9, XEP-0206 session
+        continuity: a reloaded page goes on with the session's next rid).  Returns the
+        empty body written into the closed connection, if at all."""
+        self._abandoned.append(rid)
+        log.info("BOSH request %d of %s: the client closed its connection before the answer; %d stanza(s) "
+                 "stay queued for the next request", rid, self.session.jid_str or "(unbound)",
+                 len(self.outbox.pending))
+        return EMPTY_BODY
 
     def _remember(self, rid: int, data: bytes) -> None:
         self.responses[rid] = data
@@ -223,7 +252,8 @@ class BoshSession:
 
     # -- one HTTP request --------------------------------------------------------
 
-    def handle(self, body: Element, rid: int, ack: int | None = None) -> bytes:
+    def handle(self, body: Element, rid: int, ack: int | None = None, sock=None) -> bytes:
+        """Answer one request; ``sock``, its connection, is watched while the request is held."""
         cached = self.responses.get(rid)
         if cached is not None:
             return cached  # XEP-0124 §14.3: a repeated rid gets the same answer
@@ -235,7 +265,10 @@ class BoshSession:
                     self.held.remove(held)
                     self.clock.cancel(held.timer)
                     held.result.set(EMPTY_BODY)
-                    return self._hold(rid)
+                    return self._hold_again(rid, sock)
+            if rid in self._abandoned:  # its client closed the connection; now it re-sends it
+                self._abandoned.remove(rid)
+                return self._hold_again(rid, sock)
             return self._terminate_request("item-not-found", f"rid {rid} is no longer available")
         if rid > self.last_rid + self.requests:
             return self._terminate_request("item-not-found", f"rid {rid} is outside the window")
@@ -257,7 +290,7 @@ class BoshSession:
                 return self._terminate_request("item-not-found", f"rid {rid - 1} never arrived")
             if self.terminal is not None:
                 return self.terminal
-            return self._process(body, rid, is_terminate)
+            return self._process(body, rid, is_terminate, sock)
         finally:
             self._arrived.discard(rid)
             self._request_done()
@@ -296,7 +329,7 @@ class BoshSession:
         for event in waiters:
             event.set()
 
-    def _process(self, body: Element, rid: int, is_terminate: bool) -> bytes:
+    def _process(self, body: Element, rid: int, is_terminate: bool, sock=None) -> bytes:
         try:
             if body.get(_RESTART) == "true":
                 features = self.session.restart()  # XEP-0206 §5: payloads of a restart are ignored
@@ -327,11 +360,22 @@ class BoshSession:
             self._remember(rid, data)
             return data
         if not self.held and (self.outbox.ready or self.hold == 0 or self.wait == 0):
+            if sock is not None and self.outbox.ready and peer_closed(sock):
+                return self._abandon(rid)  # gone before its answer (it arrived with its FIN)
             return self._respond(rid)
-        return self._hold(rid)  # an older held request is answered first (rid order, §14.2)
+        return self._hold(rid, sock)  # an older held request is answered first (rid order, §14.2)
 
-    def _hold(self, rid: int) -> bytes:
-        held = _Held(rid)
+    def _hold_again(self, rid: int, sock) -> bytes:
+        """A re-sent request (§14.3) held again: its payload was processed the first time."""
+        self.in_flight += 1
+        self._cancel_inactivity()
+        try:
+            return self._hold(rid, sock)
+        finally:
+            self._request_done()
+
+    def _hold(self, rid: int, sock=None) -> bytes:
+        held = _Held(rid, sock)
         self.held.append(held)
         while len(self.held) > self.hold:
             self._answer(self.held.popleft())  # XEP-0124 §11: never hold more than 'hold'
@@ -345,7 +389,13 @@ class BoshSession:
         if held in self.held:
             # Answer a little before 'wait' so no client or proxy gives up first.
             held.timer = self.clock.call_later(max(0.2, self.wait - min(1.0, self.wait * 0.1)), self._expire, held)
-        return held.result.get()
+            if held.watch is not None:
+                held.watch.start(lambda: self._client_gone(held))
+        try:
+            return held.result.get()
+        finally:
+            if held.watch is not None:
+                held.watch.stop()
 
     def _expire(self, held: _Held) -> None:
         held.timer = None

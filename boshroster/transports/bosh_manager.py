@@ -56,8 +56,9 @@ class BoshManager:
             self._lingering[sid] = linger
             self.clock.call_later(self.config.bosh_max_wait + 5, self._lingering.pop, sid, None)
 
-    def handle(self, body: Element, peer_of: Callable[[], Peer]) -> bytes:
+    def handle(self, body: Element, peer_of: Callable[[], Peer], sock=None) -> bytes:
         """Answer one BOSH request body (already parsed); never raises for client errors.
+        ``sock`` is the request's connection (watched while the request is held, bosh_watch.py).
 
         ``peer_of`` gives the client's address and security; it is called only
         when the body creates a session (the only time the peer matters), so
@@ -82,7 +83,7 @@ class BoshManager:
         if bosh is None:
             lingering = self._lingering.pop(sid, None)
             return lingering if lingering is not None else terminate_body("item-not-found")
-        return bosh.handle(body, rid, ack)
+        return bosh.handle(body, rid, ack, sock)
 
     def _admit_unauthenticated(self, peer: Peer) -> tuple[bool, set | None]:
         """(admitted, the address's group of unauthenticated sessions to join or None when not counted)."""

@@ -1,0 +1,176 @@
+"""BOSH session continuity (issue 11 point 3) against the real server, over raw HTTP.
+
+A held request whose client closes its connection (a page reload, a tab closed) is
+dropped by the server, and what arrives for the session afterwards waits for the
+session's next request instead of being written into the dead socket, where the next
+request would have acknowledged it (XEP-0124 §9; bosh_watch.py).  Also XEP-0124 §10
+``pause``: the session outlives a pause longer than its inactivity timeout, up to
+``maxpause``, and a pause over it is a ``policy-violation``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import xml.etree.ElementTree as ET
+
+import pytest
+import requests
+
+from harness import NS_BOSH, NS_CLIENT, BoshClient, WsClient, q, wait_for
+
+BOB = "bob@localhost"
+
+
+def held_session(server, wait: int = 2) -> BoshClient:
+    """alice logged in over BOSH, available, with no request of hers at the server: the
+    client's polling is stopped once everything queued for her was read (a ping round
+    trip), and its last held request has come back."""
+    alice = BoshClient(server.bosh_url, wait=wait)
+    alice.login("alice")
+    alice.presence()
+    alice.sync()
+    alice._loop.kill()
+    wait_for(lambda: alice._in_flight == 0, timeout=wait + 10, what="alice's last request answered")
+    return alice
+
+
+def raw_post(server, body: str, corked: bool = False) -> socket.socket:
+    """POST one BOSH body on a connection of its own and return the connection, unread.
+    ``corked``: the request is held back in the kernel (MSG_MORE) and leaves with the FIN of
+    the ``close`` that must follow: the server reads the request and the end of file together."""
+    data = body.encode("utf-8")
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /http-bind HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml; charset=utf-8\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data), socket.MSG_MORE if corked else 0)
+    return sock
+
+
+def post_held(server, bob, alice, rid: int) -> socket.socket:
+    """alice's request ``rid`` on a raw connection, known to be held: it carries a message to
+    bob, and once bob has it the server has processed the request (and holds it: nothing is
+    queued for alice)."""
+    tag = f"holding {rid}"
+    sock = raw_post(server, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'>"
+                            f"<message xmlns='{NS_CLIENT}' to='{BOB}' type='chat'><body>{tag}</body></message></body>")
+    bob.recv(10, lambda e: e.tag == q(NS_CLIENT, "message") and e.findtext(q(NS_CLIENT, "body")) == tag)
+    return sock
+
+
+def post(server, body: str, timeout: float = 20) -> ET.Element:
+    reply = requests.post(server.bosh_url, data=body.encode("utf-8"), timeout=timeout,
+                          headers={"Content-Type": "text/xml; charset=utf-8"})
+    assert reply.status_code == 200, reply.status_code
+    return ET.fromstring(reply.content)
+
+
+def read_response(sock: socket.socket, timeout: float = 20) -> ET.Element:
+    """The BOSH body of the HTTP response on ``sock`` (200, Content-Length framed)."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, rest
+        rest += chunk
+    return ET.fromstring(rest[:length])
+
+
+def bodies(el: ET.Element) -> list[str]:
+    return [m.findtext(q(NS_CLIENT, "body")) for m in el.iter(q(NS_CLIENT, "message"))]
+
+
+def close(sock: socket.socket, how: str) -> None:
+    if how == "reset":  # SO_LINGER 0: an RST instead of a FIN (a killed browser process)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.fixture
+def bob(server):
+    client = WsClient(server.ws_url)
+    client.login("bob")
+    client.presence()
+    yield client
+    client.close()
+
+
+@pytest.mark.parametrize("noticed_first", [True, False], ids=["noticed-first", "message-at-once"])
+@pytest.mark.parametrize("how", ["fin", "reset"])
+def test_a_held_request_whose_client_left_keeps_its_stanzas_for_the_next_request(server, bob, how,
+                                                                                  noticed_first):
+    alice = held_session(server)
+    rid = alice.rid + 1
+    close(post_held(server, bob, alice, rid), how)
+    gone = f"BOSH request {rid} of {alice.jid}: the client closed its connection before the answer"
+    if noticed_first:  # the watch saw the close with nothing to send (no stanza needed)
+        wait_for(lambda: gone in server.log(), timeout=10, what="the server noticed the closed connection")
+    # else: the message comes at once, maybe in the loop turn the close is seen in (the flush first)
+    bob.message(alice.jid, "while you were reloading")
+    bob.sync()
+    # The reloaded page: the session's next rid, on a new connection (XEP-0206 §5 / Strophe keepalive).
+    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
+    assert reply.get("type") is None, ET.tostring(reply)
+    assert bodies(reply) == ["while you were reloading"]
+    assert gone in server.log()
+    # The session goes on: a ping round trip in the next request.
+    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid + 2}' sid='{alice.sid}'>"
+                         f"<iq xmlns='{NS_CLIENT}' type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+                         f"</body>")
+    assert [iq.get("id") for iq in reply.iter(q(NS_CLIENT, "iq"))] == ["p1"], ET.tostring(reply)
+    alice.stop()
+
+
+def test_a_dropped_request_sent_again_is_held_again(server, bob):
+    """XEP-0124 §14.3: a client may re-send a request it got no answer to, with the same rid;
+    one the server dropped for a closed connection is held again, not refused as old."""
+    alice = held_session(server)
+    rid = alice.rid + 1
+    close(post_held(server, bob, alice, rid), "fin")
+    gone = f"BOSH request {rid} of {alice.jid}: the client closed its connection before the answer"
+    wait_for(lambda: gone in server.log(), timeout=10, what="the server noticed the closed connection")
+    bob.message(alice.jid, "for the retry")
+    bob.sync()
+    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'/>")
+    assert reply.get("type") is None, ET.tostring(reply)
+    assert bodies(reply) == ["for the retry"]
+    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
+    assert reply.get("type") is None, ET.tostring(reply)
+    alice.stop()
+
+
+def test_a_request_whose_client_left_before_it_was_read_takes_no_stanzas(server, bob):
+    """Stanzas already queued, and the next request arrives together with its client's FIN:
+    its answer is due at once, and it is not written into the closed connection either."""
+    alice = held_session(server)
+    rid = alice.rid + 1
+    bob.message(alice.jid, "queued before")
+    bob.sync()  # routed: in alice's queue, no request of hers at the server
+    close(raw_post(server, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'/>", corked=True), "fin")
+    gone = f"BOSH request {rid} of {alice.jid}: the client closed its connection before the answer; 1 stanza(s)"
+    wait_for(lambda: gone in server.log(), timeout=10, what="the server noticed the closed connection")
+    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
+    assert bodies(reply) == ["queued before"]
+    alice.stop()
+
+
+def test_a_held_request_answered_normally_is_not_dropped(server, bob):
+    """The watch must not mistake a live connection for a closed one: a message for a held
+    request on an open connection is answered on it."""
+    alice = held_session(server)
+    rid = alice.rid + 1
+    sock = post_held(server, bob, alice, rid)
+    try:
+        bob.message(alice.jid, "live")
+        reply = read_response(sock)
+        assert bodies(reply) == ["live"]
+    finally:
+        sock.close()
+    assert f"BOSH request {rid} of" not in server.log()
+    alice.stop()
