@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import requests
 
+from bosh_inprocess import World, messages
 from harness import NS_BOSH, NS_CLIENT, BoshClient, WsClient, q, wait_for
 
 BOB = "bob@localhost"
@@ -174,3 +175,80 @@ def test_a_held_request_answered_normally_is_not_dropped(server, bob):
         sock.close()
     assert f"BOSH request {rid} of" not in server.log()
     alice.stop()
+
+
+# -- XEP-0124 §10 pause, in-process on a fake clock (tests/bosh_inprocess.py) -----------------
+
+@pytest.fixture
+def world(tmp_path, backend):
+    made = []
+
+    def make(**settings):
+        w = World(tmp_path / f"w{len(made)}", backend.url_template, **settings)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
+
+
+def terminated(body: ET.Element) -> str | None:
+    assert body.get("type") == "terminate", ET.tostring(body)
+    return body.get("condition")
+
+
+def test_pause_is_advertised_and_keeps_the_session_past_its_inactivity(world):
+    w = world(bosh_max_inactivity=30, bosh_max_pause=120)
+    alice = w.client().login("alice")
+    assert alice.creation.get("maxpause") == "120"
+    bob = w.client().login("bob", "b")
+    parked = alice.spawn()
+    assert not parked.ready()
+    reply = alice.post(pause="100")  # answered at once, and so is the held request: both empty
+    assert reply.get("type") is None and len(reply) == 0, ET.tostring(reply)
+    assert len(parked.get(timeout=1)) == 0
+    sent = bob.spawn(bob.message("alice@localhost/r", "during the pause", "m1"))
+    w.clock.advance(99)  # more than three times the inactivity timeout
+    sent.get(timeout=1)
+    assert w.session(alice) is not None
+    reply = alice.post()  # back: what came meanwhile is in the first answer
+    assert [m.findtext(q(NS_CLIENT, "body")) for m in messages(reply)] == ["during the pause"]
+    w.clock.advance(29)  # normal behaviour again (§10): the inactivity timeout is 30 s
+    assert w.session(alice) is not None
+    w.clock.advance(2)
+    assert w.session(alice) is None
+
+
+def test_a_pause_that_runs_out_ends_the_session(world):
+    w = world(bosh_max_inactivity=30, bosh_max_pause=120)
+    alice = w.client().login("alice")
+    assert alice.post(pause="50").get("type") is None
+    w.clock.advance(49)
+    assert w.session(alice) is not None
+    w.clock.advance(2)
+    assert w.session(alice) is None
+    assert terminated(alice.post()) == "item-not-found"
+
+
+@pytest.mark.parametrize("pause", ["121", "0"])
+def test_a_pause_outside_maxpause_is_a_policy_violation(world, pause):
+    w = world(bosh_max_pause=120)
+    alice = w.client().login("alice")
+    assert terminated(alice.post(pause=pause)) == "policy-violation"
+    assert w.session(alice) is None
+
+
+def test_no_maxpause_and_no_pause_when_it_is_off(world):
+    w = world(bosh_max_pause=0)
+    alice = w.client().login("alice")
+    assert alice.creation.get("maxpause") is None
+    assert terminated(alice.post(pause="10")) == "policy-violation"
+
+
+@pytest.mark.parametrize("pause", ["abc", "-5", "1.5", "99999999999999999"])
+def test_a_pause_that_is_not_a_number_is_a_bad_request(world, pause):
+    w = world(bosh_max_pause=120)
+    alice = w.client().login("alice")
+    assert terminated(alice.post(pause=pause)) == "bad-request"
+    assert w.session(alice) is None

@@ -9,6 +9,10 @@ type='terminate' condition='…'/>``: Strophe drops the session on any 4xx
 (§17.2).  A terminal body carries no stanzas: what the session still owed
 goes back to routing.  Every wait (``wait``, early rids, inactivity,
 lingering terminal bodies) is a timer of an injectable clock (clock.py).
+A request whose client closed its connection is never answered with stanzas
+(bosh_watch.py): they wait for the session's next request (a reloaded page).
+``pause`` (§10, up to ``bosh_max_pause``) answers every request at once,
+empty, and makes the inactivity timeout the pause until the next request.
 
 Greenlet safety: each HTTP request runs in its own greenlet.  A BoshSession's
 fields are mutated by those greenlets, the clock's timer greenlets, the
@@ -122,6 +126,7 @@ class BoshSession:
         # rids of held requests whose client closed the connection (bosh_watch.py): a client
         # that re-sends one (§14.3) is held again, not refused as an old rid
         self._abandoned: deque[int] = deque(maxlen=self.requests)
+        self._paused: int | None = None  # seconds of the pause asked for (§10), until the next request
         self._inactivity_timer = None
         self._flush_scheduled = False
         self.session = ClientSession(manager.ctx, self, peer)
@@ -241,18 +246,19 @@ class BoshSession:
         self.in_flight -= 1
         if self.in_flight <= 0 and self.terminal is None:
             self._cancel_inactivity()
-            self._inactivity_timer = self.clock.call_later(self.inactivity, self._inactive)
+            self._inactivity_timer = self.clock.call_later(self._paused or self.inactivity, self._inactive)
 
     def _inactive(self) -> None:
         self._inactivity_timer = None
         if self.in_flight > 0 or self.terminal is not None:
             return
-        log.info("BOSH session of %s timed out after %ss of inactivity", self.session.jid_str or "(unbound)", self.inactivity)
+        log.info("BOSH session of %s timed out after %ss of inactivity%s", self.session.jid_str or "(unbound)",
+                 self._paused or self.inactivity, " (paused)" if self._paused else "")
         self._end(None, "BOSH inactivity timeout", linger=False)  # XEP-0124 §10: later requests get item-not-found
 
     # -- one HTTP request --------------------------------------------------------
 
-    def handle(self, body: Element, rid: int, ack: int | None = None, sock=None) -> bytes:
+    def handle(self, body: Element, rid: int, ack: int | None = None, sock=None, pause: int | None = None) -> bytes:
         """Answer one request; ``sock``, its connection, is watched while the request is held."""
         cached = self.responses.get(rid)
         if cached is not None:
@@ -273,7 +279,10 @@ class BoshSession:
         if rid > self.last_rid + self.requests:
             return self._terminate_request("item-not-found", f"rid {rid} is outside the window")
         is_terminate = body.get("type") == "terminate"
-        if self.in_flight + 1 > self.requests + (1 if is_terminate else 0):
+        if pause is not None and not 0 < pause <= self.manager.config.bosh_max_pause:
+            return self._terminate_request("policy-violation", f"pause={pause} (maxpause "
+                                           f"{self.manager.config.bosh_max_pause})")
+        if self.in_flight + 1 > self.requests + (1 if is_terminate or pause is not None else 0):
             return self._terminate_request("policy-violation", "too many simultaneous requests")
         limit = self.manager.config.bosh_max_stanzas_per_body
         if len(body) > limit:
@@ -285,12 +294,13 @@ class BoshSession:
         self.in_flight += 1
         self._arrived.add(rid)
         self._cancel_inactivity()
+        self._paused = None  # §10: "normal behavior resumes" with the next request
         try:
             if not self._wait_turn(rid):
                 return self._terminate_request("item-not-found", f"rid {rid - 1} never arrived")
             if self.terminal is not None:
                 return self.terminal
-            return self._process(body, rid, is_terminate, sock)
+            return self._process(body, rid, is_terminate, sock, pause)
         finally:
             self._arrived.discard(rid)
             self._request_done()
@@ -329,7 +339,7 @@ class BoshSession:
         for event in waiters:
             event.set()
 
-    def _process(self, body: Element, rid: int, is_terminate: bool, sock=None) -> bytes:
+    def _process(self, body: Element, rid: int, is_terminate: bool, sock=None, pause: int | None = None) -> bytes:
         try:
             if body.get(_RESTART) == "true":
                 features = self.session.restart()  # XEP-0206 §5: payloads of a restart are ignored
@@ -359,11 +369,29 @@ class BoshSession:
             data = terminate_body(None, "")
             self._remember(rid, data)
             return data
+        if pause is not None:
+            return self._pause(rid, pause)
         if not self.held and (self.outbox.ready or self.hold == 0 or self.wait == 0):
             if sock is not None and self.outbox.ready and peer_closed(sock):
                 return self._abandon(rid)  # gone before its answer (it arrived with its FIN)
             return self._respond(rid)
         return self._hold(rid, sock)  # an older held request is answered first (rid order, §14.2)
+
+    def _pause(self, rid: int, pause: int) -> bytes:
+        """XEP-0124 §10: the client (a page being left) asks for up to ``pause`` seconds
+        without requests.  Every held request and this one are answered at once, all empty:
+        what is queued waits for the next request (the leaving page reads no response), and
+        the inactivity timeout is ``pause`` until then."""
+        self._paused = pause
+        while self.held:
+            held = self.held.popleft()
+            self.clock.cancel(held.timer)
+            held.timer = None
+            self._remember(held.rid, EMPTY_BODY)
+            held.result.set(EMPTY_BODY)
+        log.info("BOSH session of %s paused for up to %ss", self.session.jid_str or "(unbound)", pause)
+        self._remember(rid, EMPTY_BODY)
+        return EMPTY_BODY
 
     def _hold_again(self, rid: int, sock) -> bytes:
         """A re-sent request (§14.3) held again: its payload was processed the first time."""

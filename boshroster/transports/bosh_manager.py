@@ -83,7 +83,7 @@ class BoshManager:
         if bosh is None:
             lingering = self._lingering.pop(sid, None)
             return lingering if lingering is not None else terminate_body("item-not-found")
-        return bosh.handle(body, rid, ack, sock)
+        return bosh.handle(body, rid, ack, sock, values["pause"])
 
     def _admit_unauthenticated(self, peer: Peer) -> tuple[bool, set | None]:
         """(admitted, the address's group of unauthenticated sessions to join or None when not counted)."""
@@ -133,6 +133,8 @@ class BoshManager:
                  "inactivity": str(bosh.inactivity), "polling": str(cfg.bosh_polling), "ver": "1.11",
                  "from": cfg.domain, "authid": bosh.session.stream_id, "secure": "true" if peer.secure else "false",
                  "xmpp:version": "1.0", "xmpp:restartlogic": "true"}
+        if cfg.bosh_max_pause > 0:
+            attrs["maxpause"] = str(cfg.bosh_max_pause)  # XEP-0124 §10
         if body.get("content"):
             attrs["content"] = body.get("content")
         log.info("BOSH session created for %s (wait %s, hold %s%s)", peer.ip, wait, hold, ", acks" if bosh.acks else "")
