@@ -23,11 +23,11 @@ from harness import NS_BOSH, NS_CLIENT, BoshClient, WsClient, q, wait_for
 BOB = "bob@localhost"
 
 
-def held_session(server, wait: int = 2) -> BoshClient:
+def held_session(bosh_url: str, wait: int = 2) -> BoshClient:
     """alice logged in over BOSH, available, with no request of hers at the server: the
     client's polling is stopped once everything queued for her was read (a ping round
     trip), and its last held request has come back."""
-    alice = BoshClient(server.bosh_url, wait=wait)
+    alice = BoshClient(bosh_url, wait=wait)
     alice.login("alice")
     alice.presence()
     alice.sync()
@@ -36,30 +36,30 @@ def held_session(server, wait: int = 2) -> BoshClient:
     return alice
 
 
-def raw_post(server, body: str, corked: bool = False) -> socket.socket:
+def raw_post(port: int, body: str, corked: bool = False) -> socket.socket:
     """POST one BOSH body on a connection of its own and return the connection, unread.
     ``corked``: the request is held back in the kernel (MSG_MORE) and leaves with the FIN of
     the ``close`` that must follow: the server reads the request and the end of file together."""
     data = body.encode("utf-8")
-    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(b"POST /http-bind HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml; charset=utf-8\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data), socket.MSG_MORE if corked else 0)
     return sock
 
 
-def post_held(server, bob, alice, rid: int) -> socket.socket:
+def post_held(port: int, bob, alice, rid: int) -> socket.socket:
     """alice's request ``rid`` on a raw connection, known to be held: it carries a message to
     bob, and once bob has it the server has processed the request (and holds it: nothing is
     queued for alice)."""
     tag = f"holding {rid}"
-    sock = raw_post(server, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'>"
+    sock = raw_post(port, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'>"
                             f"<message xmlns='{NS_CLIENT}' to='{BOB}' type='chat'><body>{tag}</body></message></body>")
     bob.recv(10, lambda e: e.tag == q(NS_CLIENT, "message") and e.findtext(q(NS_CLIENT, "body")) == tag)
     return sock
 
 
-def post(server, body: str, timeout: float = 20) -> ET.Element:
-    reply = requests.post(server.bosh_url, data=body.encode("utf-8"), timeout=timeout,
+def post(bosh_url: str, body: str, timeout: float = 20) -> ET.Element:
+    reply = requests.post(bosh_url, data=body.encode("utf-8"), timeout=timeout,
                           headers={"Content-Type": "text/xml; charset=utf-8"})
     assert reply.status_code == 200, reply.status_code
     return ET.fromstring(reply.content)
@@ -106,9 +106,9 @@ def bob(server):
 @pytest.mark.parametrize("how", ["fin", "reset"])
 def test_a_held_request_whose_client_left_keeps_its_stanzas_for_the_next_request(server, bob, how,
                                                                                   noticed_first):
-    alice = held_session(server)
+    alice = held_session(server.bosh_url)
     rid = alice.rid + 1
-    close(post_held(server, bob, alice, rid), how)
+    close(post_held(server.port, bob, alice, rid), how)
     gone = f"BOSH request {rid} of {alice.jid}: the client closed its connection before the answer"
     if noticed_first:  # the watch saw the close with nothing to send (no stanza needed)
         wait_for(lambda: gone in server.log(), timeout=10, what="the server noticed the closed connection")
@@ -116,12 +116,12 @@ def test_a_held_request_whose_client_left_keeps_its_stanzas_for_the_next_request
     bob.message(alice.jid, "while you were reloading")
     bob.sync()
     # The reloaded page: the session's next rid, on a new connection (XEP-0206 §5 / Strophe keepalive).
-    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
+    reply = post(server.bosh_url, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
     assert reply.get("type") is None, ET.tostring(reply)
     assert bodies(reply) == ["while you were reloading"]
     assert gone in server.log()
     # The session goes on: a ping round trip in the next request.
-    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid + 2}' sid='{alice.sid}'>"
+    reply = post(server.bosh_url, f"<body xmlns='{NS_BOSH}' rid='{rid + 2}' sid='{alice.sid}'>"
                          f"<iq xmlns='{NS_CLIENT}' type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
                          f"</body>")
     assert [iq.get("id") for iq in reply.iter(q(NS_CLIENT, "iq"))] == ["p1"], ET.tostring(reply)
@@ -131,17 +131,17 @@ def test_a_held_request_whose_client_left_keeps_its_stanzas_for_the_next_request
 def test_a_dropped_request_sent_again_is_held_again(server, bob):
     """XEP-0124 §14.3: a client may re-send a request it got no answer to, with the same rid;
     one the server dropped for a closed connection is held again, not refused as old."""
-    alice = held_session(server)
+    alice = held_session(server.bosh_url)
     rid = alice.rid + 1
-    close(post_held(server, bob, alice, rid), "fin")
+    close(post_held(server.port, bob, alice, rid), "fin")
     gone = f"BOSH request {rid} of {alice.jid}: the client closed its connection before the answer"
     wait_for(lambda: gone in server.log(), timeout=10, what="the server noticed the closed connection")
     bob.message(alice.jid, "for the retry")
     bob.sync()
-    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'/>")
+    reply = post(server.bosh_url, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'/>")
     assert reply.get("type") is None, ET.tostring(reply)
     assert bodies(reply) == ["for the retry"]
-    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
+    reply = post(server.bosh_url, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
     assert reply.get("type") is None, ET.tostring(reply)
     alice.stop()
 
@@ -149,14 +149,14 @@ def test_a_dropped_request_sent_again_is_held_again(server, bob):
 def test_a_request_whose_client_left_before_it_was_read_takes_no_stanzas(server, bob):
     """Stanzas already queued, and the next request arrives together with its client's FIN:
     its answer is due at once, and it is not written into the closed connection either."""
-    alice = held_session(server)
+    alice = held_session(server.bosh_url)
     rid = alice.rid + 1
     bob.message(alice.jid, "queued before")
     bob.sync()  # routed: in alice's queue, no request of hers at the server
-    close(raw_post(server, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'/>", corked=True), "fin")
+    close(raw_post(server.port, f"<body xmlns='{NS_BOSH}' rid='{rid}' sid='{alice.sid}'/>", corked=True), "fin")
     gone = f"BOSH request {rid} of {alice.jid}: the client closed its connection before the answer; 1 stanza(s)"
     wait_for(lambda: gone in server.log(), timeout=10, what="the server noticed the closed connection")
-    reply = post(server, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
+    reply = post(server.bosh_url, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
     assert bodies(reply) == ["queued before"]
     alice.stop()
 
@@ -164,9 +164,9 @@ def test_a_request_whose_client_left_before_it_was_read_takes_no_stanzas(server,
 def test_a_held_request_answered_normally_is_not_dropped(server, bob):
     """The watch must not mistake a live connection for a closed one: a message for a held
     request on an open connection is answered on it."""
-    alice = held_session(server)
+    alice = held_session(server.bosh_url)
     rid = alice.rid + 1
-    sock = post_held(server, bob, alice, rid)
+    sock = post_held(server.port, bob, alice, rid)
     try:
         bob.message(alice.jid, "live")
         reply = read_response(sock)
