@@ -187,7 +187,7 @@ class BoshSession:
         held.result.set(data)
 
     def _client_gone(self, held: _Held) -> None:
-        """The watch of a held request saw its client close the connection (runs in the hub)."""
+        """The watch of a held request saw its client close the connection (its own greenlet)."""
         if held in self.held:
             self.held.remove(held)
             self._drop(held)

@@ -18,9 +18,10 @@ pywsgi gives the application no socket; ``http_handler.ServerHandler`` puts it i
 the environ under ``ENVIRON_KEY``.
 
 Greenlet safety: a watch belongs to one held request; ``start``/``stop`` run in
-that request's greenlet, the callback in the hub (it must not block: the peek is
-a non-blocking syscall on the underlying socket object, never gevent's
-cooperative ``recv``, which would wait in the hub).
+that request's greenlet, the readiness callback in the hub (it must not block:
+the peek is a non-blocking syscall on the underlying socket object, never
+gevent's cooperative ``recv``, which would wait in the hub); ``on_close`` runs
+in a greenlet spawned from there.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class ConnectionWatch:
         return peer_closed(self.sock)
 
     def start(self, on_close: Callable[[], None]) -> None:
-        """Call ``on_close`` (in the hub, once) when the client closes the connection."""
+        """Call ``on_close`` (once, in a greenlet of its own) when the client closes the connection."""
         try:
             fd = self.sock.fileno()
         except OSError:
@@ -82,7 +83,7 @@ class ConnectionWatch:
         on_close = self._on_close
         self.stop()  # closed, or data (alive): either way nothing more to learn here
         if seen == b"" and on_close is not None:
-            on_close()
+            gevent.spawn(on_close)  # out of the hub: it logs, and a log handler may block
 
     def stop(self) -> None:
         watcher, self._watcher, self._on_close = self._watcher, None, None
