@@ -14,12 +14,10 @@ on every loop turn otherwise).  ``closed()`` is the same check done at once,
 right before a held request is answered with stanzas (a close and a stanza can
 arrive in the same loop turn, the stanza's flush first).
 
-What it cannot see: a client that leaves with its connection open.  Headless
-Chromium reloading a Converse page (tests/test_converse_continuity.py) does not
-close the old page's held request's connection; a stanza that arrives between
-the old page's unload and the new page's first request is still answered into
-it.  Only the client can close that gap (XEP-0124 §9 'ack', or §10 'pause'
-when it leaves); Strophe.js and Converse.js send neither.
+Headless Chromium closes a reloading page's connections when the new page
+commits, about when the new page sends its first request: whichever the server
+sees first, nothing is lost (the close: this watch; the new request: the old one
+is answered by the hold limit, §11, with what is pending, usually nothing).
 
 pywsgi gives the application no socket; ``http_handler.ServerHandler`` puts it in
 the environ under ``ENVIRON_KEY``.
