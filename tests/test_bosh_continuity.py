@@ -193,6 +193,15 @@ def world(tmp_path, backend):
         w.close()
 
 
+def logged_in(w: World, user: str, resource: str = "r"):
+    """``user`` logged in over BOSH with the roster fetched (the login's fetch, started at
+    bind, is over: nothing of it runs on after the test's backend is gone)."""
+    client = w.client().login(user, resource)
+    reply = client.post(f"<iq xmlns='{NS_CLIENT}' type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq>")
+    assert [iq.get("type") for iq in reply.iter(q(NS_CLIENT, "iq"))] == ["result"], ET.tostring(reply)
+    return client
+
+
 def terminated(body: ET.Element) -> str | None:
     assert body.get("type") == "terminate", ET.tostring(body)
     return body.get("condition")
@@ -200,9 +209,9 @@ def terminated(body: ET.Element) -> str | None:
 
 def test_pause_is_advertised_and_keeps_the_session_past_its_inactivity(world):
     w = world(bosh_max_inactivity=30, bosh_max_pause=120)
-    alice = w.client().login("alice")
+    alice = logged_in(w, "alice")
     assert alice.creation.get("maxpause") == "120"
-    bob = w.client().login("bob", "b")
+    bob = logged_in(w, "bob", "b")
     parked = alice.spawn()
     assert not parked.ready()
     reply = alice.post(pause="100")  # answered at once, and so is the held request: both empty
@@ -222,7 +231,7 @@ def test_pause_is_advertised_and_keeps_the_session_past_its_inactivity(world):
 
 def test_a_pause_that_runs_out_ends_the_session(world):
     w = world(bosh_max_inactivity=30, bosh_max_pause=120)
-    alice = w.client().login("alice")
+    alice = logged_in(w, "alice")
     assert alice.post(pause="50").get("type") is None
     w.clock.advance(49)
     assert w.session(alice) is not None
@@ -234,14 +243,14 @@ def test_a_pause_that_runs_out_ends_the_session(world):
 @pytest.mark.parametrize("pause", ["121", "0"])
 def test_a_pause_outside_maxpause_is_a_policy_violation(world, pause):
     w = world(bosh_max_pause=120)
-    alice = w.client().login("alice")
+    alice = logged_in(w, "alice")
     assert terminated(alice.post(pause=pause)) == "policy-violation"
     assert w.session(alice) is None
 
 
 def test_no_maxpause_and_no_pause_when_it_is_off(world):
     w = world(bosh_max_pause=0)
-    alice = w.client().login("alice")
+    alice = logged_in(w, "alice")
     assert alice.creation.get("maxpause") is None
     assert terminated(alice.post(pause="10")) == "policy-violation"
 
@@ -249,6 +258,6 @@ def test_no_maxpause_and_no_pause_when_it_is_off(world):
 @pytest.mark.parametrize("pause", ["abc", "-5", "1.5", "99999999999999999"])
 def test_a_pause_that_is_not_a_number_is_a_bad_request(world, pause):
     w = world(bosh_max_pause=120)
-    alice = w.client().login("alice")
+    alice = logged_in(w, "alice")
     assert terminated(alice.post(pause=pause)) == "bad-request"
     assert w.session(alice) is None
