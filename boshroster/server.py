@@ -23,6 +23,7 @@ from boshroster.wiring import Core
 from boshroster.web.app import WebApp
 from boshroster.transports.http_handler import ServerHandler
 from boshroster.transports.http_limits import HttpLimits, connection_cap, raise_fd_limit
+from boshroster.transports.ws_connection import WsSettings
 
 log = logging.getLogger("boshroster.server")
 
@@ -108,19 +109,21 @@ class Server:
         self.app = WebApp(self.core)
         pool = self._pool = Pool(_connection_cap(config))  # every connection's handler greenlet
         self.listeners = []
+        handler = _Handler.with_settings(WsSettings(
+            max_message=config.stanza_size_limit + 1024,
+            ping_interval=config.websocket_ping_interval,
+            queue_size=config.websocket_max_queue,
+            # WebSocket limits (issue 10: points 9, 11)
+            max_queue_bytes=config.websocket_max_queue_bytes,
+            max_frames=config.websocket_max_message_frames,
+            max_wire=config.websocket_max_message_wire_bytes,
+        ))
         for interface in config.http_interfaces:
             for port in config.http_ports:
                 listener = _Listener(
-                    (interface, port), self.app, handler_class=_Handler, spawn=pool,
+                    (interface, port), self.app, handler_class=handler, spawn=pool,
                     log=None, error_log=logging.getLogger("boshroster.http"), backlog=LISTEN_BACKLOG,
                 )
-                listener.ws_max_message = config.stanza_size_limit + 1024
-                listener.ws_ping_interval = config.websocket_ping_interval
-                listener.ws_queue_size = config.websocket_max_queue
-                # WebSocket limits (issue 10: points 9, 11)
-                listener.ws_max_queue_bytes = config.websocket_max_queue_bytes
-                listener.ws_max_frames = config.websocket_max_message_frames
-                listener.ws_max_wire = config.websocket_max_message_wire_bytes
                 self.listeners.append(listener)
         # transports/http_limits.py: timeouts, header caps, per-address cap; when the pool is full, idle
         # connections make room for new ones (listener.full is gevent's accept-time check).

@@ -24,13 +24,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 import xml.etree.ElementTree as ET
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.queue
 import requests
 import scramp
@@ -93,7 +93,7 @@ class ForkServer:
     One request at a time (``_lock``): greenlets of the test process may start servers."""
 
     def __init__(self):
-        self._lock = threading.Lock()  # monkey-patched by conftest: a gevent lock
+        self._lock = gevent.lock.Semaphore()
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
 
@@ -176,7 +176,7 @@ FORK = os.environ.get("BOSHROSTER_TEST_NO_FORK", "") in ("", "0")
 ACCOUNTS_FILE = "accounts.sqlite3"  # AccountStore's file in data_dir (boshroster/wiring.py)
 _account_templates: dict[tuple, str] = {}
 _template_root: str | None = None
-_templates_lock = threading.Lock()  # monkey-patched (conftest): a gevent lock
+_templates_lock = gevent.lock.Semaphore()
 
 
 def _remove_templates() -> None:

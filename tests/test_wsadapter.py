@@ -20,7 +20,7 @@ from gevent.pywsgi import WSGIServer
 from boshroster.config import Config
 from boshroster.transports.http_handler import ServerHandler
 from boshroster.transports.websocket import WebSocketStream
-from boshroster.transports.ws_connection import MessageTooLarge, WsConnection
+from boshroster.transports.ws_connection import MessageTooLarge, WsConnection, WsSettings
 from boshroster.xmpp.stream import Peer
 from boshroster.xmpp.xmlio import E
 
@@ -155,10 +155,9 @@ class SessionApp:
 class Running:
     def __init__(self, app=None, **attrs):
         self.app = app or EchoApp()
-        self.server = WSGIServer(("127.0.0.1", 0), self.app, handler_class=ServerHandler,
+        settings = WsSettings(**{k.removeprefix("ws_"): v for k, v in attrs.items()})
+        self.server = WSGIServer(("127.0.0.1", 0), self.app, handler_class=ServerHandler.with_settings(settings),
                                  log=None)
-        for k, v in attrs.items():
-            setattr(self.server, k, v)
         self.server.start()
         self.port = self.server.server_port
         self.url = "ws://127.0.0.1:%d/xmpp-websocket" % self.port

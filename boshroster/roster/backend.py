@@ -2,8 +2,8 @@
 
 ``RosterBackend.fetch(username)`` does one ``GET`` of ``http_roster_url`` with
 ``%s`` replaced by the URL-encoded username, and returns a ``Roster`` or raises
-``RosterFetchError``.  Unlike Prosody's module it always answers, bounded in
-time (design notes C.7, B.8 defects 2 and 5):
+``RosterFetchError``.  Unlike Prosody's module (which can wait on a backend
+forever and treats any 2xx as a roster) it always answers, bounded in time:
 
 * connect and read timeouts on the socket, plus an overall deadline
   (``gevent.Timeout``) so a backend that trickles bytes forever cannot hold us;

@@ -8,17 +8,10 @@ gets ``501``; on success the app is called once with ``environ['boshroster.webso
 What the app returns and any ``start_response`` call it makes are ignored: nothing more is
 written as HTTP on that socket.
 
-Settings are read from attributes of the ``WSGIServer`` instance (set them before ``start()``):
+WebSocket settings are a :class:`~boshroster.transports.ws_connection.WsSettings`, bound to the
+handler class with :meth:`ServerHandler.with_settings` (the defaults otherwise). One attribute of
+the ``WSGIServer`` instance is read:
 
-``ws_max_message``   largest accepted text message in bytes (default 262144 + 1024)
-``ws_ping_interval`` seconds between ping frames, 0 disables (default 30)
-``ws_queue_size``    outgoing messages queued, while the socket is backed up, before a slow reader
-                     is cut off (default 1000)
-``ws_max_queue_bytes`` outgoing bytes queued before a slow reader is cut off (default 2 MiB)
-``ws_max_frames``    frames per incoming message, control frames inside it included (default 128)
-``ws_max_wire``      wire bytes per incoming message, headers included; 0 = 2 x ws_max_message
-``ws_close_grace``   seconds to wait for the peer's close frame (default 2.0)
-``ws_flush_timeout`` seconds allowed to flush the queue after ``close()`` (default 10.0)
 ``boshroster_limits`` a :class:`~boshroster.transports.http_limits.HttpLimits`: timeouts,
                      header caps, per-address cap (default None: none of them)
 
@@ -29,6 +22,7 @@ line, never a traceback.
 """
 
 import binascii
+import dataclasses
 import email.parser
 import logging
 import socket
@@ -42,18 +36,12 @@ from boshroster.transports import http_limits as _limits
 from boshroster.transports.bosh_watch import ENVIRON_KEY as BOSH_SOCKET
 from boshroster.transports.http_limits import APP, BODY, HEADERS, WAIT, BoundedInput, body_done
 from boshroster.transports.ws_connection import (
-    DEFAULT_CLOSE_GRACE,
-    DEFAULT_FLUSH_TIMEOUT,
-    DEFAULT_MAX_FRAMES,
-    DEFAULT_MAX_MESSAGE,
-    DEFAULT_MAX_QUEUE_BYTES,
-    DEFAULT_PING_INTERVAL,
-    DEFAULT_QUEUE_SIZE,
     ENVIRON_KEY,
     SUBPROTOCOL,
     MessageTooLarge,
     Pinger,
     WsConnection,
+    WsSettings,
 )
 
 __all__ = ["ServerHandler"]
@@ -91,6 +79,12 @@ class ServerHandler(WebSocketHandler):
 
     # 0.10.1 names these in its 426 for a handshake without a version header
     SUPPORTED_VERSIONS = (_VERSION,)
+    ws_settings = WsSettings()
+
+    @classmethod
+    def with_settings(cls, settings: WsSettings) -> type["ServerHandler"]:
+        """This handler class bound to a listener's WebSocket settings."""
+        return type(cls.__name__, (cls,), {"ws_settings": settings, "__doc__": cls.__doc__})
 
     # Per connection, for transports/http_limits.py (class defaults keep the constructor as it is).
     _limits = None      # the server's HttpLimits, None when it has none
@@ -102,8 +96,8 @@ class ServerHandler(WebSocketHandler):
     _requests = 0       # request lines read on this connection
 
     def handle(self):
-        # Design notes F: pywsgi writes headers and body in two sends; without TCP_NODELAY the
-        # body waits for the client's delayed ACK (~40 ms per kept-alive response).
+        # pywsgi writes headers and body in two sends; without TCP_NODELAY the body waits for
+        # the client's delayed ACK (RFC 1122 §4.2.3.2, Nagle; ~40 ms per kept-alive response).
         sock = self.socket
         if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -279,14 +273,7 @@ class ServerHandler(WebSocketHandler):
         server = self.server
         conn = WsConnection(
             self.socket, self.rfile, self.environ.get("REMOTE_ADDR", ""),
-            max_message=getattr(server, "ws_max_message", DEFAULT_MAX_MESSAGE),
-            ping_interval=getattr(server, "ws_ping_interval", DEFAULT_PING_INTERVAL),
-            queue_size=getattr(server, "ws_queue_size", DEFAULT_QUEUE_SIZE),
-            close_grace=getattr(server, "ws_close_grace", DEFAULT_CLOSE_GRACE),
-            flush_timeout=getattr(server, "ws_flush_timeout", DEFAULT_FLUSH_TIMEOUT),
-            max_queue_bytes=getattr(server, "ws_max_queue_bytes", DEFAULT_MAX_QUEUE_BYTES),
-            max_frames=getattr(server, "ws_max_frames", DEFAULT_MAX_FRAMES),
-            max_wire=getattr(server, "ws_max_wire", 0),
+            **dataclasses.asdict(self.ws_settings),
         )
         self.environ[ENVIRON_KEY] = conn
         pinger = None

@@ -63,11 +63,11 @@ import socket
 import time
 
 import gevent
-from gevent.pywsgi import MAX_REQUEST_LINE, Input  # noqa: F401 (re-exported: pywsgi answers 414 past MAX_REQUEST_LINE)
+from gevent.pywsgi import MAX_REQUEST_LINE, Input  # pywsgi answers 414 past MAX_REQUEST_LINE: logged by http_handler
 
 
 __all__ = ["ClientGone", "HttpLimits", "body_done", "connection_cap", "raise_fd_limit",
-           "WAIT", "HEADERS", "BODY", "APP"]
+           "WAIT", "HEADERS", "BODY", "APP", "MAX_REQUEST_LINE"]
 
 log = logging.getLogger("boshroster.http")
 

@@ -26,6 +26,7 @@ header encoding/decoding (``Header``). What we replace, and why (all seen in 0.1
   decode with ``bytes.decode('utf-8')`` (strict) per complete message.
 """
 
+import dataclasses
 import logging
 import struct
 from time import monotonic as _monotonic
@@ -50,6 +51,21 @@ DEFAULT_QUEUE_SIZE = 1000
 DEFAULT_MAX_FRAMES = 128  # frames per message, control frames inside it included
 DEFAULT_CLOSE_GRACE = 2.0
 DEFAULT_FLUSH_TIMEOUT = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WsSettings:
+    """The WebSocket limits of a listener (server.py fills them from Config), handed to the
+    handler class explicitly (``ServerHandler.with_settings``)."""
+
+    max_message: int = DEFAULT_MAX_MESSAGE  # largest accepted text message, bytes
+    ping_interval: float = DEFAULT_PING_INTERVAL  # seconds between ping frames, 0 disables
+    queue_size: int = DEFAULT_QUEUE_SIZE  # outgoing messages queued before a slow reader is cut off
+    close_grace: float = DEFAULT_CLOSE_GRACE  # seconds to wait for the peer's close frame
+    flush_timeout: float = DEFAULT_FLUSH_TIMEOUT  # seconds to flush the queue after close()
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES  # outgoing bytes queued before cut off
+    max_frames: int = DEFAULT_MAX_FRAMES  # frames per incoming message, control frames included
+    max_wire: int = 0  # wire bytes per incoming message, headers included; 0 = 2 x max_message
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 

@@ -22,6 +22,20 @@ _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def request_denied(environ: dict, config, action: str = "refresh") -> tuple[int, str] | None:
+    """``check_access`` for a WSGI request, with the operator's refresh/API settings
+    (trusted_proxies, refresh_allowed_networks, refresh_secret)."""
+    return check_access(
+        peer_ip=environ.get("REMOTE_ADDR", ""),
+        forwarded_for=environ.get("HTTP_X_FORWARDED_FOR"),
+        trusted_proxies=config.trusted_proxies,
+        allowed_networks=config.refresh_allowed_networks,
+        secret=config.refresh_secret or None,
+        authorization=environ.get("HTTP_AUTHORIZATION"),
+        action=action,
+    )
+
+
 def check_access(*, peer_ip: str, forwarded_for: str | None,
                  trusted_proxies: list[str], allowed_networks: list[str],
                  secret: str | None, authorization: str | None, action: str = "refresh"

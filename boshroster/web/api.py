@@ -40,7 +40,8 @@ from datetime import datetime, timezone
 
 import bottle
 
-from boshroster.web.access import check_access
+from boshroster.roster.model import json_type_name as _kind
+from boshroster.web.access import request_denied
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StanzaError
 from boshroster.xmpp.jid import JID, JIDError, prep_localpart
@@ -127,15 +128,7 @@ class AppApi:
         return json.dumps(payload, ensure_ascii=False)
 
     def _check_access(self, req) -> None:
-        denied = check_access(
-            peer_ip=req.environ.get("REMOTE_ADDR", ""),
-            forwarded_for=req.environ.get("HTTP_X_FORWARDED_FOR"),
-            trusted_proxies=self.config.trusted_proxies,
-            allowed_networks=self.config.refresh_allowed_networks,
-            secret=self.config.refresh_secret or None,
-            authorization=req.environ.get("HTTP_AUTHORIZATION"),
-            action="API",
-        )
+        denied = request_denied(req.environ, self.config, action="API")
         if denied is not None:
             raise ApiError(denied[0], denied[1], outcome="refused")
 
@@ -378,15 +371,3 @@ def _no_duplicates(pairs):
 
 def _no_constant(name):
     raise ApiError(400, f"malformed JSON: {name} is not JSON")
-
-
-def _kind(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array"

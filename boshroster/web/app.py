@@ -27,7 +27,7 @@ from boshroster.transports.bosh import terminate_body
 from boshroster.transports.bosh_manager import BoshManager
 from boshroster.transports.bosh_watch import ENVIRON_KEY as BOSH_SOCKET
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
-from boshroster.web.access import check_access, client_address, from_trusted_proxy
+from boshroster.web.access import client_address, request_denied, from_trusted_proxy
 from boshroster.transports.http_limits import ClientGone
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
@@ -257,14 +257,7 @@ class WebApp:
 
     def _refresh_denied(self):
         req = bottle.request
-        denied = check_access(
-            peer_ip=req.environ.get("REMOTE_ADDR", ""),
-            forwarded_for=req.environ.get("HTTP_X_FORWARDED_FOR"),
-            trusted_proxies=self.config.trusted_proxies,
-            allowed_networks=self.config.refresh_allowed_networks,
-            secret=self.config.refresh_secret or None,
-            authorization=req.environ.get("HTTP_AUTHORIZATION"),
-        )
+        denied = request_denied(req.environ, self.config)
         if denied is None:
             return None
         status, message = denied
