@@ -177,6 +177,26 @@ def test_a_held_request_answered_normally_is_not_dropped(server, bob):
     alice.stop()
 
 
+def test_a_pipelined_request_is_not_taken_for_a_close(server, bob):
+    """Data waiting behind a held request (HTTP/1.1 pipelining: the next request on the same
+    connection) says the client is there: the held request is answered on it, then the next."""
+    alice = held_session(server.bosh_url)
+    rid = alice.rid + 1
+    sock = post_held(server.port, bob, alice, rid)
+    try:
+        data = f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>".encode()
+        sock.sendall(b"POST /http-bind HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml; charset=utf-8\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        bob.message(alice.jid, "first")
+        assert bodies(read_response(sock)) == ["first"]
+        bob.message(alice.jid, "second")
+        assert bodies(read_response(sock)) == ["second"]
+    finally:
+        sock.close()
+    assert f"BOSH request {rid} of" not in server.log()
+    alice.stop()
+
+
 # -- XEP-0124 §10 pause, in-process on a fake clock (tests/bosh_inprocess.py) -----------------
 
 @pytest.fixture
