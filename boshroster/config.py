@@ -157,6 +157,8 @@ class Config:
     bosh_max_stanzas_per_body: int = 10000  # a body with more is refused (policy-violation)
     bosh_max_unauthenticated_per_address: int = 100  # BOSH sessions not yet logged in, per client address; 0 = no cap
     bosh_unauthenticated_limit_loopback: bool = False  # apply that cap to loopback clients too
+    # --- BOSH pause (issue 11, XEP-0124 §10)
+    bosh_max_pause: int = 120  # 'maxpause' advertised: longest inactivity a client may ask for with 'pause'; 0 = off
 
     @property
     def bosh_requests(self) -> int:
@@ -250,6 +252,8 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
     if config.http_max_connections_per_address < 0:
         raise ConfigError("http_max_connections_per_address: must be >= 0 (0 = no cap)")
     _check_external_url(config.http_external_url)
+    if config.bosh_max_pause < 0:
+        raise ConfigError("bosh_max_pause: must be >= 0 (0 = no pause)")
     for name in ("http_connection_limit_exempt", "trusted_proxies"):  # both exempt from the per-address cap
         for spec in getattr(config, name):
             try:

@@ -28,7 +28,7 @@ from wsgiref.validate import validator
 import gevent
 
 from boshroster.config import load
-from boshroster.transports.bosh import BoshManager
+from boshroster.transports.bosh_manager import BoshManager
 from boshroster.web.app import WebApp
 from boshroster.wiring import Core
 

@@ -353,6 +353,33 @@ def test_forwarded_headers_through_nginx(proxied):
 
 
 @pytest.mark.run_last
+def test_a_bosh_page_reload_through_nginx_loses_no_stanza(proxied):
+    """The browser closes the connection of its held request (a page reload): nginx closes its
+    upstream connection (proxy_ignore_client_abort off, its default), the server drops the held
+    request, and a message that arrives then comes with the session's next request instead of
+    going into the closed connection (transports/bosh_watch.py; tests/test_bosh_continuity.py)."""
+    from harness import wait_for
+    from test_bosh_continuity import bodies, held_session, post, post_held
+
+    server, nginx, _ = proxied
+    bob = WsClient(server.ws_url)
+    bob.login("bob", resource="reload")
+    bob.presence()
+    alice = held_session(nginx.bosh_url)
+    try:
+        rid = alice.rid + 1
+        post_held(nginx.port, bob, alice, rid).close()
+        gone = f"BOSH request {rid} of {alice.jid}: the client closed its connection before the answer"
+        wait_for(lambda: gone in server.log(), timeout=15, what="the server noticed the closed connection")
+        bob.message(alice.jid, "while the page reloads")
+        bob.sync()
+        reply = post(nginx.bosh_url, f"<body xmlns='{NS_BOSH}' rid='{rid + 1}' sid='{alice.sid}'/>")
+        assert bodies(reply) == ["while the page reloads"], ET.tostring(reply)
+    finally:
+        alice.stop()
+        bob.close()
+
+
 def test_held_bosh_request_outlasts_nginx_default_timeout(proxied):
     """Last in the run: the request the fixture parked at its start comes back
     as an ordinary empty body after ~wait - 1 s (61 s), past the 60 s at which an

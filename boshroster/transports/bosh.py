@@ -9,6 +9,10 @@ type='terminate' condition='…'/>``: Strophe drops the session on any 4xx
 (§17.2).  A terminal body carries no stanzas: what the session still owed
 goes back to routing.  Every wait (``wait``, early rids, inactivity,
 lingering terminal bodies) is a timer of an injectable clock (clock.py).
+A request whose client closed its connection is never answered with stanzas
+(bosh_watch.py): they wait for the session's next request (a reloaded page).
+``pause`` (§10, up to ``bosh_max_pause``) answers every request at once,
+empty, and makes the inactivity timeout the pause until the next request.
 
 Greenlet safety: each HTTP request runs in its own greenlet.  A BoshSession's
 fields are mutated by those greenlets, the clock's timer greenlets, the
@@ -25,23 +29,21 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 from collections import OrderedDict, deque
 from typing import Callable
 
 import gevent
 from gevent.event import AsyncResult, Event
 
-from boshroster.transports.clock import GeventClock
+from boshroster.transports.bosh_watch import ConnectionWatch, peer_closed
 from boshroster.transports.bosh_outbox import BODY_OPEN as _BODY_OPEN, DECLARED as _DECLARED, EMPTY_BODY, Outbox
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StreamError
-from boshroster.xmpp.stream import ClientSession, Peer, StreamContext
+from boshroster.xmpp.stream import ClientSession, Peer
 from boshroster.xmpp.xmlio import Element, NS_BOSH, NS_CLIENT, NS_XBOSH
 
 log = logging.getLogger("boshroster.bosh")
 
-_BODY = f"{{{NS_BOSH}}}body"
 _RESTART = f"{{{NS_XBOSH}}}restart"
 # BOSH conditions that stream errors map to directly (XEP-0124 §17.2); others are remote-stream-error.
 _DIRECT_CONDITIONS = {"system-shutdown", "policy-violation", "host-unknown", "improper-addressing", "bad-request"}
@@ -83,12 +85,13 @@ def _int_attrs(body: Element) -> dict[str, int | None]:
 
 
 class _Held:
-    __slots__ = ("rid", "result", "timer")
+    __slots__ = ("rid", "result", "timer", "watch")
 
-    def __init__(self, rid: int):
+    def __init__(self, rid: int, sock=None):
         self.rid = rid
         self.result = AsyncResult()
         self.timer = None
+        self.watch = ConnectionWatch(sock) if sock is not None else None  # bosh_watch.py
 
 
 class BoshSession:
@@ -100,7 +103,7 @@ class BoshSession:
     kind = "bosh"
     tracks_delivery = True  # ClientSession.send passes ``delivered`` through (see module docstring)
 
-    def __init__(self, manager: "BoshManager", sid: str, rid: int, wait: int, hold: int, peer: Peer,
+    def __init__(self, manager, sid: str, rid: int, wait: int, hold: int, peer: Peer,
                  acks: bool = False):
         self.manager = manager
         self.clock = manager.clock
@@ -120,6 +123,10 @@ class BoshSession:
         self.terminal: bytes | None = None  # set once the stream is over
         self._turn_waiters: list[Event] = []
         self._arrived: set[int] = set()  # rids of the requests being handled
+        # rids of held requests whose client closed the connection (bosh_watch.py): a client
+        # that re-sends one (§14.3) is held again, not refused as an old rid
+        self._abandoned: deque[int] = deque(maxlen=self.requests)
+        self._paused: int | None = None  # seconds of the pause asked for (§10), until the next request
         self._inactivity_timer = None
         self._flush_scheduled = False
         self.session = ClientSession(manager.ctx, self, peer)
@@ -168,6 +175,8 @@ class BoshSession:
 
     def _answer(self, held: _Held) -> None:
         """Answer a held request with what is pending (or the terminal body)."""
+        if held.watch is not None and self.terminal is None and self.outbox.ready and held.watch.closed():
+            return self._drop(held)  # its client is gone: the stanzas wait for the next request
         self.clock.cancel(held.timer)
         held.timer = None
         if self.terminal is not None:
@@ -176,6 +185,28 @@ class BoshSession:
         else:
             data = self._respond(held.rid)
         held.result.set(data)
+
+    def _client_gone(self, held: _Held) -> None:
+        """The watch of a held request saw its client close the connection (its own greenlet)."""
+        if held in self.held:
+            self.held.remove(held)
+            self._drop(held)
+
+    def _drop(self, held: _Held) -> None:
+        self.clock.cancel(held.timer)
+        held.timer = None
+        held.result.set(self._abandon(held.rid))
+
+    def _abandon(self, rid: int) -> bytes:
+        """A request whose client closed its connection is not answered with stanzas: they
+        stay queued for the session's next request (XEP-0124 §9, XEP-0206 session
+        continuity: a reloaded page goes on with the session's next rid).  Returns the
+        empty body written into the closed connection, if at all."""
+        self._abandoned.append(rid)
+        log.info("BOSH request %d of %s: the client closed its connection before the answer; %d stanza(s) "
+                 "stay queued for the next request", rid, self.session.jid_str or "(unbound)",
+                 len(self.outbox.pending))
+        return EMPTY_BODY
 
     def _remember(self, rid: int, data: bytes) -> None:
         self.responses[rid] = data
@@ -215,18 +246,20 @@ class BoshSession:
         self.in_flight -= 1
         if self.in_flight <= 0 and self.terminal is None:
             self._cancel_inactivity()
-            self._inactivity_timer = self.clock.call_later(self.inactivity, self._inactive)
+            self._inactivity_timer = self.clock.call_later(self._paused or self.inactivity, self._inactive)
 
     def _inactive(self) -> None:
         self._inactivity_timer = None
         if self.in_flight > 0 or self.terminal is not None:
             return
-        log.info("BOSH session of %s timed out after %ss of inactivity", self.session.jid_str or "(unbound)", self.inactivity)
+        log.info("BOSH session of %s timed out after %ss of inactivity%s", self.session.jid_str or "(unbound)",
+                 self._paused or self.inactivity, " (paused)" if self._paused else "")
         self._end(None, "BOSH inactivity timeout", linger=False)  # XEP-0124 §10: later requests get item-not-found
 
     # -- one HTTP request --------------------------------------------------------
 
-    def handle(self, body: Element, rid: int, ack: int | None = None) -> bytes:
+    def handle(self, body: Element, rid: int, ack: int | None = None, sock=None, pause: int | None = None) -> bytes:
+        """Answer one request; ``sock``, its connection, is watched while the request is held."""
         cached = self.responses.get(rid)
         if cached is not None:
             return cached  # XEP-0124 §14.3: a repeated rid gets the same answer
@@ -238,12 +271,18 @@ class BoshSession:
                     self.held.remove(held)
                     self.clock.cancel(held.timer)
                     held.result.set(EMPTY_BODY)
-                    return self._hold(rid)
+                    return self._hold_again(rid, sock)
+            if rid in self._abandoned:  # its client closed the connection; now it re-sends it
+                self._abandoned.remove(rid)
+                return self._hold_again(rid, sock)
             return self._terminate_request("item-not-found", f"rid {rid} is no longer available")
         if rid > self.last_rid + self.requests:
             return self._terminate_request("item-not-found", f"rid {rid} is outside the window")
         is_terminate = body.get("type") == "terminate"
-        if self.in_flight + 1 > self.requests + (1 if is_terminate else 0):
+        if pause is not None and not 0 < pause <= self.manager.config.bosh_max_pause:
+            return self._terminate_request("policy-violation", f"pause={pause} (maxpause "
+                                           f"{self.manager.config.bosh_max_pause})")
+        if self.in_flight + 1 > self.requests + (1 if is_terminate or pause is not None else 0):
             return self._terminate_request("policy-violation", "too many simultaneous requests")
         limit = self.manager.config.bosh_max_stanzas_per_body
         if len(body) > limit:
@@ -255,12 +294,13 @@ class BoshSession:
         self.in_flight += 1
         self._arrived.add(rid)
         self._cancel_inactivity()
+        self._paused = None  # §10: "normal behavior resumes" with the next request
         try:
             if not self._wait_turn(rid):
                 return self._terminate_request("item-not-found", f"rid {rid - 1} never arrived")
             if self.terminal is not None:
                 return self.terminal
-            return self._process(body, rid, is_terminate)
+            return self._process(body, rid, is_terminate, sock, pause)
         finally:
             self._arrived.discard(rid)
             self._request_done()
@@ -299,7 +339,7 @@ class BoshSession:
         for event in waiters:
             event.set()
 
-    def _process(self, body: Element, rid: int, is_terminate: bool) -> bytes:
+    def _process(self, body: Element, rid: int, is_terminate: bool, sock=None, pause: int | None = None) -> bytes:
         try:
             if body.get(_RESTART) == "true":
                 features = self.session.restart()  # XEP-0206 §5: payloads of a restart are ignored
@@ -329,12 +369,41 @@ class BoshSession:
             data = terminate_body(None, "")
             self._remember(rid, data)
             return data
+        if pause is not None:
+            return self._pause(rid, pause)
         if not self.held and (self.outbox.ready or self.hold == 0 or self.wait == 0):
+            if sock is not None and self.outbox.ready and peer_closed(sock):
+                return self._abandon(rid)  # gone before its answer (it arrived with its FIN)
             return self._respond(rid)
-        return self._hold(rid)  # an older held request is answered first (rid order, §14.2)
+        return self._hold(rid, sock)  # an older held request is answered first (rid order, §14.2)
 
-    def _hold(self, rid: int) -> bytes:
-        held = _Held(rid)
+    def _pause(self, rid: int, pause: int) -> bytes:
+        """XEP-0124 §10: the client (a page being left) asks for up to ``pause`` seconds
+        without requests.  Every held request and this one are answered at once, all empty:
+        what is queued waits for the next request (the leaving page reads no response), and
+        the inactivity timeout is ``pause`` until then."""
+        self._paused = pause
+        while self.held:
+            held = self.held.popleft()
+            self.clock.cancel(held.timer)
+            held.timer = None
+            self._remember(held.rid, EMPTY_BODY)
+            held.result.set(EMPTY_BODY)
+        log.info("BOSH session of %s paused for up to %ss", self.session.jid_str or "(unbound)", pause)
+        self._remember(rid, EMPTY_BODY)
+        return EMPTY_BODY
+
+    def _hold_again(self, rid: int, sock) -> bytes:
+        """A re-sent request (§14.3) held again: its payload was processed the first time."""
+        self.in_flight += 1
+        self._cancel_inactivity()
+        try:
+            return self._hold(rid, sock)
+        finally:
+            self._request_done()
+
+    def _hold(self, rid: int, sock=None) -> bytes:
+        held = _Held(rid, sock)
         self.held.append(held)
         while len(self.held) > self.hold:
             self._answer(self.held.popleft())  # XEP-0124 §11: never hold more than 'hold'
@@ -348,7 +417,13 @@ class BoshSession:
         if held in self.held:
             # Answer a little before 'wait' so no client or proxy gives up first.
             held.timer = self.clock.call_later(max(0.2, self.wait - min(1.0, self.wait * 0.1)), self._expire, held)
-        return held.result.get()
+            if held.watch is not None:
+                held.watch.start(lambda: self._client_gone(held))
+        try:
+            return held.result.get()
+        finally:
+            if held.watch is not None:
+                held.watch.stop()
 
     def _expire(self, held: _Held) -> None:
         held.timer = None
@@ -360,134 +435,3 @@ class BoshSession:
         log.info("BOSH %s for session of %s: %s", condition, self.session.jid_str or "(unbound)", why)
         self._end(condition, f"BOSH {condition}: {why}")
         return terminate_body(condition)
-
-
-class BoshManager:
-    """All BOSH sessions by sid, and the creation of new ones.
-
-    ``_unauthenticated`` maps a client address to its sessions that had not
-    authenticated when last looked at (pruned at each creation from that
-    address, emptied as sessions end): the per-address cap (issue 10 points 8, 16)."""
-
-    def __init__(self, ctx: StreamContext, clock=None):
-        self.ctx = ctx
-        self.config = ctx.config
-        self.clock = clock or GeventClock()
-        self.sessions: dict[str, BoshSession] = {}
-        self._lingering: dict[str, bytes] = {}
-        self._unauthenticated: dict[str, set[BoshSession]] = {}
-        self._refused_unauthenticated: dict[str, int] = {}
-        self.sid_prefix = ""  # a cluster node's "<node_id>." (cluster/bosh_forward.py finds the owner by it)
-
-    def forget(self, bosh: BoshSession, linger: bytes | None = None) -> None:
-        sid = bosh.sid
-        self.sessions.pop(sid, None)
-        group = self._unauthenticated.get(bosh.ip)
-        if group is not None:
-            group.discard(bosh)
-            if not group:
-                del self._unauthenticated[bosh.ip]
-        if linger is not None:
-            # Keep the terminal body for the next request of a client that was not polling.
-            self._lingering[sid] = linger
-            self.clock.call_later(self.config.bosh_max_wait + 5, self._lingering.pop, sid, None)
-
-    def handle(self, body: Element, peer_of: Callable[[], Peer]) -> bytes:
-        """Answer one BOSH request body (already parsed); never raises for client errors.
-
-        ``peer_of`` gives the client's address and security; it is called only
-        when the body creates a session (the only time the peer matters), so
-        the many polls of a session do not pay for parsing addresses."""
-        if body.tag != _BODY:
-            return terminate_body("bad-request")
-        sid = body.get("sid")
-        try:
-            values = _int_attrs(body)
-            if values["rid"] is None:
-                raise BadAttribute("no rid")
-        except BadAttribute as bad:
-            bosh = self.sessions.get(sid) if sid is not None else None
-            if bosh is not None:
-                return bosh._terminate_request("bad-request", str(bad))
-            log.info("BOSH bad-request: %s", bad)
-            return terminate_body("bad-request")
-        rid, ack = values["rid"], values["ack"]
-        if sid is None:
-            return self._create(body, rid, values["wait"], values["hold"], ack, peer_of())
-        bosh = self.sessions.get(sid)
-        if bosh is None:
-            lingering = self._lingering.pop(sid, None)
-            return lingering if lingering is not None else terminate_body("item-not-found")
-        return bosh.handle(body, rid, ack)
-
-    def _admit_unauthenticated(self, peer: Peer) -> tuple[bool, set | None]:
-        """(admitted, the address's group of unauthenticated sessions to join or None when not counted)."""
-        cfg = self.config
-        cap = cfg.bosh_max_unauthenticated_per_address
-        if cap <= 0 or (peer.is_loopback and not cfg.bosh_unauthenticated_limit_loopback):
-            return True, None
-        group = self._unauthenticated.get(peer.ip)
-        if group is None:
-            group = self._unauthenticated[peer.ip] = set()
-        else:
-            for bosh in [b for b in group if b.session.username is not None or b.terminal is not None]:
-                group.discard(bosh)
-        if len(group) < cap:
-            self._refused_unauthenticated.pop(peer.ip, None)
-            return True, group
-        refused = self._refused_unauthenticated.get(peer.ip, 0) + 1
-        self._refused_unauthenticated[peer.ip] = refused
-        if refused == 1 or refused % 1000 == 0:
-            log.warning("BOSH: %d unauthenticated sessions from %s: new session refused "
-                        "(bosh_max_unauthenticated_per_address=%d; %d refused so far)", len(group), peer.ip, cap, refused)
-        return False, None
-
-    def _create(self, body: Element, rid: int, wait: int | None, hold: int | None, ack: int | None,
-                peer: Peer) -> bytes:
-        cfg = self.config
-        to = body.get("to")
-        if not to:
-            return terminate_body("improper-addressing")
-        wait = min(cfg.bosh_max_wait, cfg.bosh_max_wait if wait is None else wait)
-        hold = min(cfg.bosh_hold, 1 if hold is None else hold)
-        admitted, group = self._admit_unauthenticated(peer)
-        if not admitted:
-            return terminate_body("policy-violation")
-        sid = self.sid_prefix + secrets.token_urlsafe(24)  # XEP-0124 §19.3: a bearer token, unguessable
-        bosh = BoshSession(self, sid, rid, wait, hold, peer, acks=ack is not None)
-        try:
-            features = bosh.session.open_stream(to)
-        except StreamError as err:
-            return terminate_body("host-unknown" if err.condition == "host-unknown" else "bad-request")
-        self.sessions[sid] = bosh
-        if group is not None:
-            group.add(bosh)
-        bosh.in_flight = 1
-        bosh._request_done()  # starts the inactivity timer
-        attrs = {"sid": sid, "wait": str(wait), "requests": str(bosh.requests), "hold": str(hold),
-                 "inactivity": str(bosh.inactivity), "polling": str(cfg.bosh_polling), "ver": "1.11",
-                 "from": cfg.domain, "authid": bosh.session.stream_id, "secure": "true" if peer.secure else "false",
-                 "xmpp:version": "1.0", "xmpp:restartlogic": "true"}
-        if body.get("content"):
-            attrs["content"] = body.get("content")
-        log.info("BOSH session created for %s (wait %s, hold %s%s)", peer.ip, wait, hold, ", acks" if bosh.acks else "")
-        opening = "".join(f' {name}="{xmlio.escape_attr(value)}"' for name, value in attrs.items())
-        inner = xmlio.tostring(features, NS_BOSH, _DECLARED)
-        data = f'{_BODY_OPEN} xmlns:xmpp="{NS_XBOSH}"{opening}>{inner}</body>'.encode("utf-8")
-        bosh._remember(rid, data)
-        return data
-
-    def shutdown(self, grace: float = 0.5) -> None:
-        """system-shutdown for every session.  First, for up to ``grace`` seconds, responses
-        carry nothing new while the clients' next requests acknowledge the responses
-        already sent: what is unacknowledged at the end goes back to offline storage
-        and would be a duplicate for a client that did read it; what was never sent
-        goes there too, exactly once."""
-        for bosh in self.sessions.values():
-            bosh.outbox.frozen = True
-        waited = 0.0
-        while waited < grace and any(bosh.outbox.unacked for bosh in self.sessions.values()):
-            gevent.sleep(0.02)
-            waited += 0.02
-        for bosh in list(self.sessions.values()):
-            bosh.session.fail("system-shutdown", "the server is shutting down")

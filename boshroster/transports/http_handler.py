@@ -33,6 +33,7 @@ from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _Invalid
 from geventwebsocket.handler import WebSocketHandler
 
 from boshroster.transports import http_limits as _limits
+from boshroster.transports.bosh_watch import ENVIRON_KEY as BOSH_SOCKET
 from boshroster.transports.http_limits import APP, BODY, HEADERS, WAIT, BoundedInput, body_done
 from boshroster.transports.ws_connection import (
     ENVIRON_KEY,
@@ -144,6 +145,7 @@ class ServerHandler(WebSocketHandler):
 
     def get_environ(self):
         environ = super().get_environ()
+        environ[BOSH_SOCKET] = self.socket  # pywsgi gives the app no socket: bosh_watch.py watches it
         inp = self.wsgi_input
         inp.__class__ = BoundedInput  # same slots: bounded discard of an unread body
         if self._limits is not None:

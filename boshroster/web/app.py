@@ -23,7 +23,9 @@ from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
 from boshroster import __version__
 
 from boshroster.xmpp import xmlio
-from boshroster.transports.bosh import BoshManager, terminate_body
+from boshroster.transports.bosh import terminate_body
+from boshroster.transports.bosh_manager import BoshManager
+from boshroster.transports.bosh_watch import ENVIRON_KEY as BOSH_SOCKET
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
 from boshroster.web.access import client_address, request_denied, from_trusted_proxy
 from boshroster.transports.http_limits import ClientGone
@@ -175,7 +177,8 @@ class WebApp:
                 reply = self._refused_body(environ, err)
             else:
                 relayed = self.bosh_forwarder.relay(body, data, environ) if self.bosh_forwarder is not None else None
-                reply = relayed if relayed is not None else self.bosh.handle(body, lambda: self.peer(environ, "bosh"))
+                reply = relayed if relayed is not None else self.bosh.handle(
+                    body, lambda: self.peer(environ, "bosh"), environ.get(BOSH_SOCKET))
         start_response("200 OK", cors + [("Content-Type", _XML_TYPE), ("Content-Length", str(len(reply)))])
         return [reply]
 

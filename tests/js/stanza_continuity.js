@@ -44,7 +44,13 @@ async function makeAdapter(args) {
             if (failed) failedCondition = failed[1];
             log(`${user} <<`, text.slice(0, 300));
         });
-        client.on('raw:outgoing', (data) => log(`${user} >>`, String(data).slice(0, 300)));
+        let ackSent = -1;  // the 'h' of the last <a/> StanzaJS wrote
+        client.on('raw:outgoing', (data) => {
+            const text = String(data);
+            const ack = /^<a\b[^>]*urn:xmpp:sm:3[^>]*>/.test(text) && /\bh=['"](\d+)['"]/.exec(text);
+            if (ack) ackSent = Number(ack[1]);
+            log(`${user} >>`, text.slice(0, 300));
+        });
         client.on('sm', (nonza) => {
             if (nonza.type === 'enabled') {
                 smId = nonza.id;
@@ -74,6 +80,24 @@ async function makeAdapter(args) {
             smId: () => (client.sm.id || smId || null),
             available() {
                 client.sendPresence();
+            },
+            /**
+             * Resolves once StanzaJS has answered the server's <r/> with an <a/> covering
+             * every stanza it has handled so far, and the server has read that <a/> (a
+             * roster round trip on the same ordered stream, written after it).  StanzaJS 12
+             * closes without a final <a/> (disconnect(): drain the queue, then <close/>;
+             * XEP-0198 §4 only RECOMMENDS the last ack), so a logout right after a message
+             * would leave it unacknowledged: this is what waiting for its ack means, on any
+             * load, instead of a guessed delay.
+             */
+            async acked(ms = 15000) {
+                const want = client.sm.handled;
+                const deadline = Date.now() + ms;
+                while (ackSent < want) {  // no wrap-around in a test's few dozen stanzas
+                    if (Date.now() > deadline) throw new Error(`${user}: no <a h='${want}'/> written within ${ms} ms (last ${ackSent})`);
+                    await new Promise((r) => setTimeout(r, 20));
+                }
+                await client.getRoster();
             },
             async roster() {
                 return (await client.getRoster()).items;

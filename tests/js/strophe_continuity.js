@@ -49,7 +49,12 @@ function makeAdapter(args) {
             if (failed) push({ kind: 'status', what: 'resume-failed', condition: failed[1] });
             if (/<enabled[^>]*urn:xmpp:sm:3/.test(data)) push({ kind: 'status', what: 'enabled' });
         };
-        conn.rawOutput = (data) => log(`${user} >>`, data.slice(0, 300));
+        let ackSent = -1;  // the 'h' of the last <a/> Strophe wrote
+        conn.rawOutput = (data) => {
+            const ack = /<a\b[^>]*urn:xmpp:sm:3[^>]*\bh=['"](\d+)['"]|<a\b[^>]*\bh=['"](\d+)['"][^>]*urn:xmpp:sm:3/.exec(data);
+            if (ack) ackSent = Number(ack[1] || ack[2]);
+            log(`${user} >>`, data.slice(0, 300));
+        };
 
         function install() {
             conn.addHandler((el) => {
@@ -75,6 +80,20 @@ function makeAdapter(args) {
             smId: () => (conn.sm && conn.sm.state.id) || null,
             available() {
                 conn.send($pres());
+            },
+            /**
+             * Resolves once Strophe has written an <a/> covering every stanza it has handled
+             * (its answer to the server's <r/>) and the server has read it (a roster round trip
+             * written after it, on the same ordered stream).  See stanza_continuity.js.
+             */
+            async acked(ms = 15000) {
+                const want = conn.sm.state.hIn;
+                const deadline = Date.now() + ms;
+                while (ackSent < want) {
+                    if (Date.now() > deadline) throw new Error(`${user}: no <a h='${want}'/> written within ${ms} ms (last ${ackSent})`);
+                    await new Promise((r) => setTimeout(r, 20));
+                }
+                await session.roster();
             },
             roster() {
                 return new Promise((resolve, reject) => {
