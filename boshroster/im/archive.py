@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 from xml.etree.ElementTree import Element
 
 POLICIES = ("always", "never", "roster")  # XEP-0441 §2.1.1 'default' values
@@ -39,6 +39,31 @@ class Copy(NamedTuple):
     peer: str  # bare JID of the other party (the owner's own for a note to self)
     resource: str | None  # the other party's resource, if the address had one
     outgoing: bool  # sent by the owner
+
+
+class Stored(Sequence[str]):
+    """What ``store`` returns: the ids of the copies, in order, each computed when first read
+    (the live path reads only the recipient's; the sender's id is only needed by queries),
+    and ``token``, what ``retract`` takes back."""
+
+    __slots__ = ("_make", "_entries", "_ids", "token")
+
+    def __init__(self, make: Callable[[Any], str], entries: Sequence, token: Any):
+        self._make = make
+        self._entries = entries
+        self._ids: list[str | None] = [None] * len(entries)
+        self.token = token
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        sid = self._ids[i]
+        if sid is None:
+            sid = self._ids[i] = self._make(self._entries[i])
+        return sid
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +147,16 @@ class MessageArchive(ABC):
     """What the protocol layer needs from a store.  Owners and peers are bare JID strings."""
 
     @abstractmethod
-    def store(self, stanza: Element, copies: Sequence[Copy]) -> list[str]:
+    def store(self, stanza: Element, copies: Sequence[Copy]) -> Stored:
         """Archive ``stanza`` in each copy's archive; return the ids, in order.  The store
         takes what it needs at once: the caller goes on to add the recipient's id to it.
         Must not block on I/O for long: the id is needed before the live copy is sent."""
+
+    @abstractmethod
+    def retract(self, token: Any) -> int:
+        """Take back a message ``store`` accepted (``Stored.token``) that was then bounced
+        (mam.py: ``message-bounced``): it leaves every archive and its ids name nothing,
+        ever.  Return how many archive entries went."""
 
     @abstractmethod
     def query(self, owner: str, q: ArchiveQuery) -> ArchivePage:
