@@ -61,7 +61,6 @@ ACCOUNT_FEATURES = (NS_MAM, NS_MAM_EXTENDED, NS_MAM_GROUPCHAT_FIELD, NS_SID)
 
 _IQ = f"{{{NS_CLIENT}}}iq"
 _MESSAGE = f"{{{NS_CLIENT}}}message"
-_BODY = f"{{{NS_CLIENT}}}body"
 _QUERY = f"{{{NS_MAM}}}query"
 _PREFS = f"{{{NS_MAM}}}prefs"
 _METADATA = f"{{{NS_MAM}}}metadata"
