@@ -14,28 +14,39 @@ subtraction, not a scan; per-(owner, peer) ordinals ``pn`` do the same for
 queries filtered by a bare ``with``.
 
 **Ids** (archive_sqlite_read.py): AES of (n, epoch, owner check), so no id index.
-``epoch`` counts the store's openings: an id handed out for a message that a
-crash lost before commit can never name another message later, even though
-its ``n`` is given again.
+``epoch`` counts the store's openings (and retractions): an id handed out for
+a message that a crash lost before commit, or that was retracted, can never
+name another message later, even though its ``n`` is given again.
 
-**Writes are batched.**  ``store`` assigns the id, ordinal and timestamp at
-once (the caller stamps the id on the live copy) and queues the row; a writer
-commits the queue in one transaction per loop turn or per ``flush_interval``
-seconds, in chunks of at most ``_CHUNK`` messages with a yield between chunks
-(sqlite3 calls do not yield to other greenlets, so each transaction is kept
-short).  The queue is bounded (``max_pending``): when full, the caller flushes
-synchronously (back-pressure, never a drop).  A crash loses at most what was
-queued: at most ``flush_interval`` seconds of messages and never more than
-``max_pending`` messages.  Committed data survives a process crash; with
-``synchronous=NORMAL`` in WAL mode an OS crash or power loss can also roll back
-the last transactions.  Queries flush first, so a query sees every message
-stored before it.
+**Writes are batched.**  ``store`` assigns the ordinals (n, pn), epoch and
+timestamp at once and builds the rows (the caller stamps the recipient's id,
+computed from them, on the live copy; the sender's id is computed only if
+read) and queues them; a writer commits the queue in one transaction per loop
+turn or per ``flush_interval`` seconds, in chunks of at most ``_CHUNK``
+messages with a yield between chunks (sqlite3 calls do not yield to other
+greenlets, so each transaction is kept short).  The queue is bounded
+(``max_pending``): when full, the caller flushes synchronously
+(back-pressure, never a drop).  A message counts as archived once committed.
+**A crash between accept and commit** loses at most what was queued (at most
+``flush_interval`` seconds of messages, never more than ``max_pending``): those
+messages were delivered live (or are in offline storage, whose
+``message-stored`` commits the archive at once), and their ids, already seen
+by clients, name nothing after the restart (a new epoch: item-not-found,
+never another message).  Committed data survives a process crash; with
+``synchronous=NORMAL`` in WAL mode an OS crash or power loss can also roll
+back the last transactions.  Queries flush first, so a query sees every
+message stored before it.
+
+**Retraction** (``retract``, a message bounced after ``message-accepted``):
+still queued, it is dropped and its ordinals handed back when they are still
+the last ones, so counts stay exact; the epoch moves on so its ids name
+nothing.
 
 Greenlet safety: one SqliteArchive per process, shared by all greenlets.  Its
 in-memory state (queue, counters, caches) is mutated only by ``store`` (any
-greenlet, no yield inside), by the flush (under ``_lock``) and by ``expire``
-(background greenlet, under ``_lock`` per chunk).  Only one process may open
-the file.
+greenlet, no yield inside), by the flush (under ``_lock``), by ``expire``
+(background greenlet, under ``_lock`` per chunk) and by ``retract`` (the bouncing
+greenlet, under ``_lock``).  Only one process may open the file.
 """
 
 from __future__ import annotations
