@@ -277,3 +277,37 @@ def test_a_server_with_database_url_archives_in_postgresql(tmp_path, database_ur
         bob.stop()
         server.stop()
         roster.stop()
+
+
+def test_postgresql_away_costs_the_archive_not_the_message(database_url, clock, caplog):
+    """The database goes away: a message is still accepted (no stanza-id, one WARNING, no
+    traceback), a MAM query is refused with internal-server-error (wait)."""
+    import logging
+
+    from boshroster.im.mam import MamService
+    from boshroster.xmpp.errors import StanzaError
+    from boshroster.xmpp.jid import JID
+    from boshroster.xmpp.router import StanzaEvent
+
+    database = PgDatabase(database_url, 2)
+    archive = PgArchive(database, clock=clock)
+    mam = MamService(archive, "localhost")
+    database.close()  # every call now raises StorageUnavailable, as when PostgreSQL is down
+
+    class Origin:
+        jid = JID.parse("alice@localhost/pc")
+
+    stanzas = [test_mam_protocol.xmlio.parse("<message xmlns='jabber:client' from='alice@localhost/pc'"
+                                             f" to='bob@localhost' type='chat'><body>m{i}</body></message>", 4096)
+               for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="boshroster.mam"):
+        for stanza in stanzas:
+            assert mam._on_accepted(StanzaEvent(Origin(), stanza, JID.parse("bob@localhost"))) is None
+    assert all(stanza.find("{urn:xmpp:sid:0}stanza-id") is None for stanza in stanzas)
+    warnings = [r for r in caplog.records if r.name == "boshroster.mam"]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING" and warnings[0].exc_info is None
+    iq = test_mam_protocol.xmlio.parse("<iq xmlns='jabber:client' type='set' id='q'><query xmlns='urn:xmpp:mam:2'/></iq>", 4096)
+    with pytest.raises(StanzaError) as err:
+        mam.handle_iq("alice", iq, None)
+    assert err.value.condition == "internal-server-error"
+    archive.close()

@@ -32,8 +32,10 @@ im/messages.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import time
 from typing import Callable, Sequence
 from xml.etree.ElementTree import Element
@@ -42,7 +44,8 @@ import gevent
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from boshroster.cluster.pg import PgDatabase, StorageUnavailable
-from boshroster.im.archive import MAX_PREF_JIDS, POLICIES, Copy, MessageArchive, Prefs, Stored, parse_duration
+from boshroster.im.archive import (MAX_PREF_JIDS, POLICIES, ArchivePage, ArchiveQuery, ArchiveUnavailable, Copy,
+                                   MessageArchive, Prefs, Stored, parse_duration)
 from boshroster.im.archive_sqlite_read import (
     N_BITS,
     N_MAX,
@@ -78,8 +81,29 @@ MIGRATIONS = [
 ]
 
 
+def _unavailable_as_archive_error(method):
+    """PostgreSQL away (pg.StorageUnavailable) -> ArchiveUnavailable, what mam.py handles."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except StorageUnavailable as exc:
+            raise ArchiveUnavailable(str(exc)) from None
+
+    return wrapper
+
+
 class PgArchive(SqliteReads, MessageArchive):
     T_ARCHIVE, T_BODY, T_PEERS = "mam_archive", "mam_body", "mam_peers"
+
+    @_unavailable_as_archive_error
+    def query(self, owner: str, q: ArchiveQuery) -> ArchivePage:
+        return super().query(owner, q)
+
+    @_unavailable_as_archive_error
+    def bounds(self, owner: str):
+        return super().bounds(owner)
 
     def __init__(self, database: PgDatabase, *, expires_after: float | None = None, cleanup_interval: float = 3600.0,
                  default_policy: str = "always", clock: Callable[[], float] = time.time):
@@ -92,7 +116,7 @@ class PgArchive(SqliteReads, MessageArchive):
         self._clock = clock
         database.migrate("archive", MIGRATIONS)
         database.execute("INSERT INTO mam_meta (key, value) VALUES ('sid_key', ?) ON CONFLICT (key) DO NOTHING",
-                         (_random_key(),))
+                         (os.urandom(16),))
         key = database.execute("SELECT value FROM mam_meta WHERE key = 'sid_key'").fetchone()[0]
         self._cipher = Cipher(algorithms.AES(bytes(key)), modes.ECB())
         self._enc = self._cipher.encryptor()
@@ -151,6 +175,7 @@ class PgArchive(SqliteReads, MessageArchive):
 
     # -- writing ----------------------------------------------------------------------------
 
+    @_unavailable_as_archive_error
     def store(self, stanza: Element, copies: Sequence[Copy]) -> Stored:
         if self._closed:
             raise RuntimeError("archive is closed")
@@ -184,6 +209,7 @@ class PgArchive(SqliteReads, MessageArchive):
         owner, n, epoch = entry
         return self._encode(n, owner, epoch)
 
+    @_unavailable_as_archive_error
     def retract(self, token) -> int:
         """Delete the message's rows; an ordinal still the last one given is handed back (then
         this node takes a new epoch, so the ids already seen name nothing), else a hole stays."""
@@ -210,6 +236,7 @@ class PgArchive(SqliteReads, MessageArchive):
 
     # -- preferences ------------------------------------------------------------------------
 
+    @_unavailable_as_archive_error
     def prefs(self, owner: str) -> Prefs:
         cached = self._prefs.get(owner)
         now = time.monotonic()
@@ -223,6 +250,7 @@ class PgArchive(SqliteReads, MessageArchive):
         self._prefs[owner] = (now, prefs)
         return prefs
 
+    @_unavailable_as_archive_error
     def set_prefs(self, owner: str, prefs: Prefs) -> Prefs:
         if prefs.default not in POLICIES:
             raise ValueError(f"default must be one of {POLICIES}")
@@ -283,9 +311,3 @@ class PgArchive(SqliteReads, MessageArchive):
         if self._cleaner is not None:
             self._cleaner.kill(block=False)
         self._closed = True  # the database is the wiring's: closed there
-
-
-def _random_key() -> bytes:
-    import os
-
-    return os.urandom(16)

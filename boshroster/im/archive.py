@@ -27,6 +27,11 @@ class ItemNotFound(LookupError):
     """An id given in a query is not in this archive (XEP-0313 §4.1.3 / §4.3.2: item-not-found)."""
 
 
+class ArchiveUnavailable(Exception):
+    """The store cannot be reached now (its database is away): a message goes on without
+    an id, a query is refused (internal-server-error, wait)."""
+
+
 class Unsupported(Exception):
     """A query this store cannot answer cheaply (XEP-0059 §2.5: feature-not-implemented)."""
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from boshroster.im.archive import (
+    ArchiveUnavailable,
     ArchivedMessage,
     ArchivePage,
     ArchiveQuery,
@@ -299,6 +301,7 @@ class MamService:
         # id(stanza) -> (stanza, Stored.token) of the last messages archived, for message-bounced;
         # mutated by the greenlet delivering each (no yield between the hook and the mutation).
         self._recent: dict[int, tuple[Element, object]] = {}
+        self._warned = -1e9  # when the last "archive unavailable" warning was logged
 
     def register(self, bus: EventBus, account_features: list[str]) -> None:
         """Hook the bus (router.py names the events) and advertise on the account (XEP-0313 §6).
@@ -341,6 +344,12 @@ class MamService:
             sender = event.origin.jid if event.origin is not None else JID.parse(stanza.get("from") or self.domain)
             # pre-message already removed forged ids: no second pass.
             stored, _, recipient_at = self._archive(stanza, sender, recipient, sender.local is not None, True, False)
+        except ArchiveUnavailable as exc:
+            now = time.monotonic()
+            if now - self._warned > 60:  # one line a minute, not one per message, while it is away
+                self._warned = now
+                log.warning("archive unavailable (%s): messages delivered without archiving", exc)
+            return None
         except Exception:  # noqa: BLE001 - the archive failing must not cost the live message
             log.exception("archiving a message from %s failed; delivered without a stanza-id", stanza.get("from"))
             return None
@@ -380,6 +389,13 @@ class MamService:
 
     def handle_iq(self, username: str, iq: Element, to: JID | None) -> list[Element]:
         """Answer one MAM IQ get/set from ``username``; the stanzas to send, in order."""
+        try:
+            return self._handle_iq(username, iq, to)
+        except ArchiveUnavailable as exc:
+            log.warning("MAM request of %s refused: archive unavailable (%s)", username, exc)
+            raise StanzaError("internal-server-error", "wait", "the archive is unavailable; try again later") from None
+
+    def _handle_iq(self, username: str, iq: Element, to: JID | None) -> list[Element]:
         owner = f"{username}@{self.domain}"
         if to is not None and not (to.local == username and to.domain == self.domain and to.resource is None):
             if to.local is None and to.domain == self.domain:
