@@ -134,6 +134,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._owners: dict[str, OwnerState] = {}
         self._peers: dict[str, int] = {}
         self._pairs: dict[int, int] = {}  # pk -> last pn
+        self._routes: dict[tuple[str, str], tuple[OwnerState, int]] = {}  # (owner, peer) -> (state, pk)
         self._prefs: dict[str, Prefs] = {}
         self._last_full_warning = 0.0
         self._cleaner: gevent.Greenlet | None = None
@@ -177,10 +178,14 @@ class SqliteArchive(SqliteReads, MessageArchive):
         pairs = self._pairs
         rows = []
         entries = []
+        routes = self._routes
         for c in copies:
-            owner = self._owner(c.owner, create=True)
+            route = routes.get((c.owner, c.peer))
+            if route is None:
+                owner = self._owner(c.owner, create=True)
+                route = routes[(c.owner, c.peer)] = (owner, (owner.id << PEER_BITS) | self._peer_id(c.peer))
+            owner, pk = route
             n = owner.last_n = owner.last_n + 1
-            pk = (owner.id << PEER_BITS) | self._peer_id(c.peer)
             pn = pairs.get(pk)
             pn = pairs[pk] = (self._last_pn(pk) if pn is None else pn) + 1
             rows.append(((owner.id << N_BITS) | n, pk, pn, now, flags | c.outgoing, c.resource, seq))
@@ -280,7 +285,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
                     finally:
                         self._lock.acquire()
             if not self._pending and (len(self._owners) > _CACHE_MAX or len(self._peers) > _CACHE_MAX
-                                      or len(self._pairs) > _CACHE_MAX):
+                                      or len(self._pairs) > _CACHE_MAX or len(self._routes) > _CACHE_MAX):
                 self._reset_caches()
         return written
 
@@ -335,6 +340,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._body_seq = row[0] if row else 0
 
     def _reset_caches(self) -> None:
+        self._routes.clear()
         self._owners.clear()
         self._peers.clear()
         self._pairs.clear()

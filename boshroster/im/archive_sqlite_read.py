@@ -64,17 +64,15 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circu
 
 
 def _tree(el: Element) -> list:
-    node = [el.tag, el.attrib, el.text, el.tail]
-    for child in el:
-        node.append(_tree(child))
-    return node
+    # Leaves (most children of a chat message: body, chat state, receipt request) inline.
+    return [el.tag, el.attrib, el.text, el.tail,
+            *[[c.tag, c.attrib, c.text, c.tail] if not len(c) else _tree(c) for c in el]]
 
 
 def encode_stanza(el: Element) -> str:
     """The stored form of a stanza (its tail is not part of it)."""
-    node = _tree(el)
-    node[3] = None
-    return _dumps(node)
+    return _dumps([el.tag, el.attrib, el.text, None,
+                   *[[c.tag, c.attrib, c.text, c.tail] if not len(c) else _tree(c) for c in el]])
 
 
 def _build(node: list) -> Element:

@@ -3,8 +3,10 @@ forged ``<stanza-id/>``s removed, the recipient's id stamped.  Pure functions on
 
 from __future__ import annotations
 
+from xml.etree.ElementTree import SubElement
+
 from boshroster.xmpp.jid import JID, JIDError
-from boshroster.xmpp.xmlio import E, Element, NS_CLIENT, NS_HINTS
+from boshroster.xmpp.xmlio import Element, NS_CLIENT, NS_HINTS
 
 NS_SID = "urn:xmpp:sid:0"
 _BODY = f"{{{NS_CLIENT}}}body"
@@ -43,4 +45,4 @@ def stamp_stanza_id(stanza: Element, by: str, sid: str, replace: bool = True) ->
         for old in stanza.findall(_STANZA_ID):
             if old.get("by") == by:
                 stanza.remove(old)
-    stanza.append(E(_STANZA_ID, {"by": by, "id": sid}))
+    SubElement(stanza, _STANZA_ID, {"by": by, "id": sid})  # C, on every archived message
