@@ -291,7 +291,7 @@ def test_postgresql_away_costs_the_archive_not_the_message(database_url, clock, 
 
     database = PgDatabase(database_url, 2)
     archive = PgArchive(database, clock=clock)
-    mam = MamService(archive, "localhost")
+    service = MamService(archive, "localhost")
     database.close()  # every call now raises StorageUnavailable, as when PostgreSQL is down
 
     class Origin:
@@ -302,12 +302,12 @@ def test_postgresql_away_costs_the_archive_not_the_message(database_url, clock, 
                for i in range(3)]
     with caplog.at_level(logging.WARNING, logger="boshroster.mam"):
         for stanza in stanzas:
-            assert mam._on_accepted(StanzaEvent(Origin(), stanza, JID.parse("bob@localhost"))) is None
+            assert service._on_accepted(StanzaEvent(Origin(), stanza, JID.parse("bob@localhost"))) is None
     assert all(stanza.find("{urn:xmpp:sid:0}stanza-id") is None for stanza in stanzas)
     warnings = [r for r in caplog.records if r.name == "boshroster.mam"]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING" and warnings[0].exc_info is None
     iq = test_mam_protocol.xmlio.parse("<iq xmlns='jabber:client' type='set' id='q'><query xmlns='urn:xmpp:mam:2'/></iq>", 4096)
     with pytest.raises(StanzaError) as err:
-        mam.handle_iq("alice", iq, None)
+        service.handle_iq("alice", iq, None)
     assert err.value.condition == "internal-server-error"
     archive.close()
