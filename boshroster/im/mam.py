@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -300,7 +301,7 @@ class MamService:
         self.in_roster = in_roster
         # id(stanza) -> (stanza, Stored.token) of the last messages archived, for message-bounced;
         # mutated by the greenlet delivering each (no yield between the hook and the mutation).
-        self._recent: dict[int, tuple[Element, object]] = {}
+        self._recent: OrderedDict[int, tuple[Element, object]] = OrderedDict()  # oldest first, O(1) pop
         self._warned = -1e9  # when the last "archive unavailable" warning was logged
 
     def register(self, bus: EventBus, account_features: list[str]) -> None:
@@ -360,7 +361,7 @@ class MamService:
         recent = self._recent
         recent[id(stanza)] = (stanza, stored.token)
         if len(recent) > _RECENT_MAX:
-            del recent[next(iter(recent))]
+            recent.popitem(last=False)
         return None
 
     def _on_bounced(self, event: StanzaEvent) -> None:
