@@ -206,16 +206,24 @@ def test_two_nodes_archive_for_the_same_users_without_clashing(database_url, clo
     nodes = [PgArchive(db, clock=clock) for db in databases]
     try:
         A, B = test_archive.A, test_archive.B
-        sent = [test_archive.chat(nodes[i % 2], clock, A, B, f"m{i}") for i in range(10)]
+        sent = []
+        for i in range(10):
+            sent.append(test_archive.chat(nodes[i % 2], clock, A, B, f"m{i}"))
+            if i % 4 != 2:
+                nodes[i % 2].flush()  # archive order is commit order (m2 waits for m3's node to commit)
+        nodes[0].flush()
+        order = [0, 1, 3, 2, 4, 5, 7, 6, 8, 9]
+        sent = [sent[i] for i in order]
         for node in nodes:
             page = node.query(A, test_archive.ArchiveQuery(max=50))
-            assert test_archive.bodies(page) == [f"m{i}" for i in range(10)] and page.count == 10
+            assert test_archive.bodies(page) == [f"m{i}" for i in order] and page.count == 10
             assert [m.id for m in page.items] == [s for s, _ in sent]
             assert [m.id for m in node.query(B, test_archive.ArchiveQuery(max=50)).items] == [r for _, r in sent]
         bounced = test_archive.stored_chat(nodes[0], clock, A, B, "bounced")
         seen = list(bounced)
         assert nodes[0].retract(bounced.token) == 2
         after = test_archive.chat(nodes[1], clock, A, B, "next")
+        nodes[1].flush()
         assert after[0] not in seen and after[1] not in seen
         page = nodes[0].query(A, test_archive.ArchiveQuery(max=50, before=""))
         assert test_archive.bodies(page)[-1] == "next" and page.count == 11
