@@ -159,6 +159,9 @@ class Core:
 
                 self.archive = PgArchive.from_config(config, self.database)
             else:
+                if self.cluster is not None:
+                    log.warning("archive: nodes sharing data_dir/archive.sqlite3 give out clashing ids (one process"
+                                " per file); set database_url for a cluster's archive")
                 self.archive = open_archive(config)
             MamService(self.archive, domain, default_page=config.mam_default_page, max_page=config.mam_max_page,
                        in_roster=self.roster.shares_with).register(bus, disco.account_features)
