@@ -1,8 +1,8 @@
 """Message archive storage for XEP-0313 (MAM): the interface and its data.
 
 ``MessageArchive`` is what mam.py and the wiring use; ``archive_sqlite.SqliteArchive``
-implements it in one SQLite file in ``data_dir``.  Another database (PostgreSQL)
-can implement the same methods later.  Owners and peers are bare JID strings,
+implements it in one SQLite file in ``data_dir``, ``cluster/pg_archive.PgArchive`` in
+PostgreSQL (``database_url``); both run the same queries and the same tests.  Owners and peers are bare JID strings,
 times are seconds since the epoch (UTC), stanzas are ElementTree elements (each
 store keeps them in a format of its own).
 
