@@ -190,7 +190,7 @@ class _Serializing:
         raise RuntimeError(xmlio.tostring(el))
 
 
-def core_cost(workdir: str, archive: bool, messages: int) -> float:
+def core_cost(workdir: str, archive: bool, messages: int, flush_interval: float = 0.05) -> float:
     """Server CPU µs per chat message through the real session core (parse, route, deliver,
     serialize; with the archive: archive_message, stanza-id, batched commit), 50 pairs, no
     sockets.  Sessions log in with PLAIN over a fake loopback peer."""
@@ -206,7 +206,7 @@ def core_cost(workdir: str, archive: bool, messages: int) -> float:
             return Roster.from_backend_json({}, log_context="bench")
 
     config = load(None, env={}, data_dir=workdir, domain="localhost", scram_iterations=4096, log_level="warning",
-                  archive_enabled=archive, c2s_stanza_rate=0.0)
+                  archive_enabled=archive, c2s_stanza_rate=0.0, archive_flush_interval=flush_interval)
     core = Core(config, roster_backend=Backend())
     users = [f"u{i}" for i in range(100)]
     sessions = []
@@ -253,46 +253,51 @@ def main() -> None:
     ap.add_argument("--write-messages", type=int, default=20000)
     ap.add_argument("--core-messages", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--flush-interval", type=float, default=0.05, help="archive_flush_interval for the server path")
+    ap.add_argument("--core-only", action="store_true", help="only the server path, archive off/on (no 1M file)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
-    os.makedirs(os.path.dirname(os.path.abspath(args.db)), exist_ok=True)
-    info = None
-    if not args.rebuild and os.path.exists(args.db + ".json"):
-        with open(args.db + ".json") as fh:
-            info = json.load(fh)
-        if (info["messages"], info["peers"]) != (args.messages, args.peers):
-            info = None
-    if info is None:
-        print(f"building {args.messages:,} messages for {OWNER} with {args.peers} contacts in {args.db} ...", flush=True)
-        info = build(args.db, args.messages, args.peers, time.time() - 2 * YEAR)
-    print(f"archive: {info['messages']:,} messages of {OWNER} (+ their contacts' copies), "
-          f"{os.path.getsize(args.db) / 2**20:.0f} MiB; built in {info['build_s']} s, "
-          f"{info['build_cpu_us_per_message']} µs CPU per message (2 entries each, store + batched commit)")
-    rows = queries(args.db, info, args.runs)
-    width = max(len(name) for name, _ in rows)
-    print(f"\n{'query':<{width}}  median      p95      max")
-    for name, fig in rows:
-        print(f"{name:<{width}}  {fig['median_ms']:>6.2f} ms" + (
-            f" {fig['p95_ms']:>6.2f} ms {fig['max_ms']:>6.2f} ms" if "p95_ms" in fig else ""))
-    # Write cost on top of the big file (its indexes are as big as they get).
-    writes = []
-    print(f"\narchive CPU per chat message, 50 pairs, {args.write_messages:,} messages "
-          f"(archive_message + stanza-id + commit), on the {info['messages']:,}-message file:")
-    clock_start = info["start"] + YEAR + 10
-    for batch in (1, 10, 100, 1000):
-        us = write_cost(args.db, batch, args.write_messages, clock_start)
-        clock_start += 10
-        writes.append({"batch": batch, "cpu_us_per_message": round(us, 1)})
-        print(f"  {batch:>5} messages per commit: {us:6.1f} µs")
+    info, rows, writes = None, [], []
+    if not args.core_only:
+        os.makedirs(os.path.dirname(os.path.abspath(args.db)), exist_ok=True)
+        info = None
+        if not args.rebuild and os.path.exists(args.db + ".json"):
+            with open(args.db + ".json") as fh:
+                info = json.load(fh)
+            if (info["messages"], info["peers"]) != (args.messages, args.peers):
+                info = None
+        if info is None:
+            print(f"building {args.messages:,} messages for {OWNER} with {args.peers} contacts in {args.db} ...", flush=True)
+            info = build(args.db, args.messages, args.peers, time.time() - 2 * YEAR)
+        print(f"archive: {info['messages']:,} messages of {OWNER} (+ their contacts' copies), "
+              f"{os.path.getsize(args.db) / 2**20:.0f} MiB; built in {info['build_s']} s, "
+              f"{info['build_cpu_us_per_message']} µs CPU per message (2 entries each, store + batched commit)")
+        rows = queries(args.db, info, args.runs)
+        width = max(len(name) for name, _ in rows)
+        print(f"\n{'query':<{width}}  median      p95      max")
+        for name, fig in rows:
+            print(f"{name:<{width}}  {fig['median_ms']:>6.2f} ms" + (
+                f" {fig['p95_ms']:>6.2f} ms {fig['max_ms']:>6.2f} ms" if "p95_ms" in fig else ""))
+        # Write cost on top of the big file (its indexes are as big as they get).
+        writes = []
+        print(f"\narchive CPU per chat message, 50 pairs, {args.write_messages:,} messages "
+              f"(archive_message + stanza-id + commit), on the {info['messages']:,}-message file:")
+        clock_start = info["start"] + YEAR + 10
+        for batch in (1, 10, 100, 1000):
+            us = write_cost(args.db, batch, args.write_messages, clock_start)
+            clock_start += 10
+            writes.append({"batch": batch, "cpu_us_per_message": round(us, 1)})
+            print(f"  {batch:>5} messages per commit: {us:6.1f} µs")
     # The whole server path, archive off vs on, alternated (the machine's speed drifts).
     import tempfile
     print(f"\nserver CPU per chat message through the session core (no sockets), 50 pairs, "
-          f"{args.core_messages:,} messages, off/on alternated {args.rounds} times:")
+          f"{args.core_messages:,} messages, archive_flush_interval {args.flush_interval}, "
+          f"off/on alternated {args.rounds} times:")
     figures = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for archive in (False, True):
-                us = core_cost(os.path.join(tmp, f"{r}-{archive}"), archive, args.core_messages)
+                us = core_cost(os.path.join(tmp, f"{r}-{archive}"), archive, args.core_messages, args.flush_interval)
                 figures[archive].append(us)
                 print(f"  round {r + 1}, archive {'on ' if archive else 'off'}: {us:6.1f} µs", flush=True)
     off, on = statistics.median(figures[False]), statistics.median(figures[True])

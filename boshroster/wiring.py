@@ -154,7 +154,15 @@ class Core:
         # The message archive (XEP-0313): stamps <stanza-id/>, answers MAM queries.
         self.archive = None
         if config.archive_enabled:
-            self.archive = open_archive(config)
+            if self.database is not None:  # PostgreSQL, shared by the nodes (cluster/pg_archive.py)
+                from boshroster.cluster.pg_archive import PgArchive
+
+                self.archive = PgArchive.from_config(config, self.database)
+            else:
+                if self.cluster is not None:
+                    log.warning("archive: nodes sharing data_dir/archive.sqlite3 give out clashing ids (one process"
+                                " per file); set database_url for a cluster's archive")
+                self.archive = open_archive(config)
             MamService(self.archive, domain, default_page=config.mam_default_page, max_page=config.mam_max_page,
                        in_roster=self.roster.shares_with).register(bus, disco.account_features)
             self.archive.start()  # retention, in the background

@@ -518,3 +518,47 @@ def test_stored_stanzas_come_back_exactly(archive, clock):
     got = archive.query(A, ArchiveQuery()).items[0].stanza
     assert xmlio.tostring(got) == xmlio.tostring(xmlio.parse(text, 1 << 20))
     assert got.get("{http://www.w3.org/XML/1998/namespace}lang") == "fr"
+
+
+def stored_chat(store, clock, sender, recipient, body):
+    """Like chat(), but returns what store() returned (ids and the retract token)."""
+    clock.now += 1
+    stanza = xmlio.parse(f'<message xmlns="jabber:client" from="{sender}/pc" to="{recipient}" type="chat">'
+                         f'<body>{body}</body></message>', 1 << 20)
+    return store.store(stanza, [Copy(sender, recipient, None, True), Copy(recipient, sender, "pc", False)])
+
+
+def test_a_retracted_queued_message_leaves_no_hole_and_its_ids_name_nothing(archive, clock):
+    chat(archive, clock, A, B, "kept")
+    bounced = stored_chat(archive, clock, A, B, "bounced")
+    seen = list(bounced)  # the ids as the live path would have read them
+    assert archive.retract(bounced.token) == 2
+    chat(archive, clock, B, A, "next")
+    for owner in (A, B):
+        page = archive.query(owner, ArchiveQuery())
+        assert bodies(page) == ["kept", "next"] and page.count == 2
+        assert archive.query(owner, ArchiveQuery(with_jid=A if owner == B else B)).count == 2
+    for owner, sid in ((A, seen[0]), (B, seen[1])):
+        with pytest.raises(ItemNotFound):
+            archive.query(owner, ArchiveQuery(after=sid))
+
+
+def test_a_retracted_committed_message_is_deleted(archive, clock, path):
+    chat(archive, clock, A, B, "kept")
+    bounced = stored_chat(archive, clock, A, B, "bounced")
+    seen = list(bounced)
+    archive.flush()
+    assert archive.retract(bounced.token) == 2
+    assert bodies(archive.query(A, ArchiveQuery())) == ["kept"]
+    with pytest.raises(ItemNotFound):
+        archive.query(B, ArchiveQuery(before=seen[1]))
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM body").fetchone()[0] == 1
+    assert archive.retract(bounced.token) == 0  # twice: nothing more to take back
+
+
+def test_ids_are_computed_when_read_and_stay_stable(archive, clock):
+    stored = stored_chat(archive, clock, A, B, "lazy")
+    recipient_id = stored[1]
+    assert stored[1] == recipient_id and len(stored) == 2 and stored[-1] == recipient_id
+    assert [m.id for m in archive.query(B, ArchiveQuery()).items] == [recipient_id]
+    assert [m.id for m in archive.query(A, ArchiveQuery()).items] == [stored[0]]

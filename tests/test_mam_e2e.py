@@ -218,3 +218,123 @@ def test_archive_disabled_is_neither_advertised_nor_stamped(make_server):
     finally:
         alice.stop()
         bob.stop()
+
+
+# -- what the archive keeps: bounced messages, the app's API -----------------------------------
+
+def archive_of(client, queryid="a"):
+    """(id, body, from) of every message in the client's archive, and the fin's count."""
+    results, final = mam_query(client, queryid, "<max>50</max>")
+    assert final.get("type") == "result", ET.tostring(final)
+    count = final.find(f"{q(NS_MAM, 'fin')}/{q(NS_RSM, 'set')}/{q(NS_RSM, 'count')}")
+    items = [(r.find(q(NS_MAM, "result")).get("id"), forwarded_message(r).findtext(q(NS_CLIENT, "body")),
+              forwarded_message(r).get("from")) for r in results]
+    return items, (count.text if count is not None else None)
+
+
+def test_a_message_bounced_because_offline_storage_is_full_leaves_both_archives(make_server):
+    """Archived at message-accepted, then refused (offline storage full): out of the sender's
+    and the recipient's archives; the counts stay exact and the ids of what was kept hold."""
+    from harness import WsClient
+
+    server = make_server(offline_max_per_user=2)
+    alice, carol = WsClient(server.ws_url), WsClient(server.ws_url)
+    try:
+        alice.login("alice", resource="web")
+        alice.presence()
+        for i in range(3):
+            alice.message("carol@localhost", f"o{i}")
+        bounced = alice.recv(10, lambda e: e.tag == q(NS_CLIENT, "message") and e.get("type") == "error")
+        assert error_condition(bounced) == "service-unavailable"
+        items, count = archive_of(alice)
+        assert [body for _, body, _ in items] == ["o0", "o1"] and count == "2"
+        carol.login("carol", resource="web")
+        carol.presence()
+        got = [carol.recv_message(timeout=10) for _ in range(2)]
+        assert [m.findtext(q(NS_CLIENT, "body")) for m in got] == ["o0", "o1"]
+        items, count = archive_of(carol)
+        assert [(sid, body) for sid, body, _ in items] == [
+            (stanza_ids(m)["carol@localhost"], m.findtext(q(NS_CLIENT, "body"))) for m in got]
+        assert count == "2"
+        # No hole where the bounced message was: the next one is third, everywhere.
+        alice.message("carol@localhost", "o3")
+        live = carol.recv_message(timeout=10)
+        items, count = archive_of(carol, "b")
+        assert [body for _, body, _ in items] == ["o0", "o1", "o3"] and count == "3"
+        assert items[-1][0] == stanza_ids(live)["carol@localhost"]
+        items, count = archive_of(alice, "c")
+        assert [body for _, body, _ in items] == ["o0", "o1", "o3"] and count == "3"
+    finally:
+        alice.stop()
+        carol.stop()
+
+
+def test_a_message_bounced_for_a_congested_recipient_leaves_the_archive(tmp_path, backend):
+    """BOSH (in process, fake clock): bob does not poll, the 7th and 8th messages bounce with
+    resource-constraint; the archives keep the 6 bob got, in order, with exact counts."""
+    from bosh_inprocess import World
+
+    ping = "<iq xmlns='jabber:client' type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+    w = World(tmp_path / "w", backend.url_template, bosh_high_water_stanzas=5, bosh_max_pending=100)
+    try:
+        alice = w.client().login("alice", "a")
+        bob = w.client().login("bob", "b")
+        reply = alice.post("".join(alice.message("bob@localhost/b", f"c {i}", f"c{i}") for i in range(8))
+                           + ping)
+        bounced = [el.get("id") for el in reply if el.get("type") == "error"]
+        assert bounced == ["c6", "c7"]
+        got = [el for el in bob.spawn().get(timeout=1) if el.tag == q(NS_CLIENT, "message")]
+        assert [m.get("id") for m in got] == [f"c{i}" for i in range(6)]
+        for client, queryid in ((alice, "qa"), (bob, "qb")):
+            reply = client.post(f"<iq xmlns='{NS_CLIENT}' type='set' id='{queryid}'><query xmlns='{NS_MAM}'"
+                                f" queryid='{queryid}'><set xmlns='{NS_RSM}'><max>50</max></set></query></iq>")
+            results = [el for el in reply if el.find(q(NS_MAM, "result")) is not None]
+            fin = next(el for el in reply if el.get("id") == queryid).find(q(NS_MAM, "fin"))
+            assert [forwarded_message(r).get("id") for r in results] == [f"c{i}" for i in range(6)]
+            assert fin.find(f"{q(NS_RSM, 'set')}/{q(NS_RSM, 'count')}").text == "6"
+        assert [r.find(q(NS_MAM, "result")).get("id") for r in results] == [stanza_ids(m)["bob@localhost"] for m in got]
+    finally:
+        w.close()
+
+
+def test_messages_from_the_app_api_are_archived_like_client_messages(server):
+    """POST /api/messages: from a user (both archives) or from the domain (the recipient's),
+    delivered live or stored offline: the live copy carries the archive's id."""
+    import requests
+
+    from harness import WsClient
+
+    def post(body):
+        reply = requests.post(server.base_url + "/api/messages", json=body, timeout=10)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["status"]
+
+    bob = WsClient(server.ws_url)
+    alice = WsClient(server.ws_url)
+    carol = WsClient(server.ws_url)
+    try:
+        bob.login("bob", resource="web")
+        bob.presence()
+        assert post({"from": "alice@localhost", "to": "bob@localhost", "body": "from alice, via the app"}) == "delivered"
+        assert post({"to": "bob", "body": "from the service", "type": "normal"}) == "delivered"
+        assert post({"to": "bob", "body": "a headline is not archived", "type": "headline"}) == "delivered"
+        live = [bob.recv_message(timeout=10) for _ in range(3)]
+        items, count = archive_of(bob)
+        assert [(body, frm) for _, body, frm in items] == [("from alice, via the app", "alice@localhost"),
+                                                           ("from the service", "localhost")]
+        assert count == "2"
+        assert [sid for sid, _, _ in items] == [stanza_ids(m)["bob@localhost"] for m in live[:2]]
+        assert stanza_ids(live[2]) == {}
+        alice.login("alice", resource="web")
+        items, count = archive_of(alice)
+        assert [body for _, body, _ in items] == ["from alice, via the app"] and count == "1"
+        # carol is offline: stored, and what she gets from offline storage has her archive's id.
+        assert post({"to": "carol", "body": "while you were away"}) == "stored"
+        carol.login("carol", resource="web")
+        carol.presence()
+        stored = carol.recv_message(timeout=10)
+        items, _ = archive_of(carol)
+        assert [(sid, body) for sid, body, _ in items] == [(stanza_ids(stored)["carol@localhost"], "while you were away")]
+    finally:
+        for client in (alice, bob, carol):
+            client.stop()

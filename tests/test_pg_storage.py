@@ -4,13 +4,16 @@ One private PostgreSQL (initdb, free loopback port, stopped by PID) for the
 module; each test gets a database of its own.  The account-store tests of
 test_accounts.py and the offline-storage tests of test_session_core.py are
 imported here and run with PostgreSQL-backed fixtures of the same names, so
-both backends pass the same tests.  Plus what only PostgreSQL has: a slow
+both backends pass the same tests; so are the archive's (test_archive.py) and the
+MAM protocol's (test_mam_protocol.py) that need only an ``archive`` (and a clock),
+on cluster/pg_archive.py.  Plus what only PostgreSQL has: a slow
 query must not block the hub, migrations run once, and a clear error when
 the database cannot be reached.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import subprocess
 import sys
@@ -26,12 +29,17 @@ from cluster_harness import PostgresProcess
 from harness import ROOT, free_port
 
 from boshroster.cluster.pg import PgDatabase, StorageUnavailable
+from boshroster.cluster.pg_archive import PgArchive
 from boshroster.cluster.pg_accounts import PgAccountStore
 from boshroster.config import StartupError, load
 from boshroster.wiring import Core
 
 import test_accounts
+import test_archive
+import test_mam_protocol
 import test_session_core
+from test_archive import clock  # noqa: F401  (the injected clock both archive modules use)
+from test_mam_protocol import mam  # noqa: F401  (MamService over the PostgreSQL ``archive`` below)
 from test_accounts import (  # noqa: F401  (collected here with the PostgreSQL ``store``)
     test_errors,
     test_import_is_one_transaction_and_empty_input,
@@ -48,6 +56,24 @@ from test_session_core import (  # noqa: F401  (collected here with the PostgreS
 )
 
 pytestmark = pytest.mark.cluster
+
+
+def _archive_tests(module, skip=()):
+    """The module's tests whose only storage is the ``archive`` fixture (not a SQLite path or file)."""
+    found = {}
+    for name, fn in vars(module).items():
+        if not name.startswith("test_") or not callable(fn) or name in skip:
+            continue
+        params = set(inspect.signature(fn).parameters)
+        if ({"archive", "mam"} & params) and not ({"path", "tmp_path"} & params):
+            found[f"{name}_pg"] = fn
+    return found
+
+
+# Collected here with the PostgreSQL ``archive``.  Left out: what reads SQLite's own tables.
+globals().update(_archive_tests(test_archive, skip={"test_a_retracted_committed_message_is_deleted",
+                                                  "test_a_refused_write_drops_the_queue_loudly_and_ids_stay_unique"}))
+globals().update(_archive_tests(test_mam_protocol, skip={"test_an_unreadable_stored_stanza_is_sent_without_its_message"}))
 _numbers = itertools.count(1)
 
 
@@ -74,6 +100,15 @@ def store(database_url):
 
 
 @pytest.fixture
+def archive(database_url, clock):
+    database = PgDatabase(database_url, 4)
+    made = PgArchive(database, clock=clock)
+    yield made
+    made.close()
+    database.close()
+
+
+@pytest.fixture
 def backend():
     contacts = test_session_core.contacts_of
     return test_session_core.RosterBackendStub({"alice": contacts("bob", "carol"), "bob": contacts("alice"),
@@ -86,6 +121,7 @@ def core(tmp_path, backend, database_url):
                   scram_iterations=4096, database_url=database_url)
     made = Core(config, roster_backend=backend)
     assert type(made.offline).__name__ == "PgOfflineStore"
+    assert type(made.archive).__name__ == "PgArchive"
     for user in ("alice", "bob", "carol", "dave"):
         made.accounts.add(user, test_session_core.PASSWORD)
     yield made
@@ -158,3 +194,128 @@ def test_unreachable_postgresql_at_start_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "boshroster", "user", "list", "--config", str(config_path)],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 1 and "cannot reach PostgreSQL" in result.stderr
+
+
+# -- the archive on PostgreSQL: what only a shared database has -------------------------------
+
+def test_two_nodes_archive_for_the_same_users_without_clashing(database_url, clock):
+    """Two PgArchive (two nodes) store alternately for the same two users: ordinals, counts and
+    ids stay exact, each node reads what the other wrote, and a retraction on one never lets
+    an id it handed out name the message the other stores next."""
+    databases = [PgDatabase(database_url, 2), PgDatabase(database_url, 2)]
+    nodes = [PgArchive(db, clock=clock) for db in databases]
+    try:
+        A, B = test_archive.A, test_archive.B
+        sent = []
+        for i in range(10):
+            sent.append(test_archive.chat(nodes[i % 2], clock, A, B, f"m{i}"))
+            if i % 4 != 2:
+                nodes[i % 2].flush()  # archive order is commit order (m2 waits for m3's node to commit)
+        nodes[0].flush()
+        order = [0, 1, 3, 2, 4, 5, 7, 6, 8, 9]
+        sent = [sent[i] for i in order]
+        for node in nodes:
+            page = node.query(A, test_archive.ArchiveQuery(max=50))
+            assert test_archive.bodies(page) == [f"m{i}" for i in order] and page.count == 10
+            assert [m.id for m in page.items] == [s for s, _ in sent]
+            assert [m.id for m in node.query(B, test_archive.ArchiveQuery(max=50)).items] == [r for _, r in sent]
+        bounced = test_archive.stored_chat(nodes[0], clock, A, B, "bounced")
+        seen = list(bounced)
+        assert nodes[0].retract(bounced.token) == 2
+        after = test_archive.chat(nodes[1], clock, A, B, "next")
+        nodes[1].flush()
+        assert after[0] not in seen and after[1] not in seen
+        page = nodes[0].query(A, test_archive.ArchiveQuery(max=50, before=""))
+        assert test_archive.bodies(page)[-1] == "next" and page.count == 11
+        with pytest.raises(test_archive.ItemNotFound):
+            nodes[1].query(B, test_archive.ArchiveQuery(after=seen[1]))
+    finally:
+        for node, db in zip(nodes, databases):
+            node.close()
+            db.close()
+
+
+def test_retention_on_postgresql_deletes_the_oldest(archive, clock):
+    A, B = test_archive.A, test_archive.B
+    for i in range(5):
+        test_archive.chat(archive, clock, A, B, f"old{i}")
+    cutoff = clock.now + 0.5
+    for i in range(3):
+        test_archive.chat(archive, clock, B, A, f"new{i}")
+    assert archive.expire(cutoff) == 10  # 5 messages, 2 archives each
+    for owner in (A, B):
+        page = archive.query(owner, test_archive.ArchiveQuery())
+        assert test_archive.bodies(page) == ["new0", "new1", "new2"] and page.count == 3
+    assert archive.db.execute("SELECT COUNT(*) FROM mam_body").fetchone()[0] == 3
+    assert archive.expire(cutoff) == 0
+
+
+def test_a_server_with_database_url_archives_in_postgresql(tmp_path, database_url):
+    """The real server: the archive is PostgreSQL's, live ids match the archive, a bounced
+    message (offline storage full) is not in it."""
+    from backend_app import TestBackend
+    from conftest import demo_contacts
+    from harness import NS_CLIENT, ServerProcess, WsClient, q
+    from test_mam_e2e import archive_of, error_condition, stanza_ids
+
+    roster = TestBackend(demo_contacts()).start()
+    (tmp_path / "srv").mkdir()
+    server = ServerProcess(tmp_path / "srv", http_roster_url=roster.url_template, database_url=database_url,
+                           offline_max_per_user=1).start()
+    alice, bob = WsClient(server.ws_url), WsClient(server.ws_url)
+    try:
+        alice.login("alice", resource="web")
+        bob.login("bob", resource="web")
+        bob.presence()
+        alice.message("bob@localhost", "live")
+        live = bob.recv_message(timeout=10)
+        alice.message("carol@localhost", "stored")
+        alice.message("carol@localhost", "bounced")
+        error = alice.recv(10, lambda e: e.tag == q(NS_CLIENT, "message") and e.get("type") == "error")
+        assert error_condition(error) == "service-unavailable"
+        items, count = archive_of(bob)
+        assert [(sid, body) for sid, body, _ in items] == [(stanza_ids(live)["bob@localhost"], "live")]
+        items, count = archive_of(alice)
+        assert [body for _, body, _ in items] == ["live", "stored"] and count == "2"
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute("SELECT COUNT(*) FROM mam_archive").fetchone()[0]
+        assert rows == 4  # live and stored, in both parties' archives
+    finally:
+        alice.stop()
+        bob.stop()
+        server.stop()
+        roster.stop()
+
+
+def test_postgresql_away_costs_the_archive_not_the_message(database_url, clock, caplog):
+    """The database goes away: a message is still accepted (no stanza-id, one WARNING, no
+    traceback), a MAM query is refused with internal-server-error (wait)."""
+    import logging
+
+    from boshroster.im.mam import MamService
+    from boshroster.xmpp.errors import StanzaError
+    from boshroster.xmpp.jid import JID
+    from boshroster.xmpp.router import StanzaEvent
+
+    database = PgDatabase(database_url, 2)
+    archive = PgArchive(database, clock=clock)
+    service = MamService(archive, "localhost")
+    database.close()  # every call now raises StorageUnavailable, as when PostgreSQL is down
+
+    class Origin:
+        jid = JID.parse("alice@localhost/pc")
+
+    stanzas = [test_mam_protocol.xmlio.parse("<message xmlns='jabber:client' from='alice@localhost/pc'"
+                                             f" to='bob@localhost' type='chat'><body>m{i}</body></message>", 4096)
+               for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="boshroster.mam"):
+        for stanza in stanzas:
+            assert service._on_accepted(StanzaEvent(Origin(), stanza, JID.parse("bob@localhost"))) is None
+    assert all(stanza.find("{urn:xmpp:sid:0}stanza-id") is None for stanza in stanzas)
+    warnings = [r for r in caplog.records if r.name == "boshroster.mam"]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING" and warnings[0].exc_info is None
+    iq = test_mam_protocol.xmlio.parse("<iq xmlns='jabber:client' type='set' id='q'><query xmlns='urn:xmpp:mam:2'/></iq>", 4096)
+    with pytest.raises(StanzaError) as err:
+        service.handle_iq("alice", iq, None)
+    assert err.value.condition == "internal-server-error"
+    archive.close()

@@ -1,8 +1,8 @@
 """Message archive storage for XEP-0313 (MAM): the interface and its data.
 
 ``MessageArchive`` is what mam.py and the wiring use; ``archive_sqlite.SqliteArchive``
-implements it in one SQLite file in ``data_dir``.  Another database (PostgreSQL)
-can implement the same methods later.  Owners and peers are bare JID strings,
+implements it in one SQLite file in ``data_dir``, ``cluster/pg_archive.PgArchive`` in
+PostgreSQL (``database_url``); both run the same queries and the same tests.  Owners and peers are bare JID strings,
 times are seconds since the epoch (UTC), stanzas are ElementTree elements (each
 store keeps them in a format of its own).
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 from xml.etree.ElementTree import Element
 
 POLICIES = ("always", "never", "roster")  # XEP-0441 §2.1.1 'default' values
@@ -25,6 +25,11 @@ MAX_PREF_JIDS = 1000  # per list; a longer list is refused (policy-violation in 
 
 class ItemNotFound(LookupError):
     """An id given in a query is not in this archive (XEP-0313 §4.1.3 / §4.3.2: item-not-found)."""
+
+
+class ArchiveUnavailable(Exception):
+    """The store cannot be reached now (its database is away): a message goes on without
+    an id, a query is refused (internal-server-error, wait)."""
 
 
 class Unsupported(Exception):
@@ -39,6 +44,31 @@ class Copy(NamedTuple):
     peer: str  # bare JID of the other party (the owner's own for a note to self)
     resource: str | None  # the other party's resource, if the address had one
     outgoing: bool  # sent by the owner
+
+
+class Stored(Sequence[str]):
+    """What ``store`` returns: the ids of the copies, in order, each computed when first read
+    (the live path reads only the recipient's; the sender's id is only needed by queries),
+    and ``token``, what ``retract`` takes back."""
+
+    __slots__ = ("_make", "_entries", "_ids", "token")
+
+    def __init__(self, make: Callable[[Any], str], entries: Sequence, token: Any):
+        self._make = make
+        self._entries = entries
+        self._ids: list[str | None] = [None] * len(entries)
+        self.token = token
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        sid = self._ids[i]
+        if sid is None:
+            sid = self._ids[i] = self._make(self._entries[i])
+        return sid
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +152,16 @@ class MessageArchive(ABC):
     """What the protocol layer needs from a store.  Owners and peers are bare JID strings."""
 
     @abstractmethod
-    def store(self, stanza: Element, copies: Sequence[Copy]) -> list[str]:
+    def store(self, stanza: Element, copies: Sequence[Copy]) -> Stored:
         """Archive ``stanza`` in each copy's archive; return the ids, in order.  The store
         takes what it needs at once: the caller goes on to add the recipient's id to it.
         Must not block on I/O for long: the id is needed before the live copy is sent."""
+
+    @abstractmethod
+    def retract(self, token: Any) -> int:
+        """Take back a message ``store`` accepted (``Stored.token``) that was then bounced
+        (mam.py: ``message-bounced``): it leaves every archive and its ids name nothing,
+        ever.  Return how many archive entries went."""
 
     @abstractmethod
     def query(self, owner: str, q: ArchiveQuery) -> ArchivePage:

@@ -14,28 +14,39 @@ subtraction, not a scan; per-(owner, peer) ordinals ``pn`` do the same for
 queries filtered by a bare ``with``.
 
 **Ids** (archive_sqlite_read.py): AES of (n, epoch, owner check), so no id index.
-``epoch`` counts the store's openings: an id handed out for a message that a
-crash lost before commit can never name another message later, even though
-its ``n`` is given again.
+``epoch`` counts the store's openings (and retractions): an id handed out for
+a message that a crash lost before commit, or that was retracted, can never
+name another message later, even though its ``n`` is given again.
 
-**Writes are batched.**  ``store`` assigns the id, ordinal and timestamp at
-once (the caller stamps the id on the live copy) and queues the row; a writer
-commits the queue in one transaction per loop turn or per ``flush_interval``
-seconds, in chunks of at most ``_CHUNK`` messages with a yield between chunks
-(sqlite3 calls do not yield to other greenlets, so each transaction is kept
-short).  The queue is bounded (``max_pending``): when full, the caller flushes
-synchronously (back-pressure, never a drop).  A crash loses at most what was
-queued: at most ``flush_interval`` seconds of messages and never more than
-``max_pending`` messages.  Committed data survives a process crash; with
-``synchronous=NORMAL`` in WAL mode an OS crash or power loss can also roll back
-the last transactions.  Queries flush first, so a query sees every message
-stored before it.
+**Writes are batched.**  ``store`` assigns the ordinals (n, pn), epoch and
+timestamp at once and builds the rows (the caller stamps the recipient's id,
+computed from them, on the live copy; the sender's id is computed only if
+read) and queues them; a writer commits the queue in one transaction per loop
+turn or per ``flush_interval`` seconds, in chunks of at most ``_CHUNK``
+messages with a yield between chunks (sqlite3 calls do not yield to other
+greenlets, so each transaction is kept short).  The queue is bounded
+(``max_pending``): when full, the caller flushes synchronously
+(back-pressure, never a drop).  A message counts as archived once committed.
+**A crash between accept and commit** loses at most what was queued (at most
+``flush_interval`` seconds of messages, never more than ``max_pending``): those
+messages were delivered live (or are in offline storage, whose
+``message-stored`` commits the archive at once), and their ids, already seen
+by clients, name nothing after the restart (a new epoch: item-not-found,
+never another message).  Committed data survives a process crash; with
+``synchronous=NORMAL`` in WAL mode an OS crash or power loss can also roll
+back the last transactions.  Queries flush first, so a query sees every
+message stored before it.
+
+**Retraction** (``retract``, a message bounced after ``message-accepted``):
+still queued, it is dropped and its ordinals handed back when they are still
+the last ones, so counts stay exact; the epoch moves on so its ids name
+nothing.
 
 Greenlet safety: one SqliteArchive per process, shared by all greenlets.  Its
 in-memory state (queue, counters, caches) is mutated only by ``store`` (any
-greenlet, no yield inside), by the flush (under ``_lock``) and by ``expire``
-(background greenlet, under ``_lock`` per chunk).  Only one process may open
-the file.
+greenlet, no yield inside), by the flush (under ``_lock``), by ``expire``
+(background greenlet, under ``_lock`` per chunk) and by ``retract`` (the bouncing
+greenlet, under ``_lock``).  Only one process may open the file.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ import gevent
 import gevent.lock
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from boshroster.im.archive import MAX_PREF_JIDS, POLICIES, Copy, MessageArchive, Prefs, parse_duration
+from boshroster.im.archive import MAX_PREF_JIDS, POLICIES, Copy, MessageArchive, Prefs, Stored, parse_duration
 from boshroster.im.archive_sqlite_read import (
     N_BITS,
     N_MAX,
@@ -123,6 +134,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._owners: dict[str, OwnerState] = {}
         self._peers: dict[str, int] = {}
         self._pairs: dict[int, int] = {}  # pk -> last pn
+        self._routes: dict[tuple[str, str], tuple[OwnerState, int]] = {}  # (owner, peer) -> (state, pk)
         self._prefs: dict[str, Prefs] = {}
         self._last_full_warning = 0.0
         self._cleaner: gevent.Greenlet | None = None
@@ -149,29 +161,36 @@ class SqliteArchive(SqliteReads, MessageArchive):
             state = self._owners[owner] = OwnerState(row[0], row[1], owner_check(owner))
         return state
 
-    def store(self, stanza: Element, copies: Sequence[Copy]) -> list[str]:
+    def store(self, stanza: Element, copies: Sequence[Copy]) -> Stored:
+        """Assign each copy its ordinals (n, pn), epoch and stamp now, queue the rows for the
+        writer; the ids are computed when read (Stored).  Runs in the sender's greenlet and
+        does not yield (a first message of an owner or pair reads or inserts one row)."""
         if self._closed:
             raise RuntimeError("archive is closed")
         if not copies:
-            return []
+            return Stored(self._id_of, (), None)
         now = int(self._clock() * 1_000_000)
         if now < self._last_stamp:
             now = self._last_stamp  # the clock went back: keep time order == archive order
         self._last_stamp = now
-        self._body_seq += 1
+        seq = self._body_seq = self._body_seq + 1
+        flags = self._epoch << 1
+        pairs = self._pairs
         rows = []
-        blocks = []
-        epoch = self._epoch.to_bytes(4, "big")
+        entries = []
+        routes = self._routes
         for c in copies:
-            owner = self._owner(c.owner, create=True)
-            owner.last_n += 1
-            rows.append((owner.id, owner.last_n, c.peer, c.resource, c.outgoing))
-            blocks.append(owner.last_n.to_bytes(6, "big") + epoch + owner.check)
-        # One AES call for all the ids (ECB: block by block, the same as one call each).
-        sealed = self._enc.update(b"".join(blocks))
-        ids = [b2a_base64(sealed[i: i + 16], newline=False)[:22].translate(_URLSAFE).decode("ascii")
-               for i in range(0, len(sealed), 16)]
-        self._pending.append(((self._body_seq, now, encode_stanza(stanza)), rows))
+            route = routes.get((c.owner, c.peer))
+            if route is None:
+                owner = self._owner(c.owner, create=True)
+                route = routes[(c.owner, c.peer)] = (owner, (owner.id << PEER_BITS) | self._peer_id(c.peer))
+            owner, pk = route
+            n = owner.last_n = owner.last_n + 1
+            pn = pairs.get(pk)
+            pn = pairs[pk] = (self._last_pn(pk) if pn is None else pn) + 1
+            rows.append(((owner.id << N_BITS) | n, pk, pn, now, flags | c.outgoing, c.resource, seq))
+            entries.append((owner, n, self._epoch))
+        self._pending.append(((seq, now, encode_stanza(stanza)), rows))
         if len(self._pending) >= self.max_pending:
             if now / 1e6 - self._last_full_warning > 60:
                 self._last_full_warning = now / 1e6
@@ -183,7 +202,59 @@ class SqliteArchive(SqliteReads, MessageArchive):
                 gevent.spawn_later(self.flush_interval, self._background_flush)
             else:
                 gevent.spawn(self._background_flush)  # next loop turn
-        return ids
+        return Stored(self._id_of, entries, (seq, rows, entries))
+
+    def _id_of(self, entry: tuple) -> str:
+        owner, n, epoch = entry
+        block = self._enc.update(n.to_bytes(6, "big") + epoch.to_bytes(4, "big") + owner.check)
+        return b2a_base64(block, newline=False)[:22].translate(_URLSAFE).decode("ascii")
+
+    def retract(self, token) -> int:
+        """A bounced message (see MessageArchive.retract).  Usually it is still queued, and
+        its copies hold their owners' (and pairs') last ordinals: they are handed back, so
+        counts stay exact, and the epoch moves on (persisted at once) so the ids already
+        seen name nothing.  Otherwise (committed meanwhile, or later ordinals given out)
+        its rows are deleted, leaving holes: a count over them is then too high by one."""
+        if token is None:
+            return 0
+        seq, rows, entries = token
+        with self._lock:
+            for i in range(len(self._pending) - 1, -1, -1):
+                if self._pending[i][0][0] == seq:
+                    del self._pending[i]
+                    break
+            else:
+                return self._delete_rows(seq, rows)
+            for (owner, n, _epoch), row in zip(entries, rows):
+                if owner.last_n == n:
+                    owner.last_n = n - 1
+                pk, pn = row[1], row[2]
+                if self._pairs.get(pk) == pn:
+                    self._pairs[pk] = pn - 1
+            if self._body_seq == seq:
+                self._body_seq = seq - 1
+            self._new_epoch()
+        return len(rows)
+
+    def _delete_rows(self, seq: int, rows: list) -> int:
+        try:
+            deleted = 0
+            for row in rows:
+                deleted += self.db.execute("DELETE FROM archive WHERE k=? AND flags=?", (row[0], row[4])).rowcount
+            if deleted:
+                self.db.execute("DELETE FROM body WHERE id=?", (seq,))
+            return deleted
+        except sqlite3.Error as exc:
+            log.error("archive: a bounced message could not be removed (%s)", exc)
+            return 0
+
+    def _new_epoch(self) -> None:
+        """Ids from now on carry a new epoch (rows already queued keep theirs)."""
+        self._epoch += 1
+        try:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (self._epoch,))
+        except sqlite3.Error as exc:
+            log.error("archive: the epoch could not be saved (%s)", exc)
 
     def _background_flush(self) -> None:
         try:
@@ -214,7 +285,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
                     finally:
                         self._lock.acquire()
             if not self._pending and (len(self._owners) > _CACHE_MAX or len(self._peers) > _CACHE_MAX
-                                      or len(self._pairs) > _CACHE_MAX):
+                                      or len(self._pairs) > _CACHE_MAX or len(self._routes) > _CACHE_MAX):
                 self._reset_caches()
         return written
 
@@ -237,30 +308,18 @@ class SqliteArchive(SqliteReads, MessageArchive):
         return last
 
     def _write(self, chunk: list[tuple[tuple, list[tuple]]]) -> None:
-        """One transaction: the bodies, the archive rows, the owners' counters."""
+        """One transaction: the bodies, the archive rows (made by ``store``), the owners' counters."""
         db = self.db
-        flags_epoch = self._epoch << 1
-        pairs = self._pairs
         db.execute("BEGIN")
         try:
-            bodies = []
-            rows = []
-            last_n: dict[int, int] = {}
-            for body, copies in chunk:
-                bodies.append(body)
-                bid, stamp = body[0], body[1]
-                for owner_id, n, peer, resource, outgoing in copies:
-                    pk = (owner_id << PEER_BITS) | self._peer_id(peer)
-                    pn = pairs[pk] = self._last_pn(pk) + 1
-                    rows.append(((owner_id << N_BITS) | n, pk, pn, stamp, flags_epoch | outgoing, resource, bid))
-                    last_n[owner_id] = n
-            db.executemany("INSERT INTO body (id, stamp, stanza) VALUES (?, ?, ?)", bodies)
+            rows = [row for _body, copies in chunk for row in copies]
+            db.executemany("INSERT INTO body (id, stamp, stanza) VALUES (?, ?, ?)", [body for body, _ in chunk])
             db.executemany("INSERT INTO archive (k, pk, pn, stamp, flags, resource, body) VALUES (?,?,?,?,?,?,?)", rows)
+            last_n = {row[0] >> N_BITS: row[0] & N_MAX for row in rows}
             db.executemany("UPDATE owners SET last_n=? WHERE id=? AND last_n<?", [(n, o, n) for o, n in last_n.items()])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
-            self._pairs.clear()  # counters read inside the rolled-back transaction
             raise
 
     def _write_failed(self, exc: Exception) -> None:
@@ -281,6 +340,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._body_seq = row[0] if row else 0
 
     def _reset_caches(self) -> None:
+        self._routes.clear()
         self._owners.clear()
         self._peers.clear()
         self._pairs.clear()

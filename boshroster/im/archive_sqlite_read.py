@@ -64,17 +64,15 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circu
 
 
 def _tree(el: Element) -> list:
-    node = [el.tag, el.attrib, el.text, el.tail]
-    for child in el:
-        node.append(_tree(child))
-    return node
+    # Leaves (most children of a chat message: body, chat state, receipt request) inline.
+    return [el.tag, el.attrib, el.text, el.tail,
+            *[[c.tag, c.attrib, c.text, c.tail] if not len(c) else _tree(c) for c in el]]
 
 
 def encode_stanza(el: Element) -> str:
     """The stored form of a stanza (its tail is not part of it)."""
-    node = _tree(el)
-    node[3] = None
-    return _dumps(node)
+    return _dumps([el.tag, el.attrib, el.text, None,
+                   *[[c.tag, c.attrib, c.text, c.tail] if not len(c) else _tree(c) for c in el]])
 
 
 def _build(node: list) -> Element:
@@ -141,7 +139,7 @@ class SqliteReads:
         decoded = self._decode(owner, sid)
         if decoded is not None:
             n, epoch = decoded
-            row = self.db.execute("SELECT flags FROM archive WHERE k=?", ((o.id << N_BITS) | n,)).fetchone()
+            row = self.db.execute(f"SELECT flags FROM {self.T_ARCHIVE} WHERE k=?", ((o.id << N_BITS) | n,)).fetchone()
             if row is not None and row[0] >> 1 == epoch:
                 return n
         raise ItemNotFound(sid)
@@ -154,10 +152,10 @@ class SqliteReads:
         order = "DESC" if last else ""
         base = o << N_BITS
         if pk is None:
-            sql = f"SELECT k, stamp, pn FROM archive WHERE k BETWEEN ? AND ? ORDER BY k {order} LIMIT 1"
+            sql = f"SELECT k, stamp, pn FROM {self.T_ARCHIVE} WHERE k BETWEEN ? AND ? ORDER BY k {order} LIMIT 1"
             row = self.db.execute(sql, (base | lo, base | hi)).fetchone()
         else:
-            sql = f"SELECT k, stamp, pn FROM archive WHERE pk=? AND k BETWEEN ? AND ? ORDER BY k {order} LIMIT 1"
+            sql = f"SELECT k, stamp, pn FROM {self.T_ARCHIVE} WHERE pk=? AND k BETWEEN ? AND ? ORDER BY k {order} LIMIT 1"
             row = self.db.execute(sql, (pk, base | lo, base | hi)).fetchone()
         return None if row is None else (row[0] & N_MAX, row[1], row[2])
 
@@ -197,7 +195,7 @@ class SqliteReads:
         if q.with_jid is not None:
             peer = self._peers.get(q.with_jid)
             if peer is None:
-                row = self.db.execute("SELECT id FROM peers WHERE jid=?", (q.with_jid,)).fetchone()
+                row = self.db.execute(f"SELECT id FROM {self.T_PEERS} WHERE jid=?", (q.with_jid,)).fetchone()
                 if row is None:
                     return empty
                 peer = row[0]
@@ -267,8 +265,13 @@ class SqliteReads:
             rows.reverse()
         return rows
 
-    _COLUMNS = ("SELECT a.k, a.stamp, a.pn, a.flags, p.jid, a.resource, b.stanza FROM archive a"
-                " JOIN body b ON b.id = a.body JOIN peers p ON p.id = (a.pk & %d)" % PEER_MASK)
+    # Table names: a PostgreSQL database shares its namespace with other stores (cluster/pg_archive.py).
+    T_ARCHIVE, T_BODY, T_PEERS = "archive", "body", "peers"
+
+    @property
+    def _COLUMNS(self) -> str:
+        return (f"SELECT a.k, a.stamp, a.pn, a.flags, p.jid, a.resource, b.stanza FROM {self.T_ARCHIVE} a"
+                f" JOIN {self.T_BODY} b ON b.id = a.body JOIN {self.T_PEERS} p ON p.id = (a.pk & {PEER_MASK})")
 
     def _fetch(self, o: OwnerState, lo: int, hi: int, pk: int | None, resource: str | None, limit: int,
                backwards: bool) -> list[tuple[int, int, int, ArchivedMessage]]:

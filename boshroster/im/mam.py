@@ -6,7 +6,8 @@ form (§4.1.5), archive metadata (§5), preferences (XEP-0441, split out of
 XEP-0313 §6), and the message-side helpers the wiring uses to archive a chat
 message and stamp its XEP-0359 ``<stanza-id/>``.  No I/O of its own: every
 handler returns the stanzas to send, or raises StanzaError (the router turns
-it into the error reply).  The archive (archive.py) is the only shared state.
+it into the error reply).  The archive (archive.py) is the shared state, plus
+``MamService._recent`` (see there).
 
 Errors, as the XEPs name them: malformed date -> bad-request (XEP-0082
 profile required); unknown form field -> feature-not-implemented (§4.1.5);
@@ -21,11 +22,14 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from boshroster.im.archive import (
+    ArchiveUnavailable,
     ArchivedMessage,
     ArchivePage,
     ArchiveQuery,
@@ -33,6 +37,7 @@ from boshroster.im.archive import (
     ItemNotFound,
     MessageArchive,
     Prefs,
+    Stored,
     Unsupported,
 )
 from boshroster.im.archive import MAX_PREF_JIDS, POLICIES
@@ -40,9 +45,12 @@ from boshroster.xmpp.errors import StanzaError
 from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID, JIDError
 from boshroster.xmpp.router import HANDLED, StanzaEvent
-from boshroster.xmpp.xmlio import E, Element, NS_CLIENT, NS_DELAY, NS_FORWARD, NS_HINTS
+from boshroster.xmpp.xmlio import E, Element, NS_CLIENT, NS_DELAY, NS_FORWARD
+from boshroster.im.mam_stanzas import NS_SID, archivable, stamp_stanza_id, strip_stanza_ids  # noqa: F401 (re-exported)
 
 log = logging.getLogger("boshroster.mam")
+
+_RECENT_MAX = 1024  # archived messages whose bounce could still come (one deliver call each)
 
 NS_MAM = "urn:xmpp:mam:2"
 NS_MAM_EXTENDED = "urn:xmpp:mam:2#extended"  # before-id/after-id/ids, flip-page, metadata (§6)
@@ -50,18 +58,15 @@ NS_MAM_GROUPCHAT_FIELD = "urn:xmpp:mam:2#groupchat-field"  # we understand 'incl
 NS_RSM = "http://jabber.org/protocol/rsm"
 NS_XDATA = "jabber:x:data"
 NS_XDATA_VALIDATE = "http://jabber.org/protocol/xdata-validate"
-NS_SID = "urn:xmpp:sid:0"
 
 # XEP-0313 §6: what the account's disco#info lists (an archive lives on the user's bare JID).
 ACCOUNT_FEATURES = (NS_MAM, NS_MAM_EXTENDED, NS_MAM_GROUPCHAT_FIELD, NS_SID)
 
 _IQ = f"{{{NS_CLIENT}}}iq"
 _MESSAGE = f"{{{NS_CLIENT}}}message"
-_BODY = f"{{{NS_CLIENT}}}body"
 _QUERY = f"{{{NS_MAM}}}query"
 _PREFS = f"{{{NS_MAM}}}prefs"
 _METADATA = f"{{{NS_MAM}}}metadata"
-_STANZA_ID = f"{{{NS_SID}}}stanza-id"
 
 _FORM_FIELDS = ("FORM_TYPE", "with", "start", "end", "before-id", "after-id", "ids", "include-groupchat")
 _SINGLE = ("with", "start", "end", "before-id", "after-id", "include-groupchat")
@@ -281,44 +286,6 @@ def _result(iq: Element, *children: Element) -> Element:
     return E(_IQ, {"type": "result", "id": iq.get("id"), "to": iq.get("from"), "from": iq.get("to")}, *children)
 
 
-# -- archiving messages (used by the wiring) -------------------------------------------------
-
-
-def archivable(stanza: Element) -> bool:
-    """XEP-0313 §5.1.1: one-to-one 'chat' and 'normal' messages with a <body/>; XEP-0334
-    <no-store/>/<no-permanent-store/> opt out unless <store/> is also there."""
-    if stanza.get("type", "normal") not in ("chat", "normal") or stanza.find(_BODY) is None:
-        return False
-    if stanza.find(f"{{{NS_HINTS}}}store") is None and (
-        stanza.find(f"{{{NS_HINTS}}}no-store") is not None
-        or stanza.find(f"{{{NS_HINTS}}}no-permanent-store") is not None
-    ):
-        return False
-    return True
-
-
-def strip_stanza_ids(stanza: Element, domain: str) -> None:
-    """XEP-0359 §5 rule 3 and XEP-0313 §3.5: a <stanza-id/> claiming to come from this server
-    (by= the domain or an account here) that arrives from a client is forged: remove it."""
-    for sid in stanza.findall(_STANZA_ID):
-        try:
-            forged = JID.parse(sid.get("by") or "").domain == domain
-        except JIDError:
-            forged = True  # §5 rule 5: 'by' is mandatory; a malformed one is no one's
-        if forged:
-            stanza.remove(sid)
-
-
-def stamp_stanza_id(stanza: Element, by: str, sid: str, replace: bool = True) -> None:
-    """XEP-0359 §3: at most one <stanza-id/> per 'by' at the top level (``replace=False``:
-    the caller knows there is none, e.g. strip_stanza_ids ran)."""
-    if replace:
-        for old in stanza.findall(_STANZA_ID):
-            if old.get("by") == by:
-                stanza.remove(old)
-    stanza.append(E(_STANZA_ID, {"by": by, "id": sid}))
-
-
 class MamService:
     """Answers MAM IQs for local accounts and archives their messages.
 
@@ -332,6 +299,10 @@ class MamService:
         self.max_page = max(1, max_page)
         self.default_page = min(max(1, default_page), self.max_page)
         self.in_roster = in_roster
+        # id(stanza) -> (stanza, Stored.token) of the last messages archived, for message-bounced;
+        # mutated by the greenlet delivering each (no yield between the hook and the mutation).
+        self._recent: OrderedDict[int, tuple[Element, object]] = OrderedDict()  # oldest first, O(1) pop
+        self._warned = -1e9  # when the last "archive unavailable" warning was logged
 
     def register(self, bus: EventBus, account_features: list[str]) -> None:
         """Hook the bus (router.py names the events) and advertise on the account (XEP-0313 §6).
@@ -341,7 +312,9 @@ class MamService:
           to the domain is hooked by nobody: service-unavailable.
         - ``pre-message/bare|full`` (first): forged <stanza-id/>s go before anything sees them.
         - ``message-accepted``: archive for both parties, stamp the recipient's id on the
-          stanza that is then delivered, carbon-copied to the recipient or stored offline.
+          stanza that is then delivered, carbon-copied to the recipient or stored offline
+          (also for the app's API messages, which have no origin session).
+        - ``message-bounced``: that message was refused after all: out of the archive.
         - ``message-stored``: commit the archive at once, so that what offline storage
           holds (with its id) is in the archive too, even across a crash."""
         account_features.extend(f for f in ACCOUNT_FEATURES if f not in account_features)
@@ -352,6 +325,7 @@ class MamService:
         for target in ("bare", "full"):
             bus.hook(f"pre-message/{target}", self._on_pre_message, priority=100)
         bus.hook("message-accepted", self._on_accepted)
+        bus.hook("message-bounced", self._on_bounced)
         bus.hook("message-stored", lambda event: self._flush())
 
     def _on_iq(self, event: StanzaEvent):
@@ -364,14 +338,46 @@ class MamService:
 
     def _on_accepted(self, event: StanzaEvent) -> None:
         recipient = event.to
+        stanza = event.stanza
         try:
+            # A client's message: its session's JID.  The app's API (origin None): the stanza's
+            # 'from', the domain (no archive of its own) or one of its users.
+            sender = event.origin.jid if event.origin is not None else JID.parse(stanza.get("from") or self.domain)
             # pre-message already removed forged ids: no second pass.
-            _, recipient_id = self.archive_message(event.stanza, event.origin.jid, recipient, strip=False)
-        except Exception:  # noqa: BLE001 - the archive failing must not cost the live message
-            log.exception("archiving a message from %s failed; delivered without a stanza-id", event.origin.jid_str)
+            stored, _, recipient_at = self._archive(stanza, sender, recipient, sender.local is not None, True, False)
+        except ArchiveUnavailable as exc:
+            now = time.monotonic()
+            if now - self._warned > 60:  # one line a minute, not one per message, while it is away
+                self._warned = now
+                log.warning("archive unavailable (%s): messages delivered without archiving", exc)
             return None
-        if recipient_id is not None:
-            stamp_stanza_id(event.stanza, f"{recipient.local}@{recipient.domain}", recipient_id, replace=False)
+        except Exception:  # noqa: BLE001 - the archive failing must not cost the live message
+            log.exception("archiving a message from %s failed; delivered without a stanza-id", stanza.get("from"))
+            return None
+        if stored is None:
+            return None
+        if recipient_at is not None:
+            stamp_stanza_id(stanza, f"{recipient.local}@{recipient.domain}", stored[recipient_at], replace=False)
+        recent = self._recent
+        recent[id(stanza)] = (stanza, stored.token)
+        if len(recent) > _RECENT_MAX:
+            recent.popitem(last=False)
+        return None
+
+    def _on_bounced(self, event: StanzaEvent) -> None:
+        """``message-bounced``: the message archived at ``message-accepted`` was refused
+        with an error to its sender.  It leaves both parties' archives (XEP-0313 §5.1.1
+        archives messages exchanged, and this one never reached the recipient; the
+        sender's other devices would show it as sent, without the error).  ``_recent``
+        holds the last messages' tokens: a bounce comes from the same ``deliver`` call,
+        at most one storage round trip later."""
+        entry = self._recent.pop(id(event.stanza), None)
+        if entry is None or entry[0] is not event.stanza:
+            return None
+        try:
+            self.archive.retract(entry[1])
+        except Exception:  # noqa: BLE001 - logged; the sender already has the error
+            log.exception("a bounced message could not be taken out of the archive")
         return None
 
     def _flush(self) -> None:
@@ -384,6 +390,13 @@ class MamService:
 
     def handle_iq(self, username: str, iq: Element, to: JID | None) -> list[Element]:
         """Answer one MAM IQ get/set from ``username``; the stanzas to send, in order."""
+        try:
+            return self._handle_iq(username, iq, to)
+        except ArchiveUnavailable as exc:
+            log.warning("MAM request of %s refused: archive unavailable (%s)", username, exc)
+            raise StanzaError("internal-server-error", "wait", "the archive is unavailable; try again later") from None
+
+    def _handle_iq(self, username: str, iq: Element, to: JID | None) -> list[Element]:
         owner = f"{username}@{self.domain}"
         if to is not None and not (to.local == username and to.domain == self.domain and to.resource is None):
             if to.local is None and to.domain == self.domain:
@@ -441,11 +454,24 @@ class MamService:
         not archived.  Forged stanza-ids are removed from ``stanza`` first (``strip=False``:
         already done), and the stanza is stored without any: the caller stamps the returned
         id on the copies it delivers."""
+        stored, sender_at, recipient_at = self._archive(stanza, sender, recipient, sender_local, recipient_local,
+                                                        strip)
+        if stored is None:
+            return None, None
+        return (stored[sender_at] if sender_at is not None else None,
+                stored[recipient_at] if recipient_at is not None else None)
+
+    def _archive(self, stanza: Element, sender: JID, recipient: JID, sender_local: bool, recipient_local: bool,
+                 strip: bool) -> tuple[Stored | None, int | None, int | None]:
+        """archive_message's work: (what the store returned, the sender's copy's index, the
+        recipient's); ids are computed only when read."""
         if strip:
             strip_stanza_ids(stanza, self.domain)
         if not archivable(stanza):
-            return None, None
-        sender_bare, recipient_bare = f"{sender.local}@{sender.domain}", f"{recipient.local}@{recipient.domain}"
+            return None, None, None
+        # The sender may be the domain itself (the app's API): its bare JID is the domain.
+        sender_bare = f"{sender.local}@{sender.domain}" if sender.local is not None else sender.domain
+        recipient_bare = f"{recipient.local}@{recipient.domain}"
         copies: list[Copy] = []
         if sender_local and self._archives(sender, sender_bare, recipient, recipient_bare):
             copies.append(Copy(sender_bare, recipient_bare, recipient.resource, True))
@@ -453,11 +479,11 @@ class MamService:
         if recipient_local and not self_note and self._archives(recipient, recipient_bare, sender, sender_bare):
             copies.append(Copy(recipient_bare, sender_bare, sender.resource, False))
         if not copies:
-            return None, None
-        ids = self.archive.store(stanza, copies)
-        sender_id = ids[0] if copies[0].outgoing else None
-        recipient_id = ids[-1] if not copies[-1].outgoing else (sender_id if self_note else None)
-        return sender_id, recipient_id
+            return None, None, None
+        stored = self.archive.store(stanza, copies)
+        sender_at = 0 if copies[0].outgoing else None
+        recipient_at = (len(copies) - 1) if not copies[-1].outgoing else (sender_at if self_note else None)
+        return stored, sender_at, recipient_at
 
     def _archives(self, owner: JID, owner_bare: str, peer: JID, peer_bare: str) -> bool:
         prefs = self.archive.prefs(owner_bare)

@@ -10,7 +10,9 @@ Hooks ``message/bare``, ``message/full``, ``message/host`` and
 got: it is routed again).  Fires ``message-accepted`` (a StanzaEvent) for a
 ``chat``/``normal`` message with a body to an existing local user, before it
 is delivered or stored: the archive hooks it (it may add a ``<stanza-id/>``);
-and ``message-stored`` (StoredMessage) once a message went to offline storage
+``message-bounced`` (the same event) when such a message is then refused with an
+error to its sender (recipient congested, offline storage full): the archive
+takes it back; and ``message-stored`` (StoredMessage) once a message went to offline storage
 (the offline webhook hooks it).
 
 Back-pressure: a recipient whose transport is congested gets no
@@ -106,8 +108,19 @@ class MessageHandler:
             if mtype in ("error", "headline", "groupchat"):
                 return
             raise StanzaError("service-unavailable", text="no such user")
-        if event is not None and mtype in ("chat", "normal") and stanza.find(BODY) is not None:
-            self.bus.fire("message-accepted", event)
+        if event is None or mtype not in ("chat", "normal") or stanza.find(BODY) is None:
+            self._route(stanza, to, mtype)
+            return
+        self.bus.fire("message-accepted", event)
+        try:
+            self._route(stanza, to, mtype)
+        except StanzaError:
+            # Accepted (archived) but bounced: the archive takes it back (mam.py).
+            self.bus.fire("message-bounced", event)
+            raise
+
+    def _route(self, stanza: Element, to: JID, mtype: str) -> None:
+        username = to.local
         if to.resource is not None:
             target = self.sessions.get(username, to.resource)
             if target is not None:

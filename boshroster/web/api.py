@@ -45,6 +45,7 @@ from boshroster.web.access import request_denied
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StanzaError
 from boshroster.xmpp.jid import JID, JIDError, prep_localpart
+from boshroster.xmpp.router import StanzaEvent
 from boshroster.xmpp.tags import BODY, MESSAGE, q
 from boshroster.xmpp.xmlio import E, NS_CLIENT
 
@@ -304,7 +305,9 @@ class AppApi:
                      if (to.resource is not None and s.jid.resource == to.resource)
                      or (s.presence is not None and s.priority >= 0)]
         try:
-            self.core.messages.deliver(stanza, to)
+            # The event a client's message would have (origin None: no session sent it), so
+            # the archive keeps API messages like any other (message-accepted, mam.py).
+            self.core.messages.deliver(stanza, to, StanzaEvent(None, stanza, to))
         except StanzaError as err:
             if err.text == "no such user":
                 raise ApiError(404, f"no such user: {to.local}", outcome="not-found") from None
