@@ -6,12 +6,15 @@ in flight (rows claimed, not yet confirmed) and restarted with the same
 node_id, which frees its previous life's claims.  Plus what only a shared
 database has: two processes delivering to two resources of one user at once
 hand out each message exactly once between them (cluster/pg_offline.py's
-claims).  One private PostgreSQL for the module, a database per test.
+claims), a refused delivery frees its claims at once, and a cluster node killed
+mid-delivery has its claims freed by the node that cleans it up.  One private
+PostgreSQL for the module, a database per test.
 """
 
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 
 import gevent
@@ -127,3 +130,35 @@ def test_a_refused_delivery_releases_its_claims_for_another_process(make_server,
     exactly_once(collect(again, 30), ids)
     again.close()
     stop_clients(second.port)
+
+
+def test_kill9_of_a_cluster_node_mid_delivery_frees_its_claims_for_the_other_node(tmp_path, backend, database_url):
+    """Two cluster nodes on one Redis and one PostgreSQL: n1 is killed while its offline delivery
+    to bob is unacknowledged (rows claimed by n1).  n2 finds n1 dead (no heartbeat for
+    cluster_node_timeout), cleans it up and frees its claims: bob gets every message on n2
+    at once, not after the 10-minute claim lease."""
+    from test_cluster import Cluster, RedisProcess
+
+    redis_server = RedisProcess(str(tmp_path)).start()
+    cluster = Cluster(tmp_path, redis_server, backend, database_url)
+    try:
+        n1, n2 = cluster.add(), cluster.add()
+        alice = cluster.ws(n2, "alice", presence=False)
+        ids = [f"c{i}" for i in range(40)]
+        send_messages(alice, "bob@localhost", ids)
+        bob = test_no_loss.SyncBosh(n1, "bob", "lost")
+        bob.send_and_vanish("<presence xmlns='jabber:client'/>")  # the messages go into a response nobody reads
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(claim for _u, claim in offline_rows(database_url)):
+            gevent.sleep(0.05)
+        assert all(claim and claim.startswith("n1:") for _u, claim in offline_rows(database_url))
+        n1.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 30  # cluster_node_timeout is 3 s here (test_cluster.FAST)
+        while time.monotonic() < deadline and any(claim for _u, claim in offline_rows(database_url)):
+            gevent.sleep(0.1)
+        assert offline_rows(database_url) == [("bob", None)] * 40
+        again = cluster.ws(n2, "bob", resource="again")
+        exactly_once(collect(again, 40), ids)
+    finally:
+        cluster.close()
+        redis_server.stop()
