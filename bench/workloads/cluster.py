@@ -45,7 +45,8 @@ SETUPS = ("single", "1 node", "2 nodes")
 
 
 def redis_binary() -> str | None:
-    return shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    found = shutil.which("redis-server")
+    return found or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
 
 
 class MultiMeter:
@@ -180,7 +181,12 @@ def measure_messages(ctx, setup: Setup) -> dict:
     p = ctx.p
     pairs, window = p["pairs"], p["window"]
     n = 2 * pairs
-    clients = run_pool(20, range(n), lambda i: (lambda c: (login(c, f"u{i}", PASSWORD, ctx.scram), c)[1])(setup.client(i)))
+    def one(i):
+        c = setup.client(i)  # u<even> on node A, u<odd> on node B
+        login(c, f"u{i}", PASSWORD, ctx.scram)
+        return c
+
+    clients = run_pool(20, range(n), one)
     gevent.sleep(0.5)
     state = {"received": 0, "target": 0, "total": 0, "dups": 0}
     done = gevent.event.Event()

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("boshroster.offline")
 
+FLUSH_ATTEMPTS = 4  # per flush call on a PostgreSQL blip: 0.5 + 1 + 2 s of waiting
+
 MIGRATIONS = [
     """
     CREATE TABLE offline (id BIGSERIAL PRIMARY KEY, username TEXT NOT NULL, stamp DOUBLE PRECISION NOT NULL,
@@ -165,7 +167,9 @@ class PgOfflineStore(OfflineStore):
 
     def _delete_confirmed(self) -> None:
         """Delete the confirmed rows and release the refused ones, in one transaction per batch.
-        On a PostgreSQL blip the ids are kept (still claimed by us) and tried again."""
+        On a PostgreSQL blip the ids are kept (still claimed by us) and tried again, up to
+        ``FLUSH_ATTEMPTS`` times in this call (3.5 s of waiting: shutdown must not hang), then at the next
+        report; rows never deleted are delivered again after a restart (a duplicate, not a loss)."""
         if gevent.getcurrent() is gevent.get_hub():
             self._kick()
             return
@@ -185,9 +189,13 @@ class PgOfflineStore(OfflineStore):
                 except StorageUnavailable as exc:
                     self._doomed[:0], self._freed[:0] = doomed, freed
                     attempt += 1
+                    if attempt >= FLUSH_ATTEMPTS:
+                        log.warning("offline: %d delivered message(s) not deleted (%s); trying again later",
+                                    len(self._doomed), exc)
+                        return
                     log.warning("offline: %d delivered message(s) not deleted yet (%s), retrying",
                                 len(self._doomed), exc)
-                    gevent.sleep(min(30.0, 0.5 * 2 ** attempt))
+                    gevent.sleep(0.5 * 2 ** (attempt - 1))
 
     def close(self) -> None:
         if self._closed:
