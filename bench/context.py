@@ -169,7 +169,8 @@ class Ctx:
     def bump(self, users: list[str], conn: HttpConn | None = None) -> None:
         (conn or self.backend_conn).request(json.dumps(users).encode())
 
-    def start_server(self, **overrides) -> Child:
+    def start_server(self, cpu: int | None = None, **overrides) -> Child:
+        """boshroster with these settings, pinned to ``cpu`` (default: the server CPU)."""
         port = free_port()
         run_dir = tempfile.mkdtemp(prefix="server-", dir=self.work)
         data = os.path.join(run_dir, "data")
@@ -195,7 +196,8 @@ class Ctx:
             argv = [sys.executable, "-c", "import sys; from boshroster.cli import main as cli\n"
                     f"for _f in {files!r}: exec(compile(open(_f).read(), _f, 'exec'), {{'__name__': 'patch'}})\n"
                     "sys.exit(cli.main())", "serve", "--config", cfg]
-        self.server = Child("boshroster", argv, self.server_cpu, os.path.join(run_dir, "server.log"), port=port,
+        self.server = Child("boshroster", argv, self.server_cpu if cpu is None else cpu,
+                            os.path.join(run_dir, "server.log"), port=port,
                             env=clean_env())
         print(f"  (boshroster pid {self.server.pid}, port {port})", flush=True)
         return self.server

@@ -42,11 +42,13 @@ import peer_ejabberd  # noqa: E402
 from context import Ctx  # noqa: E402
 from core import TRANSPORTS, raise_nofile  # noqa: E402
 from results import Results, compare, print_table  # noqa: E402
-from workloads import ceilings, idle, login, messages, presence, refresh  # noqa: E402
+from workloads import ceilings, cluster, idle, login, messages, presence, refresh  # noqa: E402
 
 # name -> module with run(ctx, transport); "ceilings" always runs first (the ratios need it)
 WORKLOADS = {"ceilings": ceilings, "login": login, "idle": idle, "messages": messages, "refresh": refresh,
-             "presence": presence}
+             "presence": presence, "cluster": cluster}
+# what runs without --only: the cluster workload (Redis, 1 vs 2 nodes) only when asked for
+DEFAULT_WORKLOADS = [w for w in WORKLOADS if w != "cluster"]
 PEERS = ("ejabberd",)
 
 PROFILES = {
@@ -56,6 +58,7 @@ PROFILES = {
         messages=50000, messages_warm=2000, pairs=50, window=10,
         refresh_users=200, refresh_singles=400, refresh_conc=20, refresh_reps=3,
         presence_rounds=100, ceiling_seconds=5.0, ceiling_conns=50,
+        cluster_logins=400, cluster_messages=25000,
     ),
     "quick": dict(
         ring=2000, hub=100, login_warm=10, login_seq=150, login_conc=400, login_plain=200, login_phases="seq,conc,plain",
@@ -63,6 +66,7 @@ PROFILES = {
         messages=25000, messages_warm=1000, pairs=50, window=10,
         refresh_users=200, refresh_singles=400, refresh_conc=20, refresh_reps=3,
         presence_rounds=60, ceiling_seconds=2.0, ceiling_conns=50,
+        cluster_logins=200, cluster_messages=10000,
     ),
 }
 
@@ -99,7 +103,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.compare:
         return compare(args.compare)
-    only = [w.strip() for w in args.only.split(",") if w.strip()] or list(WORKLOADS)
+    only = [w.strip() for w in args.only.split(",") if w.strip()] or list(DEFAULT_WORKLOADS)
     for w in only:
         if w not in WORKLOADS:
             ap.error(f"unknown workload {w!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 
 import gevent
@@ -130,7 +131,15 @@ class Core:
         if self.database is not None:
             from boshroster.cluster.pg_offline import PgOfflineStore
 
-            self.offline = PgOfflineStore(self.database, domain, config.offline_max_per_user, config.stanza_size_limit)
+            # Rows are claimed per process (node:boot) while being delivered: see pg_offline.py.
+            if self.cluster is not None:
+                node, boot = self.cluster.node, self.cluster.boot
+            else:
+                from boshroster.cluster.keys import default_node_id
+
+                node, boot = config.node_id or default_node_id(), secrets.token_hex(4)
+            self.offline = PgOfflineStore(self.database, domain, config.offline_max_per_user, config.stanza_size_limit,
+                                          node=node, boot=boot)
         else:
             self.offline = OfflineStore(
                 os.path.join(config.data_dir, "offline.sqlite3"), domain, config.offline_max_per_user,

@@ -14,6 +14,8 @@
   channel br:ctl           control: refresh requests, roster changes
 """
 
+import socket
+
 NODES = "br:nodes"
 DIR_CHANNEL = "br:dir"
 CTL_CHANNEL = "br:ctl"
@@ -54,3 +56,8 @@ def roster_lock(username: str) -> str:
 
 def refresh_reply(request_id: str) -> str:
     return f"br:refresh:{request_id}"
+
+
+def default_node_id() -> str:
+    """node_id when the configuration leaves it empty: the host name, as a key-safe word."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64] or "node"

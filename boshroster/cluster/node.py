@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import socket
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
@@ -67,14 +66,10 @@ def redacted(url: str) -> str:
     return url
 
 
-def default_node_id() -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64] or "node"
-
-
 class ClusterNode:
     def __init__(self, config, sessions: "SessionManager", bus: "EventBus"):
         self.config = config
-        self.node = config.node_id or default_node_id()
+        self.node = config.node_id or keys.default_node_id()
         self.boot = secrets.token_hex(4)
         self.domain = config.domain
         self.sessions = sessions
@@ -358,6 +353,9 @@ class ClusterNode:
             for username, resource, entry in gone:
                 self._announce_gone(node, username, resource, entry)
             drained = self.inbox.drain(node)
+            release = getattr(self.mailbox, "release_node", None)  # PostgreSQL: its offline claims
+            if release is not None and node != self.node:
+                release(node)
             pipe = r.pipeline(transaction=True)
             pipe.srem(keys.NODES, node)
             pipe.delete(keys.node_url(node))

@@ -101,6 +101,23 @@ class OfflineStore:
         delivery = self._deliveries[username] = _Delivery(self, session)
         delivery.pump()
 
+    # -- what a backend provides (cluster/pg_offline.py overrides these) --------
+
+    def _page(self, username: str, after: int, limit: int) -> list:
+        """The user's next rows (id, stamp, stanza) above ``after``, oldest first."""
+        return self.db.execute(
+            "SELECT id, stamp, stanza FROM offline WHERE username=? AND id>? ORDER BY id LIMIT ?",
+            (username, after, limit),
+        ).fetchall()
+
+    def _unsent(self, row_ids: list[int]) -> None:
+        """Rows ``_page`` returned that were not handed over or not delivered (the stream ended):
+        they simply stay stored here."""
+
+    def _repump(self, delivery: "_Delivery") -> None:
+        """Room in the window after a delivery report: read on at once (sqlite3 does not yield)."""
+        delivery.pump()
+
     # -- confirmed rows ----------------------------------------------------------
 
     def _confirmed(self, row_id: int) -> None:
@@ -156,15 +173,14 @@ class _Delivery:
         try:
             while (not self.session.ended and store.db is not None
                    and len(self.in_flight) < store.window_rows and self.in_flight_bytes < store.window_bytes):
-                rows = store.db.execute(
-                    "SELECT id, stamp, stanza FROM offline WHERE username=? AND id>? ORDER BY id LIMIT ?",
-                    (self.username, self.after, store.window_rows - len(self.in_flight)),
-                ).fetchall()
+                rows = store._page(self.username, self.after, store.window_rows - len(self.in_flight))
                 self.exhausted = not rows
                 if not rows:
                     break
-                for row_id, stamp, text in rows:
+                for index, (row_id, stamp, text) in enumerate(rows):
                     if self.session.ended or self.in_flight_bytes >= store.window_bytes:
+                        if self.session.ended:
+                            store._unsent([row[0] for row in rows[index:]])
                         break
                     self.after = row_id
                     try:
@@ -195,8 +211,9 @@ class _Delivery:
             self.delivered += 1
         else:
             self.kept += 1
+            self.store._unsent([row_id])
         if not self._pumping:
-            self.pump()
+            self.store._repump(self)
 
     def _maybe_done(self) -> None:
         if self.in_flight or self._pumping or not (self.exhausted or self.session.ended):
