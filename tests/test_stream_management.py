@@ -168,6 +168,30 @@ def test_the_server_asks_for_an_ack_at_once_one_request_at_a_time(core):  # noqa
     assert tags(alice.take()) == ["m5", "r"]
 
 
+def test_an_ack_below_the_previous_one_is_ignored_and_asks_nothing_more(core, caplog):  # noqa: F811
+    """xmpp.js 0.13 resets its count after acking what came with <enabled/>: its h goes back
+    (1, then 0).  That acknowledges nothing, ends nothing (one warning), and the server does
+    not ask again until it sent something new: no <r/>/<a/> ping-pong with a lagging client."""
+    alice, bob = ws_login(core, "alice"), ws_login(core, "bob")
+    enable(alice, resume=False)
+    message(bob, "alice@localhost/res", "m0", 0)
+    message(bob, "alice@localhost/res", "m1", 1)
+    assert tags(alice.take()) == ["m0", "r", "m1"]
+    alice.feed(sm_el("a", h=1))
+    assert tags(alice.take()) == ["r"]  # m1 came after the <r/>
+    alice.feed(sm_el("a", h=0))  # the client's count went back
+    assert not alice.session.ended and alice.errors == []
+    assert alice.take() == []  # m1 is still unacknowledged, but nothing new was sent: no <r/>
+    alice.feed(sm_el("a", h=0))
+    assert alice.take() == []
+    assert sum("below its previous ack" in r.getMessage() for r in caplog.records) == 1
+    message(bob, "alice@localhost/res", "m2", 2)
+    assert tags(alice.take()) == ["m2", "r"]
+    alice.feed(sm_el("a", h=2))  # the lagging count: acknowledges m1 (oldest first)
+    assert [el.findtext(q(NS_CLIENT, "body")) for el in alice.session.sm.unacked()] == ["m2"]
+    assert alice.take() == []
+
+
 def test_max_unacked_lets_more_go_before_asking(core):  # noqa: F811
     core.stream_context.sm.settings.max_unacked = 5
     alice, bob = ws_login(core, "alice"), ws_login(core, "bob")

@@ -85,7 +85,7 @@ class SmSettings:
 class SmState:
     """One stream's counters and unacknowledged queue (XEP-0198 §4)."""
 
-    __slots__ = ("id", "handled_in", "sent", "acked", "queue", "requested")
+    __slots__ = ("id", "handled_in", "sent", "acked", "queue", "requested", "requested_at", "behind")
 
     def __init__(self, sm_id: str | None):
         self.id = sm_id  # None: enabled without resumption
@@ -94,6 +94,8 @@ class SmState:
         self.acked = 0  # the client's last h, mod 2^32
         self.queue: deque[tuple[Element, Callable[[bool], None] | None]] = deque()
         self.requested = False  # an <r/> is outstanding
+        self.requested_at = 0  # ``sent`` when our last <r/> went out
+        self.behind = 0  # acks whose h was below the previous one (ignored; see on_ack)
 
     def received(self) -> None:
         self.handled_in = (self.handled_in + 1) % _WRAP
@@ -106,9 +108,18 @@ class SmState:
         """Drop what ``h`` acknowledges; returns the acknowledged entries (oldest first).
 
         ``h`` counts modulo 2^32, so "how many new" is ``(h - acked) mod 2^32``;
-        more than what is queued means more than was sent."""
+        more than what is queued means more than was sent.  An ``h`` *below* the
+        previous one (within half the counter range) acknowledges nothing and is
+        ignored, as ejabberd does: xmpp.js 0.13 resets its count when its
+        ``<enable/>`` promise resolves, after it already counted (and acked) the
+        stanzas that came in the same read as ``<enabled/>``; ending its stream
+        for that would cut every xmpp.js user right after login."""
         newly = (h - self.acked) % _WRAP
         if newly > len(self.queue):
+            if (self.acked - h) % _WRAP < _WRAP // 2:
+                self.behind += 1
+                self.requested = False
+                return []
             raise AckTooHigh(f"h={h} acknowledges {newly} stanzas, {len(self.queue)} were unacknowledged")
         self.acked = h % _WRAP
         self.requested = False
@@ -205,12 +216,16 @@ class StreamManagement:
         h = parse_h(el)
         if h is None:
             return session.fail("bad-format", "<a/> needs an 'h' between 0 and 2^32-1")
+        behind = session.sm.behind
         try:
             entries = session.sm.on_ack(h)
         except AckTooHigh as exc:
             error = stream_error_element("undefined-condition", str(exc))
             error.append(E(q(NS_SM, "handled-count-too-high"), {"h": str(h), "send-count": str(session.sm.sent)}))
             return session.fail_with(error, "undefined-condition")
+        if session.sm.behind != behind and session.sm.behind == 1:
+            log.warning("%s: <a h='%d'/> is below its previous ack (%d): ignored (a client that "
+                        "reset its counter; its later acks lag behind)", session.jid_str, h, session.sm.acked)
         for _, delivered in entries:
             if delivered is not None:
                 delivered(True)
@@ -231,12 +246,15 @@ class StreamManagement:
 
     def _request_if_needed(self, session: ClientSession, force: bool = False) -> None:
         """One outstanding ``<r/>`` at a time, sent once more than ``max_unacked`` stanzas
-        are unacknowledged (``force``: once any is)."""
+        are unacknowledged and something was sent since the last ``<r/>`` (``force``: once
+        any is).  Without that last condition, a client whose acks lag behind (see
+        ``SmState.on_ack``) and the server would trade ``<r/>`` and ``<a/>`` forever."""
         sm = session.sm
         if sm.requested or not sm.queue or session in self._hibernating:
             return
-        if force or len(sm.queue) > self.settings.max_unacked:
+        if force or (len(sm.queue) > self.settings.max_unacked and sm.sent != sm.requested_at):
             sm.requested = True
+            sm.requested_at = sm.sent
             session.send_nonza(E(R))
 
     # -- hibernation and resumption --------------------------------------------------
