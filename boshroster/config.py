@@ -157,6 +157,8 @@ class Config:
     bosh_max_stanzas_per_body: int = 10000  # a body with more is refused (policy-violation)
     bosh_max_unauthenticated_per_address: int = 100  # BOSH sessions not yet logged in, per client address; 0 = no cap
     bosh_unauthenticated_limit_loopback: bool = False  # apply that cap to loopback clients too
+    # --- reliability (issue 10 point 16, xmpp/pacing.py): BOSH stanzas over c2s_stanza_rate wait here
+    bosh_shaper_queue: int = 1000  # stanzas of one BOSH session waiting for the shaper; more: resource-constraint
 
     @property
     def bosh_requests(self) -> int:
@@ -237,6 +239,8 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError("mam_default_page and mam_max_page: need 1 <= mam_default_page <= mam_max_page")
     if config.archive_queue_max < 1:
         raise ConfigError("archive_queue_max: must be at least 1")
+    if config.bosh_shaper_queue < 1:
+        raise ConfigError("bosh_shaper_queue: must be at least 1")
     if config.archive_flush_interval < 0:
         raise ConfigError("archive_flush_interval: must not be negative")
     if config.archive_cleanup_interval <= 0:
