@@ -159,6 +159,7 @@ class Config:
     bosh_unauthenticated_limit_loopback: bool = False  # apply that cap to loopback clients too
     # --- reliability (issue 10 point 16, xmpp/pacing.py): BOSH stanzas over c2s_stanza_rate wait here
     bosh_shaper_queue: int = 1000  # stanzas of one BOSH session waiting for the shaper; more: resource-constraint
+    offline_max_total_bytes: int = 1073741824  # all offline messages together (SQLite); more bounce. 0 = no bound
 
     @property
     def bosh_requests(self) -> int:
@@ -241,6 +242,8 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError("archive_queue_max: must be at least 1")
     if config.bosh_shaper_queue < 1:
         raise ConfigError("bosh_shaper_queue: must be at least 1")
+    if config.offline_max_total_bytes < 0:
+        raise ConfigError("offline_max_total_bytes: must be >= 0 (0 = no bound)")
     if config.archive_flush_interval < 0:
         raise ConfigError("archive_flush_interval: must not be negative")
     if config.archive_cleanup_interval <= 0:
