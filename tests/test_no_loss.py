@@ -343,3 +343,24 @@ def test_requeued_messages_with_every_other_resource_congested_are_stored_or_bou
     again = logged_in("websocket", server, "bob", "again")
     stored = collect(again, 20)
     exactly_once(stored + bounced, ids)
+
+
+def test_a_message_two_resources_got_is_not_requeued_to_the_survivor_when_one_ends(make_server):
+    """RFC 6121 §8.5.2.1.1: a bare-JID message goes to every resource of the highest priority.
+    When one of them ends with it undelivered, the other already has it: requeueing it there
+    (or to offline storage) was a duplicate (found by scripts/soak: a BOSH client whose
+    requests failed, reconnected, and its old session timed out later)."""
+    server = make_server(bosh_max_wait=1)
+    alice = logged_in("websocket", server, "alice", "a", presence=False)
+    live = logged_in("websocket", server, "bob", "live")
+    gone = SyncBosh(server, "bob", "gone")
+    gone.next(f"<presence xmlns='{NS_CLIENT}'/>")  # available; then it never polls again
+    live.sync()
+    ids = [f"t{i}" for i in range(20)]
+    send_messages(alice, "bob@localhost", ids)
+    gone.next("", " type='terminate'")  # the 20 were queued for it: given back to routing
+    got = collect(live, 40, timeout=10, quiet=1.5)
+    exactly_once(got, ids)
+    live.close()
+    again = logged_in("websocket", server, "bob", "again")
+    again.expect_nothing(1.0, lambda e: e.tag == q(NS_CLIENT, "message"))  # and nothing went offline

@@ -24,6 +24,7 @@ sessions' IM fields, never yields (the mailbox's SQLite calls do not yield).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -76,6 +77,13 @@ class MessageHandler:
         self.user_exists = user_exists
         self.domain = domain
         self.bus = bus
+        # A message sent to several resources at once (RFC 6121 §8.5.2.1.1: every resource of
+        # the highest priority) -> those sessions: when one of them dies with it undelivered,
+        # it is not requeued while another still has it (a duplicate otherwise).  Weak both
+        # ways: an entry lives as long as some queue holds the message.  Mutated only here,
+        # without yielding.  A cluster's RemoteSession cannot be weakly referenced: the flag says
+        # one got it (its node requeues that copy if its session dies).
+        self._fanout: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def register(self, bus: EventBus) -> None:
         bus.hook("message/bare", self._on_message)
@@ -161,6 +169,9 @@ class MessageHandler:
                 self._store(username, stanza)
                 return
             self._check_room(next(s for s in available if s.priority == best), mtype)
+        if len(receivers) > 1:
+            local = weakref.WeakSet(s for s in receivers if not getattr(s, "remote", False))
+            self._fanout[stanza] = (local, len(local) < len(receivers))
         for session in receivers:
             session.send(stanza)
         if _carbon_eligible(stanza):
@@ -187,6 +198,9 @@ class MessageHandler:
                 continue
             if stanza.find(BODY) is None:
                 continue  # carbons wrappers, chat states, receipts: not worth keeping
+            fanout = self._fanout.get(stanza)
+            if fanout is not None and (fanout[1] or any(s is not session and not s.ended for s in fanout[0])):
+                continue  # another resource that got it at the same time still has it (another node's: its own)
             copy_ = E(MESSAGE, dict(stanza.attrib), *list(stanza))
             copy_.set("to", str(bare))
             try:
