@@ -92,6 +92,7 @@ class Soak:
         self.clients: dict[int, object] = {}
         self.seq = 0
         self.attacks: Counter = Counter()
+        self.deaths: Counter = Counter()  # sessions that died under a client, by error
         self.stopping = False
         self.procs: list[subprocess.Popen] = []
 
@@ -180,6 +181,18 @@ class Soak:
         client.close()
         gevent.sleep(away)
         self.reconnect(i)
+
+    def watchdog(self) -> None:
+        """A session whose client saw an error (a request failed, the stream was closed) comes
+        back, as Converse's auto_reconnect does: what was queued for it meanwhile went to
+        offline storage (requeue) and must arrive at the new login."""
+        while not self.stopping:
+            gevent.sleep(5)
+            for i, client in list(self.clients.items()):
+                if client.closed and self.clients.get(i) is client:
+                    del self.clients[i]
+                    self.deaths[f"{client.kind}: {str(client.error)[:80]}"] += 1
+                    gevent.spawn(self.reconnect, i)
 
     def reconnect(self, i: int) -> None:
         for _attempt in range(5):
@@ -315,7 +328,7 @@ class Soak:
         pool.join()
         print(f"  {len(self.clients)} sessions online, server RSS {rss_kib(self.server.pid) / 1024:.0f} MiB", flush=True)
         workers = [gevent.spawn(self.chatter, i) for i in range(args.sessions)]
-        workers += [gevent.spawn(self.churn), gevent.spawn(self.attack)]
+        workers += [gevent.spawn(self.churn), gevent.spawn(self.attack), gevent.spawn(self.watchdog)]
         samples = []
         started = time.monotonic()
         while time.monotonic() - started < args.minutes * 60:
@@ -330,6 +343,10 @@ class Soak:
         self.stopping = True
         gevent.killall(workers, block=False)
         for i in range(args.sessions):  # everyone back, so offline messages are delivered
+            client = self.clients.get(i)
+            if client is not None and client.closed:
+                del self.clients[i]
+                self.deaths[f"{client.kind}: {str(client.error)[:80]}"] += 1
             if i not in self.clients:
                 pool.spawn(self.reconnect, i)
         pool.join()
@@ -354,6 +371,7 @@ class Soak:
             print(f"  server RSS: start {samples[0] / 1024:.1f} MiB, max {max(samples) / 1024:.1f} MiB, "
                   f"end {samples[-1] / 1024:.1f} MiB")
         print(f"  attacks: {dict(self.attacks)}")
+        print(f"  sessions that died under their client (reconnected): {sum(self.deaths.values())} {dict(self.deaths)}")
         print(f"  errors in the server log: {len(errors)}")
         for line in errors[:10]:
             print("    " + line[:200])
