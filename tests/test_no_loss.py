@@ -332,6 +332,8 @@ def test_requeued_messages_with_every_other_resource_congested_are_stored_or_bou
     send_messages(alice, "bob@localhost/slow", [f"s{i}" for i in range(10)], body=lambda i: "x" * 5000)
     congested = bounces_to(alice, "resource-constraint")
     assert congested, "bob/slow should be congested by now"
+    # one WARNING for the burst, not one per bounced message
+    assert server.log().count("bob@localhost/slow is not reading fast enough") == 1, len(congested)
     alice.seen.clear()
     b1 = SyncBosh(server, "bob", "b1")
     ids = [f"r{i}" for i in range(20)]
