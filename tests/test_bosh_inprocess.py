@@ -164,6 +164,7 @@ def test_a_10000_stanza_body_is_answered_at_once_and_what_the_queue_cannot_hold_
     started = w.clock.now()
     rest, longest = poll_until(w, alice, 10_000 - len(reply), step=0.5)
     assert 9.0 <= w.clock.now() - started <= 11.0  # the 1,000 queued ones: 10 s at 100/s
+    assert caplog.text.count("stanzas/s: paced") == 1  # one line for the flood, not one per batch
     everything = reply + rest
     results = [el for el in everything if el.get("type") == "result"]
     refused = [el for el in everything if el.get("type") == "error"]

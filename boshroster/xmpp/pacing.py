@@ -66,7 +66,8 @@ class Shaper:
         self.stamp = now
         self.tokens -= 1
         if self.tokens >= 0:
-            self.throttled = False
+            if self.tokens >= self.burst - 1:
+                self.throttled = False  # a quiet spell refilled the bucket: warn again next time
             return 0.0
         delay = -self.tokens / self.rate
         self.sleep(delay)
@@ -112,7 +113,8 @@ class PacedInput:
         if self.stopped:
             return
         if not self.queue and not self.busy and self.shaper.try_take():
-            self._warned_slow = self._warned_full = False
+            if self.shaper.tokens >= self.shaper.burst - 1:
+                self._warned_slow = self._warned_full = False  # quiet again: warn at the next flood
             self.busy = True
             try:
                 self.process(el)
