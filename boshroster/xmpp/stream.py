@@ -39,8 +39,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-import gevent
-
 from boshroster.xmpp.errors import SaslFailure, StanzaError, StreamError, error_element, error_reply, stream_error_element
 from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID, JIDError, prep_resource, prep_domain
@@ -314,10 +312,9 @@ class ClientSession:
         """The stream ends with stanzas still paced: its HTTP requests were answered, so
         the messages among them were accepted and are routed now (bounded by
         bosh_shaper_queue); IQs and presences need the stream and die with it."""
-        for n, el in enumerate((el for el in left if el.tag == MESSAGE), 1):
-            self._route_stanza(el)
-            if n % 100 == 0:
-                gevent.sleep(0)
+        for el in left:  # no yield: end() runs in places that expect none (bind's kick, shutdown)
+            if el.tag == MESSAGE:
+                self._route_stanza(el)
 
     def hand_over_to(self, old: "ClientSession"):
         """XEP-0198 resumption: this fresh stream's connection now carries ``old``,
