@@ -11,8 +11,13 @@ more client attacks the server; every message is accounted for.
   WebSocket ping flood without reading, a slow reader flooded by another user, poison
   stanzas (1,200 levels deep, ``<xml:foo/>``), an oversized stanza in a BOSH body, a BOSH
   body of 10,000 pings, ``rid='²'``, a WebSocket handshake of version 8, wrong passwords.
+* A session whose client saw an error (a failed request, a closed stream) reconnects, as
+  Converse's ``auto_reconnect`` does; the summary counts them by error.  BOSH clients keep a
+  request parked (``start(poll=True)``), and what arrives during a login (offline messages
+  follow the initial presence) is counted too.
 * At the end every session is back online; each message must have arrived exactly once
-  (live or from offline storage) or have been bounced to its sender with an error.
+  (live or from offline storage) or have been bounced to its sender with an error; the
+  recipients of lost messages are listed.
 
 Prints a line every 30 s (server RSS, sessions, sent, received), then the summary.
 Exit code 0 only if lost = 0, duplicates = 0 and the server log has no ERROR/Traceback.
@@ -148,8 +153,20 @@ class Soak:
         addr = ("127.0.0.1", self.port)
         client = BoshClient(addr, wait=30) if i % 2 else WsClient(addr)
         login(client, f"u{i}", PASSWORD, self.scram, resource="soak", timeout=60)
+        self.ledger.on_text(client, client.buf)  # offline messages arrive right after the login's presence
         client.handler = self.ledger.on_text
         client.buf = ""
+        if client.kind == "bosh":
+            client.last_response = time.monotonic()
+            respond = client._response
+
+            def tracked(data, client=client, respond=respond):
+                client.last_response = time.monotonic()
+                respond(data)
+
+            client._response = tracked
+        client.start(poll=True)  # BOSH: keep a request parked, as Strophe does (else it only hears in the
+        # responses to its own sends, and its queue waits for the inactivity timeout once it stops sending)
         self.clients[i] = client
 
     def chatter(self, i: int) -> None:
@@ -202,6 +219,16 @@ class Soak:
             except (BenchError, OSError) as exc:
                 print(f"  reconnect u{i}: {exc}", flush=True)
                 gevent.sleep(2)
+
+    def report_stalled(self) -> None:
+        """BOSH clients without a response for longer than 'wait' + 10 s: their polling stopped."""
+        now = time.monotonic()
+        stalled = [(i, c) for i, c in self.clients.items()
+                   if c.kind == "bosh" and not c.closed and now - c.last_response > 40]
+        if stalled:
+            i, c = stalled[0]
+            print(f"  {len(stalled)} BOSH client(s) stalled, e.g. u{i}: {now - c.last_response:.0f}s without a "
+                  f"response, in_flight {c.in_flight}, out {len(c.out)}, idle conns {len(c.idle_conns)}", flush=True)
 
     # -- the attacker --------------------------------------------------------------------
     def attack(self) -> None:
@@ -338,6 +365,7 @@ class Soak:
                 break
             rss = rss_kib(self.server.pid)
             samples.append(rss)
+            self.report_stalled()
             print(f"  t={time.monotonic() - started:5.0f}s RSS {rss / 1024:6.1f} MiB  online {len(self.clients):5d}  "
                   f"sent {len(self.ledger.sent):7d}  received {sum(self.ledger.received.values()):7d}", flush=True)
         self.stopping = True
@@ -351,6 +379,7 @@ class Soak:
                 pool.spawn(self.reconnect, i)
         pool.join()
         deadline = time.monotonic() + 60
+        self.report_stalled()
         while time.monotonic() < deadline:
             missing = set(self.ledger.sent) - set(self.ledger.received) - self.ledger.bounced
             if not missing:
@@ -364,6 +393,16 @@ class Soak:
         with open(self.log_path, errors="replace") as fh:
             log = fh.read()
         errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
+        lost_to = Counter(self.ledger.sent[i] for i in set(self.ledger.sent) - set(self.ledger.received)
+                          - self.ledger.bounced)
+        if lost_to:
+            print(f"  lost messages by recipient ({len(lost_to)} recipients): {lost_to.most_common(8)}")
+            for user, _n in lost_to.most_common(3):
+                c = self.clients.get(int(user[1:]))
+                if c is not None:
+                    print(f"    {user}: {c.kind}, closed {c.closed}, error {c.error}, "
+                          f"in_flight {getattr(c, 'in_flight', '-')}, "
+                          f"last response {time.monotonic() - getattr(c, 'last_response', time.monotonic()):.0f}s ago")
         alive = self.server.poll() is None
         print(f"\nsoak summary: sessions {args.sessions}, minutes {args.minutes}, server alive: {alive}")
         print(f"  messages: sent {sent}, delivered {received}, bounced {bounced}, duplicates {duplicates}, lost {lost}")
