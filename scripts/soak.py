@@ -234,8 +234,8 @@ class Soak:
     def attack(self) -> None:
         held = []
         while not self.stopping:
-            for name in ("idle", "slowloris", "ping_flood", "slow_reader", "poison", "bosh_abuse", "ws_version",
-                         "wrong_passwords"):
+            for name in ("idle", "slowloris", "ping_flood", "slow_reader", "poison", "bosh_abuse", "bosh_ping_body",
+                         "ws_version", "wrong_passwords"):
                 try:
                     getattr(self, f"attack_{name}")(held)
                     self.attacks[name] += 1
@@ -326,6 +326,19 @@ class Soak:
         conn2.request(b"<body xmlns='http://jabber.org/protocol/httpbind' rid='5' sid='nope'>" + pings + b"</body>")
         conn.close(), conn2.close()
 
+    def attack_bosh_ping_body(self, held) -> None:
+        """10,000 pings in one body of a logged-in BOSH session: over the shaper's rate, so the
+        request must be answered at once (not held while the stanzas are paced: it was ~90 s)."""
+        client = BoshClient(("127.0.0.1", self.port), wait=30)
+        login(client, "flooder", PASSWORD, self.scram, resource="pings", timeout=30, roster=False, presence=False)
+        pings = "".join(f"<iq xmlns='jabber:client' type='get' id='p{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+                        for n in range(10000))
+        t0 = time.monotonic()
+        client._sync(pings)
+        took = time.monotonic() - t0
+        self.slowest_ping_body = max(getattr(self, "slowest_ping_body", 0.0), took)
+        client.close()
+
     def attack_ws_version(self, held) -> None:
         sock = self._sock()
         sock.sendall(b"GET /xmpp-websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -410,6 +423,8 @@ class Soak:
             print(f"  server RSS: start {samples[0] / 1024:.1f} MiB, max {max(samples) / 1024:.1f} MiB, "
                   f"end {samples[-1] / 1024:.1f} MiB")
         print(f"  attacks: {dict(self.attacks)}")
+        if hasattr(self, "slowest_ping_body"):
+            print(f"  BOSH body of 10,000 pings answered in {self.slowest_ping_body:.1f} s at most")
         print(f"  sessions that died under their client (reconnected): {sum(self.deaths.values())} {dict(self.deaths)}")
         print(f"  errors in the server log: {len(errors)}")
         for line in errors[:10]:
