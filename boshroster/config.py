@@ -159,6 +159,9 @@ class Config:
     bosh_unauthenticated_limit_loopback: bool = False  # apply that cap to loopback clients too
     # --- BOSH pause (issue 11, XEP-0124 §10)
     bosh_max_pause: int = 120  # 'maxpause' advertised: longest inactivity a client may ask for with 'pause'; 0 = off
+    # --- reliability (issue 10 point 16, xmpp/pacing.py): BOSH stanzas over c2s_stanza_rate wait here
+    bosh_shaper_queue: int = 1000  # stanzas of one BOSH session waiting for the shaper; more: resource-constraint
+    offline_max_total_bytes: int = 1073741824  # all offline messages together (SQLite); more bounce. 0 = no bound
 
     @property
     def bosh_requests(self) -> int:
@@ -239,6 +242,10 @@ def load(path: str | None = None, env: dict | None = None, **overrides) -> Confi
         raise ConfigError("mam_default_page and mam_max_page: need 1 <= mam_default_page <= mam_max_page")
     if config.archive_queue_max < 1:
         raise ConfigError("archive_queue_max: must be at least 1")
+    if config.bosh_shaper_queue < 1:
+        raise ConfigError("bosh_shaper_queue: must be at least 1")
+    if config.offline_max_total_bytes < 0:
+        raise ConfigError("offline_max_total_bytes: must be >= 0 (0 = no bound)")
     if config.archive_flush_interval < 0:
         raise ConfigError("archive_flush_interval: must not be negative")
     if config.archive_cleanup_interval <= 0:

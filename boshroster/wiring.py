@@ -143,7 +143,7 @@ class Core:
         else:
             self.offline = OfflineStore(
                 os.path.join(config.data_dir, "offline.sqlite3"), domain, config.offline_max_per_user,
-                config.stanza_size_limit,
+                config.stanza_size_limit, max_total_bytes=config.offline_max_total_bytes,
             )
         disco = Disco()
         self.roster.register(bus)

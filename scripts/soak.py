@@ -11,8 +11,13 @@ more client attacks the server; every message is accounted for.
   WebSocket ping flood without reading, a slow reader flooded by another user, poison
   stanzas (1,200 levels deep, ``<xml:foo/>``), an oversized stanza in a BOSH body, a BOSH
   body of 10,000 pings, ``rid='²'``, a WebSocket handshake of version 8, wrong passwords.
+* A session whose client saw an error (a failed request, a closed stream) reconnects, as
+  Converse's ``auto_reconnect`` does; the summary counts them by error.  BOSH clients keep a
+  request parked (``start(poll=True)``), and what arrives during a login (offline messages
+  follow the initial presence) is counted too.
 * At the end every session is back online; each message must have arrived exactly once
-  (live or from offline storage) or have been bounced to its sender with an error.
+  (live or from offline storage) or have been bounced to its sender with an error; the
+  recipients of lost messages are listed.
 
 Prints a line every 30 s (server RSS, sessions, sent, received), then the summary.
 Exit code 0 only if lost = 0, duplicates = 0 and the server log has no ERROR/Traceback.
@@ -92,6 +97,7 @@ class Soak:
         self.clients: dict[int, object] = {}
         self.seq = 0
         self.attacks: Counter = Counter()
+        self.deaths: Counter = Counter()  # sessions that died under a client, by error
         self.stopping = False
         self.procs: list[subprocess.Popen] = []
 
@@ -147,8 +153,20 @@ class Soak:
         addr = ("127.0.0.1", self.port)
         client = BoshClient(addr, wait=30) if i % 2 else WsClient(addr)
         login(client, f"u{i}", PASSWORD, self.scram, resource="soak", timeout=60)
+        self.ledger.on_text(client, client.buf)  # offline messages arrive right after the login's presence
         client.handler = self.ledger.on_text
         client.buf = ""
+        if client.kind == "bosh":
+            client.last_response = time.monotonic()
+            respond = client._response
+
+            def tracked(data, client=client, respond=respond):
+                client.last_response = time.monotonic()
+                respond(data)
+
+            client._response = tracked
+        client.start(poll=True)  # BOSH: keep a request parked, as Strophe does (else it only hears in the
+        # responses to its own sends, and its queue waits for the inactivity timeout once it stops sending)
         self.clients[i] = client
 
     def chatter(self, i: int) -> None:
@@ -181,6 +199,18 @@ class Soak:
         gevent.sleep(away)
         self.reconnect(i)
 
+    def watchdog(self) -> None:
+        """A session whose client saw an error (a request failed, the stream was closed) comes
+        back, as Converse's auto_reconnect does: what was queued for it meanwhile went to
+        offline storage (requeue) and must arrive at the new login."""
+        while not self.stopping:
+            gevent.sleep(5)
+            for i, client in list(self.clients.items()):
+                if client.closed and self.clients.get(i) is client:
+                    del self.clients[i]
+                    self.deaths[f"{client.kind}: {str(client.error)[:80]}"] += 1
+                    gevent.spawn(self.reconnect, i)
+
     def reconnect(self, i: int) -> None:
         for _attempt in range(5):
             try:
@@ -190,12 +220,22 @@ class Soak:
                 print(f"  reconnect u{i}: {exc}", flush=True)
                 gevent.sleep(2)
 
+    def report_stalled(self) -> None:
+        """BOSH clients without a response for longer than 'wait' + 10 s: their polling stopped."""
+        now = time.monotonic()
+        stalled = [(i, c) for i, c in self.clients.items()
+                   if c.kind == "bosh" and not c.closed and now - c.last_response > 40]
+        if stalled:
+            i, c = stalled[0]
+            print(f"  {len(stalled)} BOSH client(s) stalled, e.g. u{i}: {now - c.last_response:.0f}s without a "
+                  f"response, in_flight {c.in_flight}, out {len(c.out)}, idle conns {len(c.idle_conns)}", flush=True)
+
     # -- the attacker --------------------------------------------------------------------
     def attack(self) -> None:
         held = []
         while not self.stopping:
-            for name in ("idle", "slowloris", "ping_flood", "slow_reader", "poison", "bosh_abuse", "ws_version",
-                         "wrong_passwords"):
+            for name in ("idle", "slowloris", "ping_flood", "slow_reader", "poison", "bosh_abuse", "bosh_ping_body",
+                         "ws_version", "wrong_passwords"):
                 try:
                     getattr(self, f"attack_{name}")(held)
                     self.attacks[name] += 1
@@ -286,6 +326,19 @@ class Soak:
         conn2.request(b"<body xmlns='http://jabber.org/protocol/httpbind' rid='5' sid='nope'>" + pings + b"</body>")
         conn.close(), conn2.close()
 
+    def attack_bosh_ping_body(self, held) -> None:
+        """10,000 pings in one body of a logged-in BOSH session: over the shaper's rate, so the
+        request must be answered at once (not held while the stanzas are paced: it was ~90 s)."""
+        client = BoshClient(("127.0.0.1", self.port), wait=30)
+        login(client, "flooder", PASSWORD, self.scram, resource="pings", timeout=30, roster=False, presence=False)
+        pings = "".join(f"<iq xmlns='jabber:client' type='get' id='p{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+                        for n in range(10000))
+        t0 = time.monotonic()
+        client._sync(pings)
+        took = time.monotonic() - t0
+        self.slowest_ping_body = max(getattr(self, "slowest_ping_body", 0.0), took)
+        client.close()
+
     def attack_ws_version(self, held) -> None:
         sock = self._sock()
         sock.sendall(b"GET /xmpp-websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -315,7 +368,7 @@ class Soak:
         pool.join()
         print(f"  {len(self.clients)} sessions online, server RSS {rss_kib(self.server.pid) / 1024:.0f} MiB", flush=True)
         workers = [gevent.spawn(self.chatter, i) for i in range(args.sessions)]
-        workers += [gevent.spawn(self.churn), gevent.spawn(self.attack)]
+        workers += [gevent.spawn(self.churn), gevent.spawn(self.attack), gevent.spawn(self.watchdog)]
         samples = []
         started = time.monotonic()
         while time.monotonic() - started < args.minutes * 60:
@@ -325,15 +378,21 @@ class Soak:
                 break
             rss = rss_kib(self.server.pid)
             samples.append(rss)
+            self.report_stalled()
             print(f"  t={time.monotonic() - started:5.0f}s RSS {rss / 1024:6.1f} MiB  online {len(self.clients):5d}  "
                   f"sent {len(self.ledger.sent):7d}  received {sum(self.ledger.received.values()):7d}", flush=True)
         self.stopping = True
         gevent.killall(workers, block=False)
         for i in range(args.sessions):  # everyone back, so offline messages are delivered
+            client = self.clients.get(i)
+            if client is not None and client.closed:
+                del self.clients[i]
+                self.deaths[f"{client.kind}: {str(client.error)[:80]}"] += 1
             if i not in self.clients:
                 pool.spawn(self.reconnect, i)
         pool.join()
         deadline = time.monotonic() + 60
+        self.report_stalled()
         while time.monotonic() < deadline:
             missing = set(self.ledger.sent) - set(self.ledger.received) - self.ledger.bounced
             if not missing:
@@ -347,6 +406,16 @@ class Soak:
         with open(self.log_path, errors="replace") as fh:
             log = fh.read()
         errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
+        lost_to = Counter(self.ledger.sent[i] for i in set(self.ledger.sent) - set(self.ledger.received)
+                          - self.ledger.bounced)
+        if lost_to:
+            print(f"  lost messages by recipient ({len(lost_to)} recipients): {lost_to.most_common(8)}")
+            for user, _n in lost_to.most_common(3):
+                c = self.clients.get(int(user[1:]))
+                if c is not None:
+                    print(f"    {user}: {c.kind}, closed {c.closed}, error {c.error}, "
+                          f"in_flight {getattr(c, 'in_flight', '-')}, "
+                          f"last response {time.monotonic() - getattr(c, 'last_response', time.monotonic()):.0f}s ago")
         alive = self.server.poll() is None
         print(f"\nsoak summary: sessions {args.sessions}, minutes {args.minutes}, server alive: {alive}")
         print(f"  messages: sent {sent}, delivered {received}, bounced {bounced}, duplicates {duplicates}, lost {lost}")
@@ -354,6 +423,9 @@ class Soak:
             print(f"  server RSS: start {samples[0] / 1024:.1f} MiB, max {max(samples) / 1024:.1f} MiB, "
                   f"end {samples[-1] / 1024:.1f} MiB")
         print(f"  attacks: {dict(self.attacks)}")
+        if hasattr(self, "slowest_ping_body"):
+            print(f"  BOSH body of 10,000 pings answered in {self.slowest_ping_body:.1f} s at most")
+        print(f"  sessions that died under their client (reconnected): {sum(self.deaths.values())} {dict(self.deaths)}")
         print(f"  errors in the server log: {len(errors)}")
         for line in errors[:10]:
             print("    " + line[:200])

@@ -105,17 +105,103 @@ def test_early_rid_whose_gap_never_fills_is_item_not_found(world):
     assert terminated(client.post(rid=client.rid + 1)) == "item-not-found"  # the session is gone
 
 
-def test_a_request_slowed_down_by_the_shaper_is_no_gap_for_the_next_rid(world):
-    w = world(c2s_stanza_rate=20, c2s_stanza_burst=1)
+# -- the shaper (c2s_stanza_rate) paces a BOSH body without holding its request (xmpp/pacing.py) --
+
+def poll_until(w, client, want: int, step: float = 0.25, limit: float = 60.0, poll=None):
+    """A client with one request parked at a time (``poll``, or a new empty one): the ids of
+    what arrives (the elements) until ``want`` stanzas did, and the longest time (fake clock) one was held."""
+    got, longest, started = [], 0.0, w.clock.now()
+    poll, sent_at = poll or client.spawn(), w.clock.now()
+    while len(got) < want and w.clock.now() - started < limit:
+        w.clock.advance(step)
+        if poll.ready():
+            longest = max(longest, w.clock.now() - sent_at)
+            got += list(poll.get())
+            poll, sent_at = client.spawn(), w.clock.now()
+    client.parked = poll  # still parked
+    return got, longest
+
+
+def ids(elements) -> list[str]:
+    return [el.get("id") for el in elements]
+
+
+def test_a_body_over_the_shaper_rate_is_answered_at_once_and_its_stanzas_paced_in_order(world, caplog):
+    w = world(c2s_stanza_rate=10, c2s_stanza_burst=5, bosh_max_wait=10)
     alice = w.client().login("alice")
-    slow = alice.spawn("".join(PING.format(id=f"s{i}") for i in range(6)))  # ~0.25 s of real shaping
-    after = alice.spawn(PING.format(id="after"))
-    w.clock.advance(25)  # more than wait + 1 on the fake clock: rid-1 arrived, it is only slow
-    assert not after.ready()
-    results = slow.get(timeout=5), after.get(timeout=5)
-    ids = [el.get("id") for body in results for el in body]
-    assert ids[-1] == "after" and sorted(ids[:-1]) == [f"s{i}" for i in range(6)]
+    with caplog.at_level("WARNING", logger="boshroster.session"):
+        first = alice.spawn("".join(PING.format(id=f"s{i}") for i in range(50)))
+        settle()
+        assert first.ready()  # answered without the fake clock moving: nothing waits in the request
+        got = [el.get("id") for el in first.get()]
+    assert got == [f"s{i}" for i in range(5)]  # the burst
+    assert "sends faster than 10.0 stanzas/s: paced" in caplog.text
+    # A later request is not held up by the paced ones (it is parked as usual, answered as their
+    # results come), and its ping goes behind them (RFC 6120 §10.1).
+    later = alice.spawn(PING.format(id="after"))
+    started = w.clock.now()
+    rest, longest = poll_until(w, alice, 46, poll=later)
+    got += ids(rest)
+    assert got == [f"s{i}" for i in range(50)] + ["after"]
+    assert 4.0 <= w.clock.now() - started <= 6.0  # 46 stanzas at 10/s
+    assert longest <= 1.0  # each response carries what was processed meanwhile
     assert w.session(alice) is not None
+
+
+def test_a_10000_stanza_body_is_answered_at_once_and_what_the_queue_cannot_hold_is_refused(world, caplog):
+    w = world()  # the defaults: 100 stanzas/s, a burst of 1,000, bosh_shaper_queue 1,000
+    assert (w.config.c2s_stanza_rate, w.config.c2s_stanza_burst, w.config.bosh_shaper_queue) == (100, 1000, 1000)
+    alice = w.client().login("alice")
+    bob = w.client().login("bob")  # a bystander
+    with caplog.at_level("WARNING", logger="boshroster.session"):
+        first = alice.spawn("".join(PING.format(id=f"p{i}") for i in range(10_000)))
+        first.join(timeout=30)
+        assert first.ready()  # was: held ~90 s while the shaper slept
+        reply = list(first.get())
+    assert "more are refused with resource-constraint" in caplog.text
+    assert bob.post(PING.format(id="bystander"))[0].get("id") == "bystander"
+    assert len(reply) > 1000  # the burst's results, and errors up to bosh_max_response_bytes
+    started = w.clock.now()
+    rest, longest = poll_until(w, alice, 10_000 - len(reply), step=0.5)
+    assert 9.0 <= w.clock.now() - started <= 11.0  # the 1,000 queued ones: 10 s at 100/s
+    assert caplog.text.count("stanzas/s: paced") == 1  # one line for the flood, not one per batch
+    everything = reply + rest
+    results = [el for el in everything if el.get("type") == "result"]
+    refused = [el for el in everything if el.get("type") == "error"]
+    assert ids(results) == [f"p{i}" for i in range(2000)]  # the burst, then the queue
+    assert ids(refused) == [f"p{i}" for i in range(2000, 10_000)]
+    assert {error_condition(el) for el in refused} == {"resource-constraint"}
+    assert {el.find(q(NS_CLIENT, "error")).get("type") for el in refused} == {"wait"}
+    assert longest <= 1.0
+    again = alice.spawn(PING.format(id="again"))
+    w.clock.advance(10)
+    assert ids(alice.parked.get(timeout=5)) + ids(again.get(timeout=5)) == ["again"]  # the session lives on
+    assert w.session(alice) is not None
+
+
+def test_messages_still_paced_when_the_client_terminates_are_delivered(world):
+    w = world(c2s_stanza_rate=10, c2s_stanza_burst=2, bosh_shaper_queue=100)
+    bob = w.client().login("bob", presence=True)
+    bob.presence_sent.get(timeout=5)
+    alice = w.client().login("alice")
+    sent = [f"m{i}" for i in range(30)]
+    held = alice.spawn("".join(alice.message("bob@localhost", "hi", i) for i in sent))  # 28 of them wait
+    assert terminated(alice.post(type="terminate")) is None
+    held.get(timeout=5)
+    got, _ = poll_until(w, bob, 30)
+    assert ids(got) == sent
+
+
+def test_a_full_pacing_queue_refuses_with_an_error_and_never_answers_an_error(world):
+    w = world(c2s_stanza_rate=10, c2s_stanza_burst=1, bosh_shaper_queue=2)
+    alice = w.client().login("alice")
+    pings = "".join(PING.format(id=f"p{i}") for i in range(5))
+    junk = "<iq xmlns='jabber:client' type='result' id='r1'/><message xmlns='jabber:client' type='error' id='e1'/>"
+    reply = alice.post(pings + junk)
+    assert [(el.get("id"), el.get("type")) for el in reply] == [
+        ("p0", "result"), ("p3", "error"), ("p4", "error")]  # p1, p2 wait; r1 and e1 get no error back
+    rest, _ = poll_until(w, alice, 2)
+    assert ids(rest) == ["p1", "p2"]
 
 
 def test_repeated_rid_replays_the_response_byte_for_byte(world):

@@ -26,12 +26,14 @@ sessions' IM fields, never yields (the mailbox's SQLite calls do not yield).
 from __future__ import annotations
 
 import logging
+import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from boshroster.xmpp.errors import StanzaError
+from boshroster.xmpp.errors import StanzaError, error_reply
 from boshroster.xmpp.events import EventBus
-from boshroster.xmpp.jid import JID
+from boshroster.xmpp.jid import JID, JIDError
 from boshroster.xmpp.router import StanzaEvent
 from boshroster.xmpp.sessions import UndeliveredEvent
 from boshroster.xmpp.tags import BODY, CARBONS_PRIVATE, MESSAGE, NO_COPY
@@ -78,6 +80,14 @@ class MessageHandler:
         self.user_exists = user_exists
         self.domain = domain
         self.bus = bus
+        # A message sent to several resources at once (RFC 6121 §8.5.2.1.1: every resource of
+        # the highest priority) -> those sessions: when one of them dies with it undelivered,
+        # it is not requeued while another still has it (a duplicate otherwise).  Weak both
+        # ways: an entry lives as long as some queue holds the message.  Mutated only here,
+        # without yielding.  A cluster's RemoteSession cannot be weakly referenced: the flag says
+        # one got it (its node requeues that copy if its session dies).
+        self._fanout: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._bounces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> [count, last logged]
 
     def register(self, bus: EventBus) -> None:
         bus.hook("message/bare", self._on_message)
@@ -137,13 +147,28 @@ class MessageHandler:
                 return
         self._deliver_bare(stanza, username, mtype)
 
-    @staticmethod
-    def _check_room(target: "ClientSession", mtype: str) -> None:
+    def _check_room(self, target: "ClientSession", mtype: str) -> None:
         if target.congested and mtype != "error":
-            log.warning("%s is not reading fast enough: message bounced to its sender", target.jid_str)
+            self._log_bounce(target)
             raise StanzaError("resource-constraint", "wait", "the recipient is not keeping up; try again later")
 
-    def _deliver_bare(self, stanza: Element, username: str, mtype: str) -> None:
+    def _log_bounce(self, target: "ClientSession") -> None:
+        """One WARNING per congested recipient per 10 s, with the count: a flood to a slow
+        reader logged a line per message (3,300 in a 3-minute soak)."""
+        now = time.monotonic()
+        entry = self._bounces.get(target)
+        if entry is None:
+            entry = self._bounces[target] = [0, None]
+        entry[0] += 1
+        if entry[1] is None or now - entry[1] >= 10.0:
+            log.warning("%s is not reading fast enough: message bounced to its sender (%d since the last such line)",
+                        target.jid_str, entry[0])
+            entry[0], entry[1] = 0, now
+
+    def _deliver_bare(self, stanza: Element, username: str, mtype: str, requeued: bool = False) -> None:
+        """RFC 6121 §8.5.2 for a bare JID.  ``requeued``: a message given back by a dead
+        session was already accepted, so when every remaining resource is congested it is
+        stored offline rather than bounced (the sender was told nothing is wrong)."""
         available = [s for s in self.sessions.sessions_of(username) if s.presence is not None and s.priority >= 0]
         if mtype == "groupchat":
             raise StanzaError("service-unavailable")  # §8.5.2.1.2
@@ -156,9 +181,7 @@ class MessageHandler:
             # §8.5.2.2: no available resource -> offline storage (chat/normal), errors dropped.
             if mtype == "error":
                 return
-            if not self.mailbox.store(username, stanza):
-                raise StanzaError("service-unavailable", "cancel", "offline storage full")
-            self.bus.fire("message-stored", StoredMessage(username, stanza))
+            self._store(username, stanza)
             return
         best = max(s.priority for s in available)
         if mtype == "error":
@@ -167,7 +190,15 @@ class MessageHandler:
         # §8.5.2.1.1: chat/normal to the highest-priority non-negative resource(s).
         receivers = [s for s in available if s.priority == best and not s.congested]
         if not receivers:
+            if requeued:
+                log.warning("every resource of %s is congested: a requeued message goes to offline storage",
+                            username)
+                self._store(username, stanza)
+                return
             self._check_room(next(s for s in available if s.priority == best), mtype)
+        if len(receivers) > 1:
+            local = weakref.WeakSet(s for s in receivers if not getattr(s, "remote", False))
+            self._fanout[stanza] = (local, len(local) < len(receivers))
         for session in receivers:
             session.send(stanza)
         if _carbon_eligible(stanza):
@@ -175,10 +206,18 @@ class MessageHandler:
                 if session.carbons and session not in receivers:
                     session.send(self._wrap(stanza, "received", session))
 
+    def _store(self, username: str, stanza: Element) -> None:
+        """Offline storage (§8.5.2.2); raises service-unavailable when the user's queue is full."""
+        if not self.mailbox.store(username, stanza):
+            raise StanzaError("service-unavailable", "cancel", "offline storage full")
+        self.bus.fire("message-stored", StoredMessage(username, stanza))
+
     def requeue(self, event: UndeliveredEvent) -> None:
         """Messages queued for a session that died undelivered go back through routing
-        (other resources, or offline storage) instead of being lost.  One stanza that
-        cannot be requeued costs that stanza only (logged), never those behind it."""
+        (other resources, or offline storage when none can take it) instead of being
+        lost; one that cannot go anywhere (offline storage full) is bounced to its
+        sender (issue 10: delivered, stored or bounced).  One stanza that cannot be
+        requeued costs that stanza only (logged), never those behind it."""
         session = event.session
         bare = JID.make(session.username, self.domain)
         for stanza in event.stanzas:
@@ -186,14 +225,32 @@ class MessageHandler:
                 continue
             if stanza.find(BODY) is None:
                 continue  # carbons wrappers, chat states, receipts: not worth keeping
+            fanout = self._fanout.get(stanza)
+            if fanout is not None and (fanout[1] or any(s is not session and not s.ended for s in fanout[0])):
+                continue  # another resource that got it at the same time still has it (another node's: its own)
             copy_ = E(MESSAGE, dict(stanza.attrib), *list(stanza))
             copy_.set("to", str(bare))
             try:
-                self._deliver_bare(copy_, bare.local, copy_.get("type", "normal"))
+                self._deliver_bare(copy_, bare.local, copy_.get("type", "normal"), requeued=True)
             except StanzaError as err:
-                log.warning("could not requeue a message for %s: %s", bare, err.condition)
+                log.warning("could not requeue a message for %s (%s): bounced to its sender", bare, err.condition)
+                self._bounce(stanza, err)
             except Exception:
                 log.exception("could not requeue a message for %s", bare)
+
+    def _bounce(self, stanza: Element, err: StanzaError) -> None:
+        """Tell the sender of an accepted ``stanza`` that it could not be delivered
+        (RFC 6120 §8.3: an error stanza, from the intended recipient)."""
+        try:
+            sender = JID.parse(stanza.get("from") or "")
+        except JIDError:  # no usable sender: nobody to tell
+            return
+        if sender.domain != self.domain or not sender.local:
+            return
+        try:
+            self.deliver(error_reply(stanza, err), sender)
+        except StanzaError:
+            pass  # the sender is gone too: errors are never stored (§8.5.2.2)
 
     def _carbon_copies(self, owner: "ClientSession", stanza: Element, kind: str, exclude: "ClientSession") -> None:
         for session in self.sessions.sessions_of(owner.username):

@@ -46,7 +46,7 @@ log = logging.getLogger("boshroster.offline")
 
 class OfflineStore:
     def __init__(self, path: str, domain: str, max_per_user: int = 1000, stanza_size_limit: int = 262144,
-                 window_rows: int = 100, window_bytes: int = 524288):
+                 window_rows: int = 100, window_bytes: int = 524288, max_total_bytes: int = 0):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.domain = domain
         self.max_per_user = max_per_user
@@ -61,8 +61,14 @@ class OfflineStore:
             " username TEXT NOT NULL, stamp REAL NOT NULL, stanza TEXT NOT NULL)"
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS offline_user ON offline(username, id)")
+        # Issue 10 point 15: all users' rows together are bounded too (0 = no bound), so
+        # messages to many users cannot fill the disk; ``_total_bytes`` is kept by store and
+        # _delete_confirmed (same greenlet-safety as the rest: sqlite3 calls never yield).
+        self.max_total_bytes = max_total_bytes
+        (self._total_bytes,) = self.db.execute("SELECT COALESCE(SUM(length(stanza)), 0) FROM offline").fetchone()
+        self._refused_total = 0
         self._deliveries: dict[str, _Delivery] = {}
-        self._doomed: list[int] = []
+        self._doomed: list[tuple[int, int]] = []  # (row id, its length)
         self._delete_scheduled = False
 
     def store(self, username: str, stanza) -> bool:
@@ -71,10 +77,19 @@ class OfflineStore:
         if count >= self.max_per_user:
             log.warning("offline queue of %s is full (%d), message refused", username, count)
             return False
+        text = xmlio.tostring(stanza)
+        if self.max_total_bytes and self._total_bytes + len(text) > self.max_total_bytes:
+            self._refused_total += 1
+            if self._refused_total % 1000 == 1:
+                log.warning("offline storage is full (%d bytes, offline_max_total_bytes=%d): message for %s "
+                            "refused (%d so far)", self._total_bytes, self.max_total_bytes, username,
+                            self._refused_total)
+            return False
         self.db.execute(
             "INSERT INTO offline (username, stamp, stanza) VALUES (?, ?, ?)",
-            (username, time.time(), xmlio.tostring(stanza)),
+            (username, time.time(), text),
         )
+        self._total_bytes += len(text)
         log.debug("stored offline message for %s", username)
         return True
 
@@ -120,8 +135,8 @@ class OfflineStore:
 
     # -- confirmed rows ----------------------------------------------------------
 
-    def _confirmed(self, row_id: int) -> None:
-        self._doomed.append(row_id)
+    def _confirmed(self, row_id: int, size: int) -> None:
+        self._doomed.append((row_id, size))
         if not self._delete_scheduled:
             self._delete_scheduled = True
             gevent.get_hub().loop.run_callback(self._delete_confirmed)
@@ -133,8 +148,12 @@ class OfflineStore:
         if not doomed or self.db is None:
             return
         self.db.execute("BEGIN")
-        self.db.executemany("DELETE FROM offline WHERE id=?", [(row_id,) for row_id in doomed])
+        self.db.executemany("DELETE FROM offline WHERE id=?", [(row_id,) for row_id, _ in doomed])
         self.db.execute("COMMIT")
+        self._total_bytes = max(0, self._total_bytes - sum(size for _, size in doomed))
+        if self._refused_total and self._total_bytes < self.max_total_bytes // 2:
+            log.info("offline storage has room again: %d message(s) were refused while it was full", self._refused_total)
+            self._refused_total = 0
 
     def close(self) -> None:
         if self.db is not None:
@@ -187,7 +206,7 @@ class _Delivery:
                         stanza = xmlio.parse(text, store.stanza_size_limit * 2, max_depth=None)  # written by us
                     except xmlio.XMLError:
                         log.error("dropping unreadable offline message %s for %s", row_id, self.username)
-                        store._confirmed(row_id)
+                        store._confirmed(row_id, len(text))
                         continue
                     when = datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
                     stanza.append(E(f"{{{NS_DELAY}}}delay", {"from": store.domain, "stamp": when}, text="Offline Storage"))
@@ -207,7 +226,7 @@ class _Delivery:
             return
         self.in_flight_bytes -= size
         if ok:
-            self.store._confirmed(row_id)
+            self.store._confirmed(row_id, size)
             self.delivered += 1
         else:
             self.kept += 1

@@ -102,6 +102,7 @@ class BoshSession:
 
     kind = "bosh"
     tracks_delivery = True  # ClientSession.send passes ``delivered`` through (see module docstring)
+    paces_input = True  # stanzas over the shaper's rate wait on ``clock``, not in the request (xmpp/pacing.py)
 
     def __init__(self, manager, sid: str, rid: int, wait: int, hold: int, peer: Peer,
                  acks: bool = False):

@@ -19,7 +19,9 @@ waiting for the stream restart) -> ``bind`` (waiting for resource binding) ->
 ``active`` (bound: stanzas flow) -> ``ended``.
 
 Greenlet safety: a session is fed by one greenlet at a time (the WebSocket
-reader, or the BOSH request holding the session's rid turn); its fields are
+reader, or the BOSH request holding the session's rid turn, or for BOSH
+stanzas over the shaper's rate the pacer's timer greenlet, never at the same
+time as a request: pacing.py); its fields are
 written by that greenlet, except the IM state (presence, priority, interested,
 carbons, directed), which im/ handlers write from the greenlet of the stanza
 or event that changes it and other users' deliveries only read.  ``end`` may
@@ -37,9 +39,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from boshroster.xmpp.errors import SaslFailure, StanzaError, StreamError, error_element, stream_error_element
+from boshroster.xmpp.errors import SaslFailure, StanzaError, StreamError, error_element, error_reply, stream_error_element
 from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID, JIDError, prep_resource, prep_domain
+from boshroster.xmpp.pacing import PacedInput, Shaper  # Shaper: re-exported (wiring.py)
 from boshroster.xmpp.stream_management import ENABLE as SM_ENABLE, FAILED as SM_FAILED, RESUME as SM_RESUME, SM_PREFIX
 from boshroster.xmpp.tags import (
     BIND,
@@ -47,6 +50,7 @@ from boshroster.xmpp.tags import (
     BIND_RESOURCE,
     FEATURES,
     IQ,
+    MESSAGE,
     SASL_ABORT,
     SASL_AUTH,
     SASL_CHALLENGE,
@@ -98,35 +102,6 @@ class StreamContext:
     shaper: Callable[[], "Shaper"] | None = None  # a traffic shaper per stream, or None
 
 
-class Shaper:
-    """Token bucket of stanzas a client may send (like ejabberd's c2s shaper):
-    ``burst`` at once, then ``rate`` per second.  Over the rate, the stream's own
-    greenlet waits (``sleep``) before routing more: the client is slowed down,
-    nothing is dropped, and nobody else waits."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp", "clock", "sleep", "throttled")
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float], sleep: Callable[[float], None]):
-        self.rate, self.burst = rate, burst
-        self.tokens = float(burst)
-        self.clock, self.sleep = clock, sleep
-        self.stamp = clock()
-        self.throttled = False
-
-    def take(self) -> float:
-        """Account for one stanza; returns how long the stream waited."""
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        self.tokens -= 1
-        if self.tokens >= 0:
-            self.throttled = False
-            return 0.0
-        delay = -self.tokens / self.rate
-        self.sleep(delay)
-        return delay
-
-
 @dataclass(slots=True)
 class FeaturesEvent:
     session: "ClientSession"
@@ -173,6 +148,10 @@ class ClientSession:
         self.started = time.monotonic()
         self.sm = None  # SmState once the client enabled XEP-0198 (stream_management.py)
         self._shaper = ctx.shaper() if ctx.shaper is not None else None
+        self._pacer = None  # BOSH: stanzas over the rate wait here, not in the request (pacing.py)
+        if self._shaper is not None and getattr(transport, "paces_input", False):
+            self._pacer = PacedInput(self._shaper, transport.clock, ctx.config.bosh_shaper_queue,
+                                     self._route_stanza, self._refuse_paced, lambda: self.jid_str)
 
     # -- transport-facing API ---------------------------------------------
 
@@ -230,14 +209,12 @@ class ClientSession:
         try:
             if self.state == "active":
                 if el.tag in STANZAS:
+                    if self._pacer is not None:
+                        return self._pacer.submit(el)
                     if self._shaper is not None and self._shaper.take() and not self._shaper.throttled:
                         self._shaper.throttled = True
                         log.warning("%s sends faster than %s stanzas/s: slowed down", self.jid_str, self._shaper.rate)
-                    if self.state != "active":
-                        return  # it ended while it waited
-                    if self.sm is not None:
-                        self.sm.received()
-                    self.ctx.router.route(self, el)
+                    self._route_stanza(el)
                 elif el.tag.startswith(SM_PREFIX) and self.ctx.sm is not None:
                     self.ctx.sm.handle(self, el)
                 else:
@@ -257,6 +234,31 @@ class ClientSession:
                 raise StreamError("not-authorized", "stream not open")
         except StreamError as err:
             self.fail(err.condition, err.text)
+
+    def _route_stanza(self, el: Element) -> None:
+        """Hand one stanza of the bound client to the router (after the shaper)."""
+        if self.state != "active":
+            return  # it ended while the stanza waited
+        if self.sm is not None:
+            self.sm.received()
+        try:
+            self.ctx.router.route(self, el)
+        except StreamError as err:
+            self.fail(err.condition, err.text)
+
+    def _refuse_paced(self, el: Element) -> None:
+        """The pacing queue is full: ``el`` is answered with resource-constraint (RFC 6120
+        §8.3.3.18, type wait); never an error for an error or a result (§8.3.1)."""
+        if self.state != "active":
+            return
+        if self.sm is not None:
+            self.sm.received()
+        if el.get("type") in ("error", "result"):
+            return
+        reply = error_reply(el, StanzaError("resource-constraint", "wait",
+                                            "too many stanzas at once: slow down and send again"))
+        reply.set("to", self.jid_str)
+        self.send(reply)
 
     def fail(self, condition: str, text: str | None = None) -> None:
         """Close the stream with a stream error (RFC 6120 §4.9)."""
@@ -283,6 +285,10 @@ class ClientSession:
         """The stream is over (logout, timeout, socket drop, error): clean up once."""
         if self.state == "ended":
             return
+        if self._pacer is not None and not self._pacer.stopped:
+            self._route_paced_messages(self._pacer.stop())
+            if self.state == "ended":
+                return  # routing them ended the stream (re-entered end)
         was_bound = self.jid is not None
         was_counted = self.state != "new"  # session_opened runs at the first <open/> only
         self.state = "ended"
@@ -301,6 +307,14 @@ class ClientSession:
                 if delivered is not None:
                     delivered(False)
             self.return_undelivered(again)
+
+    def _route_paced_messages(self, left: list[Element]) -> None:
+        """The stream ends with stanzas still paced: its HTTP requests were answered, so
+        the messages among them were accepted and are routed now (bounded by
+        bosh_shaper_queue); IQs and presences need the stream and die with it."""
+        for el in left:  # no yield: end() runs in places that expect none (bind's kick, shutdown)
+            if el.tag == MESSAGE:
+                self._route_stanza(el)
 
     def hand_over_to(self, old: "ClientSession"):
         """XEP-0198 resumption: this fresh stream's connection now carries ``old``,
