@@ -567,3 +567,33 @@ def test_requests_with_unusual_header_lines_are_still_answered(shared_server, na
     if name == "obs-fold-before-length":
         assert status == 200
     assert_no_traceback(shared_server)
+
+
+def _data_segments_in(sock) -> int:
+    """tcpi_data_segs_in of Linux's struct tcp_info (offset 152, Linux 4.6+): data-carrying
+    TCP segments this socket received."""
+    import struct
+
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, 152)[0]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="Linux TCP_INFO")
+def test_a_small_response_is_one_tcp_segment(shared_server):
+    """Status line, headers and body in one write (pywsgi writes the head and the body apart:
+    two segments, and two syscalls, per BOSH response)."""
+    sock = connect(shared_server)
+    try:
+        for _ in range(3):  # kept alive: each response alone
+            before = _data_segments_in(sock)
+            sock.sendall(b"GET /http-bind HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            sock.settimeout(5.0)
+            while not (b"\r\n\r\n" in data and _complete(data)):
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and int(re.search(rb"Content-Length: (\d+)", data).group(1)) > 0
+            assert _data_segments_in(sock) - before == 1
+    finally:
+        sock.close()
