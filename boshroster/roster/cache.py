@@ -331,6 +331,10 @@ class RosterCache:
                 outcome = (old, new)
             else:
                 outcome = (None, new)
+        if error is not None and not self.is_held(username) and self._prefetched.get(username) is flight:
+            # A login fetch that failed before its bind: hold() gets the flight from the
+            # login itself; a stream that never binds leaves no entry behind.
+            del self._prefetched[username]
         if self._flights.get(username) is flight:
             if flight.followup is not None:
                 self._launch(username, flight.followup)
