@@ -511,3 +511,89 @@ def test_body_cut_short_by_the_client_is_one_line_no_traceback(shared_server, pa
     sock.close()
     assert wait_log(server, "body incomplete")
     assert_no_traceback(server)
+
+
+# -- issue 12: the request headers' fast parser gives what email's parser gives ------------------
+
+from gevent.pywsgi import OldMessage  # noqa: E402
+
+from boshroster.transports.http_handler import parse_header_lines  # noqa: E402
+from boshroster.transports.http_limits import read_headers  # noqa: E402
+
+HEADER_BLOCKS = {
+    "plain": b"Host: x\r\nContent-Length: 7\r\nConnection: keep-alive\r\n\r\n",
+    "no-blank-after-colon": b"Host:x\r\nX-A:\t\t tabbed  \r\n\r\n",
+    "empty-value": b"Host: x\r\nX-Empty:\r\nX-Blank:   \r\n\r\n",
+    "lf-only": b"Host: x\nContent-Length: 7\n\n",
+    "duplicates-and-case": b"host: x\r\nCONTENT-length: 7\r\nX-A: 1\r\nx-a: 2\r\n\r\n",
+    "latin-1-value": "Host: x\r\nX-Name: Jürgen \u00e9\r\n\r\n".encode("latin-1"),
+    "utf-8-value": "Host: x\r\nContent-Length: \u0665\r\n\r\n".encode("utf-8"),
+    "obs-fold": b"Host: x\r\nX-Folded: one\r\n two\r\n\tthree\r\nContent-Length: 7\r\n\r\n",
+    "no-colon": b"Host: x\r\ngarbage line\r\nContent-Length: 7\r\n\r\n",
+    "empty-name": b"Host: x\r\n: nameless\r\n\r\n",
+    "space-in-name": b"Host: x\r\nBad Name: v\r\n\r\n",
+    "from-line": b"From someone\r\nHost: x\r\n\r\n",
+    "non-ascii-name": "Host: x\r\nN\u00e4me: v\r\n\r\n".encode("latin-1"),
+    "cr-inside-value": b"Host: x\r\nX-A: a\rb\r\n\r\n",
+    "eof-terminated": b"Host: x\r\nX-A: 1\r\n",
+    "nothing": b"\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADER_BLOCKS))
+def test_fast_header_parser_matches_the_email_parser(name):
+    import email.parser
+    import io
+
+    lines = read_headers(io.BytesIO(HEADER_BLOCKS[name]), 65536, 65536 * 100)
+    fast = parse_header_lines(lines)
+    reference = email.parser.Parser(_class=OldMessage).parsestr(b"".join(lines).decode("iso-8859-1"))
+    assert type(fast) is OldMessage
+    assert fast._headers == reference._headers
+    assert fast.get("content-length") == reference.get("content-length")
+    assert list(fast.headers) == list(reference.headers)
+
+
+@pytest.mark.parametrize("name", ["obs-fold-before-length", "lf-only"])
+def test_requests_with_unusual_header_lines_are_still_answered(shared_server, name):
+    body = b"<body/>"
+    raw = {
+        "obs-fold-before-length": (b"GET /http-bind HTTP/1.1\r\nHost: x\r\nX-Folded: one\r\n two\r\n"
+                                   b"Connection: close\r\n\r\n"),
+        "lf-only": b"POST /http-bind HTTP/1.1\nHost: x\nContent-Length: %d\nConnection: close\n\n%s" % (len(body), body),
+    }[name]
+    status, data, closed, took = exchange(shared_server, raw, timeout=3.0)
+    assert status is not None and status < 500 and closed, (status, data[:300])
+    if name == "obs-fold-before-length":
+        assert status == 200
+    assert_no_traceback(shared_server)
+
+
+def _data_segments_in(sock) -> int:
+    """tcpi_data_segs_in of Linux's struct tcp_info (offset 152, Linux 4.6+): data-carrying
+    TCP segments this socket received."""
+    import struct
+
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, 152)[0]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="Linux TCP_INFO")
+def test_a_small_response_is_one_tcp_segment(shared_server):
+    """Status line, headers and body in one write (pywsgi writes the head and the body apart:
+    two segments, and two syscalls, per BOSH response)."""
+    sock = connect(shared_server)
+    try:
+        for _ in range(3):  # kept alive: each response alone
+            before = _data_segments_in(sock)
+            sock.sendall(b"GET /http-bind HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            sock.settimeout(5.0)
+            while not (b"\r\n\r\n" in data and _complete(data)):
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200") and int(re.search(rb"Content-Length: (\d+)", data).group(1)) > 0
+            assert _data_segments_in(sock) - before == 1
+    finally:
+        sock.close()

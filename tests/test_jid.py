@@ -3,6 +3,7 @@
 import pytest
 
 from boshroster.xmpp.jid import JID, JIDError, prep_domain, prep_localpart, prep_resource
+from boshroster.xmpp.jid import _precis_localpart, _precis_resource  # the fast paths' reference
 
 
 def parse(text: str) -> JID:
@@ -252,3 +253,63 @@ def test_jids_are_hashable_and_immutable():
 
 def test_jid_error_is_a_value_error():
     assert issubclass(JIDError, ValueError)
+
+
+# -- the ASCII fast paths (issue 12): exactly what precis-i18n answers ------------------------
+
+
+def _outcome(fn, value):
+    try:
+        return fn(value)
+    except JIDError:
+        return JIDError
+
+
+_ASCII_SAMPLES = ([chr(c) for c in range(0x00, 0x80)] + [f"a{chr(c)}B" for c in range(0x00, 0x80)]
+                  + [f"{chr(c)}{chr(c)}" for c in range(0x20, 0x7F)])
+
+
+@pytest.mark.parametrize("value", _ASCII_SAMPLES, ids=lambda v: v.encode("unicode_escape").decode())
+def test_ascii_localpart_fast_path_matches_precis(value):
+    assert _outcome(prep_localpart, value) == _outcome(_precis_localpart, value)
+
+
+@pytest.mark.parametrize("value", _ASCII_SAMPLES, ids=lambda v: v.encode("unicode_escape").decode())
+def test_ascii_resource_fast_path_matches_precis(value):
+    assert _outcome(prep_resource, value) == _outcome(_precis_resource, value)
+
+
+@pytest.mark.parametrize("raw, prepared", [
+    ("ALICE", "alice"),          # uppercase: case-mapped on the fast path too
+    ("Alice.Smith-1_x", "alice.smith-1_x"),
+    ("\u00c9lodie", "\u00e9lodie"),   # non-ASCII first: the PRECIS path
+    ("abc\u00c9", "abc\u00e9"),       # ASCII, then one non-ASCII character
+    ("\uff21\uff22", "ab"),          # fullwidth: width-mapped by PRECIS, not the fast path
+    ("a" * 1023, "a" * 1023),
+])
+def test_localpart_fast_path_boundaries(raw, prepared):
+    assert prep_localpart(raw) == prepared
+    assert parse(f"{raw}@localhost/r").local == prepared
+
+
+@pytest.mark.parametrize("raw", ["", "a b", " a", "a ", "a\tb", "a\x7fb", "a\x00", "a" * 1024, "a@b", "a/b"])
+def test_localpart_fast_path_refusals(raw):
+    with pytest.raises(JIDError):
+        prep_localpart(raw)
+
+
+@pytest.mark.parametrize("raw, prepared", [
+    ("Bench Phone", "Bench Phone"),  # spaces and case kept (OpaqueString)
+    (" ", " "),
+    ("r\u00e9sum\u00e9", "r\u00e9sum\u00e9"),
+    ("a\u00a0b", "a b"),             # a non-ASCII space becomes U+0020 (PRECIS path)
+    ("r" * 1023, "r" * 1023),
+])
+def test_resource_fast_path_boundaries(raw, prepared):
+    assert prep_resource(raw) == prepared
+
+
+@pytest.mark.parametrize("raw", ["", "a\tb", "a\x7f", "r" * 1024])
+def test_resource_fast_path_refusals(raw):
+    with pytest.raises(JIDError):
+        prep_resource(raw)

@@ -235,6 +235,53 @@ def test_backend_stopped(backend):
     assert err.reason == "connection"
 
 
+def _one_reply_per_connection_backend():
+    """A raw HTTP backend that answers one keep-alive reply per connection, then closes it:
+    a kept-alive connection the backend dropped while it sat in the pool.  Returns
+    (URL template, the list of accepted connections, the server)."""
+    from gevent.server import StreamServer
+
+    accepted = []
+    body = b'{"x@y": {}}'
+
+    def handle(sock, _addr):
+        accepted.append(sock)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            buf += chunk
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.close()
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    return f"http://127.0.0.1:{server.server_port}/contacts/%s", accepted, server
+
+
+def test_pooled_connection_dropped_by_the_backend_is_not_reused():
+    """The check before reusing a pooled connection (a real zero-timeout poll, no hub turn)
+    sees the backend's close: the next fetch opens a new connection instead of failing."""
+    url, accepted, server = _one_reply_per_connection_backend()
+    try:
+        rb = client(url)
+        for n in range(1, 4):
+            assert list(rb.fetch("alice")) == ["x@y"]
+            wait_for(lambda: len(accepted) == n and accepted[-1].closed, timeout=5)
+        assert rb.connections_opened == 3 and rb.failures == 0
+    finally:
+        server.stop()
+
+
+def test_kept_alive_connection_is_reused(backend):
+    rb = client(backend)
+    for _ in range(5):
+        rb.fetch("alice")
+    assert rb.connections_opened == 1 and backend.connections == 1
+
+
 def test_slow_past_read_timeout(backend, caplog):
     backend.set_fault("alice", "slow", 3)
     err, elapsed = fetch_error(client(backend), "alice")

@@ -263,3 +263,88 @@ def test_a_failed_fetch_at_bind_answers_the_roster_get_without_a_second_get(make
     backend.set_fault("alice", None)
     assert items_of(client.get_roster()) == demo_items("alice")
     assert backend.requests_for("alice") == 2
+
+
+# -- issue 12: the login's fetch starts at SASL success, before the restart and bind -----------------
+
+
+def authenticated(clients, server, kind, user="alice"):
+    """A client that completed SASL (success) and nothing else."""
+    client = clients(server, kind)
+    client.wait_features()
+    result = client.authenticate(user, "password")
+    assert result.tag.endswith("success"), ET.tostring(result)
+    return client
+
+
+def bind_after_auth(client, resource="a"):
+    client.restart()
+    client.wait_features()
+    return client.bind(resource)
+
+
+def test_the_login_fetch_starts_at_authentication_and_bind_does_not_fetch_again(make_server, backend, clients, transport):
+    server = make_server(bosh_max_wait=5)
+    client = authenticated(clients, server, transport)
+    # SASL succeeded, no restart yet: the GET is under way (or done).
+    assert wait_for(lambda: backend.requests_for("alice") == 1)
+    bind_after_auth(client)
+    assert items_of(client.get_roster()) == demo_items("alice")
+    assert backend.requests_for("alice") == 1  # bind and roster get used that one GET
+    ping_ok(client)
+    # A relogin within the grace period revalidates at its authentication: one conditional GET.
+    client.close()
+    again = authenticated(clients, server, other(transport))
+    assert wait_for(lambda: backend.conditional_requests_for("alice") == 1)
+    bind_after_auth(again, "b")
+    assert items_of(again.get_roster()) == demo_items("alice")
+    assert backend.requests_for("alice") == 2 and backend.not_modified_for("alice") == 1
+
+
+def test_a_second_resource_authenticating_while_online_fetches_nothing(make_server, backend, clients, transport):
+    server = make_server(bosh_max_wait=5)
+    first, reply = login(clients, server, transport)
+    assert backend.requests_for("alice") == 1
+    second = authenticated(clients, server, other(transport))
+    bind_after_auth(second, "b")
+    assert items_of(second.get_roster()) == demo_items("alice")
+    assert backend.requests_for("alice") == 1  # online already: the cached roster is current
+    ping_ok(first)
+
+
+def test_authentication_without_bind_then_a_later_login_revalidates(make_server, backend, clients, transport):
+    """A stream that authenticates and ends before binding leaves a roster that is not
+    trusted for a later login: the backend changed it meanwhile, the next login sees it."""
+    server = make_server(bosh_max_wait=5, roster_cache_grace=60)
+    quitter = authenticated(clients, server, transport)
+    assert wait_for(lambda: backend.requests_for("alice") == 1)
+    quitter.close()
+    backend.contacts["alice"] = CHANGED
+    client, reply = login(clients, server, other(transport), resource="b")
+    assert items_of(reply) == CHANGED_ITEMS
+    assert backend.requests_for("alice") == 2
+
+
+def test_a_refresh_between_authentication_and_bind_is_not_lost(make_server, backend, clients, transport):
+    """The backend changes the roster and says so while the login is between SASL and bind:
+    the roster get answers the new roster."""
+    server = make_server(bosh_max_wait=5)
+    client = authenticated(clients, server, transport)
+    assert wait_for(lambda: backend.requests_for("alice") == 1)
+    backend.contacts["alice"] = CHANGED
+    refresh(server, ["alice"])
+    bind_after_auth(client)
+    assert items_of(client.get_roster()) == CHANGED_ITEMS
+    ping_ok(client)
+
+
+def test_a_failed_fetch_at_authentication_answers_the_roster_get_without_a_second_get(make_server, backend, clients,
+                                                                                      transport):
+    server = make_server(roster_retry_count=0, bosh_max_wait=5)
+    backend.set_fault("alice", "status", 500)
+    client = authenticated(clients, server, transport)
+    assert wait_for(lambda: backend.requests_for("alice") == 1)
+    bind_after_auth(client)
+    reply = client.get_roster()
+    assert reply.get("type") == "error", ET.tostring(reply)
+    assert backend.requests_for("alice") == 1

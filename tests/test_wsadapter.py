@@ -986,3 +986,25 @@ def test_overflow_ends_the_stream_with_resource_constraint(serve):
     written = _assert_prefix_delivered(srv.app.delivery, 400)
     assert written == len(messages)
     raw.close()
+
+
+def test_access_log_lines_only_when_the_server_has_a_log():
+    """pywsgi's access log: a line per request when the server was given a log; none (and the
+    line is not even formatted) with ``log=None``, the server's setting."""
+    import io
+
+    class Sink(io.StringIO):
+        pass
+
+    for log in (Sink(), None):
+        srv = WSGIServer(("127.0.0.1", 0), EchoApp(), handler_class=ServerHandler, log=log)
+        srv.start()
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", srv.server_port, timeout=5)
+            c.request("POST", "/plain", body=b"hi")
+            assert c.getresponse().read().startswith(b"POST /plain hi")
+            c.close()
+        finally:
+            srv.stop(timeout=3)
+        if log is not None:
+            assert '"POST /plain HTTP/1.1" 200' in log.getvalue()

@@ -8,15 +8,19 @@ per call (cookie extraction, settings merge).  Used only by backend.py.
 
 from __future__ import annotations
 
+import select
 import socket
 
 import requests
+from gevent import monkey
 import urllib3
 import urllib3.connection
 import urllib3.connectionpool
 from requests.adapters import HTTPAdapter
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+# The unpatched poll: a zero-timeout poll(2) that never goes through the gevent hub.
+_real_poll = monkey.get_original("select", "poll") if hasattr(select, "poll") else None
 
 
 class _Counters:
@@ -42,6 +46,23 @@ class _ConnectionMixin:
     def connect(self):
         super().connect()
         self._counters.connections += 1
+
+    @property
+    def is_connected(self) -> bool:
+        """urllib3's check before reusing a pooled connection ("readable now" = EOF or
+        stray bytes: dropped), with a real zero-timeout ``poll(2)``.  urllib3's own
+        ``wait_for_read(sock, 0)`` goes through gevent's patched ``select.poll``, which
+        parks the fetching greenlet until the next loop turn: the GET of a login's roster
+        then went out only after the hub had polled and run whatever else was ready (the
+        client's roster get, in a sequential login), and each check cost a loop turn."""
+        sock = self.sock
+        if sock is None:
+            return False
+        if _real_poll is None:  # pragma: no cover - every Linux has poll
+            return super().is_connected
+        poller = _real_poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
 
     def getresponse(self, *args, **kwargs):
         sock = self.sock

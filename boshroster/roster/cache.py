@@ -20,6 +20,15 @@ Fetch at bind (``prefetch``, the default): that login fetch (or revalidation)
 starts when the resource binds, as Prosody loads the roster at bind, not when
 the roster get arrives one client round trip later; the roster get joins it.
 If it failed, the next ``get`` gets its error instead of a second GET at once.
+
+Fetch at authentication (``prefetch_login``, issue 12): earlier still, when SASL
+succeeds, so the GET overlaps the client's stream restart and bind (two round
+trips).  The stream keeps the flight that call returned and hands it to
+``hold`` at bind (``login_flight``): a bind whose login fetch is that flight,
+still running or done and stored, is that login's revalidation; no second GET.
+Anything else (the flight was dropped, failed, or replaced by a newer roster)
+takes the bind path above.  A user who authenticates and never binds leaves a
+cached roster that expires after the grace period, like one whose user logged out.
 """
 
 from __future__ import annotations
@@ -178,16 +187,51 @@ class RosterCache:
         if flight is not None and flight.started:
             flight.store = False
 
-    def hold(self, username: str) -> None:
+    def prefetch_login(self, username: str) -> _Flight | None:
+        """A login authenticated: start its fetch or revalidation now (see the module
+        docstring); returns the flight to hand to ``hold``, or None when nothing was
+        started (the user is online already: the cached copy is current, or prefetching
+        is off).  Never yields."""
+        self._evict_expired()
+        if not self._prefetch or self._holders.get(username, 0):
+            return None
+        cached = username in self._rosters
+        if cached:
+            self._stale.add(username)
+        flight = self._flights.get(username)
+        if flight is None or not flight.store:
+            flight = self._fresh_flight(username, conditional=cached)
+        self._prefetched[username] = flight
+        return flight
+
+    def _is_login_fetch(self, username: str, flight: _Flight | None) -> bool:
+        """Whether ``flight`` (from ``prefetch_login``) still stands for this login's fetch:
+        running (its result will be stored), failed (the roster get gets its error, as
+        after a failed fetch at bind), or done and its roster the one cached."""
+        if flight is None or not flight.store:
+            return False
+        if not flight.result.ready():
+            current = self._flights.get(username)
+            return current is flight or (current is not None and current.followup is flight)
+        if not flight.result.successful():
+            return True
+        return self._rosters.get(username) is flight.result.get()[1] and username not in self._stale
+
+    def hold(self, username: str, login_flight: _Flight | None = None) -> None:
         """One more online resource for this user: keep the roster cached.
 
         The first one (a login) marks a cached copy stale (see ``get``) and, with
-        ``prefetch``, starts the login's fetch or revalidation now; never yields."""
+        ``prefetch``, starts the login's fetch or revalidation now, unless
+        ``login_flight`` (what ``prefetch_login`` returned at this login's
+        authentication) already is that fetch; never yields."""
         self._evict_expired()
         count = self._holders.get(username, 0)
         self._holders[username] = count + 1
         self._expiry.pop(username, None)
         if count:
+            return
+        if self._is_login_fetch(username, login_flight):
+            self._prefetched[username] = login_flight
             return
         cached = username in self._rosters
         if cached:
@@ -287,6 +331,10 @@ class RosterCache:
                 outcome = (old, new)
             else:
                 outcome = (None, new)
+        if error is not None and not self.is_held(username) and self._prefetched.get(username) is flight:
+            # A login fetch that failed before its bind: hold() gets the flight from the
+            # login itself; a stream that never binds leaves no entry behind.
+            del self._prefetched[username]
         if self._flights.get(username) is flight:
             if flight.followup is not None:
                 self._launch(username, flight.followup)

@@ -8,6 +8,7 @@ clients.  Hooks, the way the Lua module does it:
   ``iq-get/self/jabber:iq:roster:query``   the roster (RFC 6121 §2.1.3, versioning §2.6)
   ``iq-set/self/jabber:iq:roster:query``   refused: ``service-unavailable``
   ``pre-presence/*`` (priority 200)        subscription requests dropped (mod_block_subscriptions)
+  ``authenticated``                        start the login's fetch at SASL success (cache.prefetch_login)
   ``resource-bind`` / ``resource-unbind``  keep the user's roster cached while online
   ``stream-features``                      advertise roster versioning
 
@@ -23,7 +24,9 @@ for presence), ``_awaiting`` (sessions whose roster get was
 answered with an error: the retry owes them the contacts), ``_applied``
 (the last few refresh transitions pushed per user: refreshes coalesced into
 one fetch get the same ``(old, new)`` tuple from the cache, and its diff must
-be pushed once) and ``_push_id``.  Fetches yield (HTTP), so every caller
+be pushed once), ``_login_flights`` (session -> the fetch its authentication
+started, until it binds; weak keys: a stream that never binds leaves nothing)
+and ``_push_id``.  Fetches yield (HTTP), so every caller
 re-checks session state after ``cache.get``.
 """
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 import types
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Iterable
 
@@ -79,6 +83,7 @@ class RosterDelegation:
         self._loading: set[str] = set()
         self._awaiting: dict[str, set["ClientSession"]] = {}
         self._applied: dict[str, deque] = {}
+        self._login_flights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._push_id = itertools.count(1)
 
     def register(self, bus: EventBus) -> None:
@@ -87,9 +92,20 @@ class RosterDelegation:
         bus.hook(f"iq-set/self/{query}", self._refuse_set)
         for to_type in ("self", "bare", "full", "host"):
             bus.hook(f"pre-presence/{to_type}", self._drop_subscription, priority=200)
-        bus.hook("resource-bind", lambda session: self.cache.hold(session.username))
+        bus.hook("authenticated", self._authenticated)
+        bus.hook("resource-bind", self._bound)
         bus.hook("resource-unbind", self._user_offline)
         bus.hook("stream-features", self._features)
+
+    def _authenticated(self, session) -> None:
+        """SASL succeeded: start the login's roster fetch now (cache.prefetch_login), so it
+        overlaps the client's restart and bind; ``_bound`` hands the flight to ``hold``."""
+        flight = self.cache.prefetch_login(session.username)
+        if flight is not None:
+            self._login_flights[session] = flight
+
+    def _bound(self, session) -> None:
+        self.cache.hold(session.username, self._login_flights.pop(session, None))
 
     # -- what other modules ask --------------------------------------------
 

@@ -25,11 +25,12 @@ import binascii
 import dataclasses
 import email.parser
 import logging
+import re
 import socket
 import time
 
 from gevent import GreenletExit
-from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _InvalidClientRequest
+from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _InvalidClientRequest, _NoopLog
 from geventwebsocket.handler import WebSocketHandler
 
 from boshroster.transports import http_limits as _limits
@@ -70,6 +71,32 @@ def _response(status: str, reason: str = "") -> bytes:
 
 
 _HEADER_PARSER = email.parser.Parser(_class=OldMessage)  # stateless: parsestr() makes its own FeedParser
+# One plain header line: a name of the characters email's parser takes for one (printable ASCII
+# but ':'; its headerRE), the colon, the value up to the line end.  (Issue 12: the parser costs
+# ~100 µs a request, ~1 ms a BOSH login of 8 requests and most of what a re-poll costs.)
+_PLAIN_HEADER = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")
+
+
+def parse_header_lines(lines: list[bytes]) -> OldMessage:
+    """The request headers as pywsgi's message class, from ``read_headers``' lines.
+
+    Plain lines (all of them, almost always) are split here into exactly the ``(name, value)``
+    pairs email's compat32 parser would store (value without leading blanks and the line
+    end, RFC 9112 §5); anything else (an obs-fold continuation, a line without a colon, a
+    name with other characters, a "From " line) goes to email's parser as before, whose
+    handling of those cases stays the reference.  tests/test_http_limits.py compares both."""
+    msg = OldMessage()
+    pairs = msg._headers  # what Message.set_raw appends to
+    match = _PLAIN_HEADER.fullmatch
+    for raw in lines:
+        if raw in (b"\r\n", b"\n", b""):
+            return msg
+        m = match(raw.decode("iso-8859-1"))
+        if m is None:
+            break
+        pairs.append(m.groups())
+    return _HEADER_PARSER.parsestr(b"".join(lines).decode("iso-8859-1"))
+_ONE_SEND_MAX = 64 * 1024  # a first body chunk up to this size goes out with the headers
 _OVER_CAP = _response("503 Service Unavailable", "too many connections from your address")
 _TIMEOUT = _response("408 Request Timeout")
 
@@ -137,11 +164,35 @@ class ServerHandler(WebSocketHandler):
                 self._deadline = time.monotonic() + limits.header_timeout
             self._requests += 1
             lines = _limits.read_headers(fp, limits.max_header_line, limits.max_header_size)
-        headers = _HEADER_PARSER.parsestr(b"".join(lines).decode("iso-8859-1"))
+        headers = parse_header_lines(lines)
         _limits.check_framing(headers)
         if self._expired is not None:  # end-of-file from the limits cut the headers short
             raise _limits.HeaderTimeout(self._expired)
         return headers
+
+    def _write_with_headers(self, data):
+        """pywsgi's, but the status line, headers and a first body chunk of at most
+        _ONE_SEND_MAX bytes go out in one ``send``: pywsgi sends the head and the body apart,
+        two syscalls and two TCP segments per response, each ~70 µs of kernel time on
+        loopback on this machine kind (issue 12; every BOSH response).  The bytes are
+        pywsgi's: a chunked or larger body is written after the head by pywsgi's ``_write``."""
+        self.headers_sent = True
+        self.finalize_headers()
+        towrite = bytearray(b"HTTP/1.1 ")
+        towrite += self.status
+        towrite += b"\r\n"
+        for header, value in self.response_headers:
+            towrite += header
+            towrite += b": "
+            towrite += value
+            towrite += b"\r\n"
+        towrite += b"\r\n"
+        if data and not self.response_use_chunked and len(data) <= _ONE_SEND_MAX:
+            towrite += data
+            self._sendall(towrite)
+            return
+        self._sendall(towrite)
+        self._write(data)
 
     def get_environ(self):
         environ = super().get_environ()
@@ -218,8 +269,13 @@ class ServerHandler(WebSocketHandler):
             return
         super().handle_error(t, v, tb)
 
-    # 0.10.1 routes its access log to a logger that emits nothing; use pywsgi's (server.log).
-    log_request = WSGIHandler.log_request
+    # 0.10.1 routes its access log to a logger that emits nothing; use pywsgi's (server.log),
+    # but format the line only when that log writes somewhere: with ``log=None`` it is
+    # pywsgi's no-op log, and format_request (time, address, request line) costs ~7% of a
+    # BOSH fan-out's CPU for nothing (issue 12).
+    def log_request(self):
+        if not isinstance(self.server.log, _NoopLog):
+            WSGIHandler.log_request(self)
 
     def upgrade_websocket(self):
         result = super().upgrade_websocket()

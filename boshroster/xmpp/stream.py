@@ -11,7 +11,9 @@ the same way with a list-collecting transport.
 
 It needs only a ``StreamContext``: the domain, the router, the session
 manager, the SASL mechanisms and the event bus (``stream-features`` lets
-features add to the features offered after authentication).
+features add to the features offered after authentication; ``authenticated``
+(session) fires at SASL success, before the success is sent, so a feature can
+start work for the login then: the roster fetch).
 
 States, named for what the stream is waiting for:
 ``new`` (no <open/> yet) -> ``auth`` (SASL) -> ``restart`` (SASL succeeded,
@@ -420,6 +422,9 @@ class ClientSession:
         self.state = "restart"
         self.ctx.metrics.login_ok()
         log.info("login %s from %s (%s)", self.username, self.peer.ip, self.transport.kind)
+        # Before the success goes out: what a feature starts for the login (the roster
+        # fetch) overlaps the client's restart and bind round trips.
+        self.ctx.bus.fire("authenticated", self)
         self.send(E(SASL_SUCCESS, text=encoded))
 
     def _sasl_failure(self, condition: str, text: str | None = None) -> None:
