@@ -157,7 +157,9 @@ class PgOfflineStore(OfflineStore):
 
     # -- confirmed rows ----------------------------------------------------------
 
-    def _confirmed(self, row_id: int) -> None:
+    def _confirmed(self, row_id: int, size: int = 0) -> None:
+        """``size`` feeds the SQLite store's total bound (offline_max_total_bytes), which this
+        store does not have: it is bounded per user."""
         self._doomed.append(row_id)
         self._kick()
 

@@ -269,6 +269,11 @@ class SqliteArchive(SqliteReads, MessageArchive):
         written = 0
         with self._lock:
             self._flush_scheduled = False
+            if self._closed:  # a flush scheduled before close(), which wrote what was queued
+                if self._pending:
+                    log.warning("archive closed: %d message(s) queued after it were not archived", len(self._pending))
+                    self._pending.clear()
+                return 0
             while self._pending:
                 chunk = self._pending[:_CHUNK]
                 try:
