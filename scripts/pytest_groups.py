@@ -13,14 +13,16 @@ well under half the serial time.
 Each group's output goes to a log file and is printed whole when the group ends, so the
 lines of different groups are not mixed.  The exit status is the first failing group's;
 when no group collected a test it is 1 (pytest's 5, "no tests", must not pass silently).
-Record new durations after adding slow tests: ``scripts/test --store-durations`` runs serially
-with pytest-split's --store-durations.
+Record new durations after adding tests: ``scripts/test --store-durations`` (each group records
+its own tests with pytest-split's --store-durations; the figures are merged into the file).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,19 +35,29 @@ DURATIONS = os.path.join(ROOT, "tests", "test_durations.json")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("-j", "--groups", type=int, default=int(os.environ.get("BOSHROSTER_TEST_GROUPS", "3")))
+    parser.add_argument("--store-durations", action="store_true")
     ours, rest = parser.parse_known_args(argv)
     groups = max(1, ours.groups)
-    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *rest]
+    # -c/--rootdir: pytest looks for its ini file from the paths on the command line, and the
+    # value of --durations-path (a temporary file when recording) would count as one
+    base = [sys.executable, "-m", "pytest", "-c", os.path.join(ROOT, "pytest.ini"), "--rootdir", ROOT,
+            "-q", "-p", "no:cacheprovider", *rest]
     if groups == 1:
         return subprocess.call(base, cwd=ROOT)
     started = time.monotonic()
     logdir = tempfile.mkdtemp(prefix="boshroster-tests-")
     running = []
+    recorded = []
     for group in range(1, groups + 1):
         log_path = os.path.join(logdir, f"group{group}.log")
         log = open(log_path, "w")
-        cmd = [*base, "--splits", str(groups), "--group", str(group), "--durations-path", DURATIONS,
-               "--splitting-algorithm", "least_duration"]
+        durations = DURATIONS
+        if ours.store_durations:  # each group records into its own copy (same split), merged below
+            durations = os.path.join(logdir, f"durations{group}.json")
+            shutil.copy(DURATIONS, durations)
+            recorded.append(durations)
+        cmd = [*base, "--splits", str(groups), "--group", str(group), "--durations-path", durations,
+               "--splitting-algorithm", "least_duration", *(["--store-durations"] if ours.store_durations else [])]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         running.append((group, proc, log, log_path))
     print(f"test: {groups} pytest groups running (logs in {logdir})", flush=True)
@@ -66,6 +78,8 @@ def main(argv: list[str]) -> int:
             sys.stdout.flush()
         time.sleep(0.2)
     print(f"\ntest: all {groups} groups done in {time.monotonic() - started:.0f} s; exit codes {codes}")
+    if recorded:
+        merge_durations(recorded)
     failing = [code for code in codes.values() if code not in (0, 5)]
     if failing:
         return failing[0]
@@ -73,6 +87,23 @@ def main(argv: list[str]) -> int:
         print("test: pytest collected no tests: that is a failure", file=sys.stderr)
         return 1
     return 0
+
+
+def merge_durations(paths: list[str]) -> None:
+    """What each group measured (new tests, changed figures) into tests/test_durations.json."""
+    with open(DURATIONS) as f:
+        before = json.load(f)
+    merged = dict(before)
+    for path in paths:
+        with open(path) as f:
+            for test, seconds in json.load(f).items():
+                if before.get(test) != seconds:
+                    merged[test] = seconds
+    with open(DURATIONS, "w") as f:
+        json.dump(dict(sorted(merged.items())), f, indent=2)
+        f.write("\n")
+    print(f"test: {len(merged) - len(before)} new and {sum(1 for t in before if merged[t] != before[t])} "
+          f"updated durations in {DURATIONS}")
 
 
 if __name__ == "__main__":
