@@ -1,10 +1,10 @@
-"""Run the test suite as N pytest processes at once, one group each (pytest-split).
+"""Run the test suite as N pytest processes at once, each on a group of test files.
 
 Why not pytest-xdist: its workers talk to the controller from a real thread, and the
 suite monkey-patches threading with gevent (conftest.py), so a worker never wakes up
-(gevent LoopExit).  Plain pytest processes have no such thread: pytest-split assigns each
-test to one of N groups so that the groups' recorded durations (tests/test_durations.json)
-are even, and this script runs the groups side by side.  Most of a test's time is spent
+(gevent LoopExit).  Plain pytest processes have no such thread: this script packs the test
+files into N groups of even recorded duration (tests/test_durations.json, recorded with
+pytest-split's --store-durations) and runs the groups side by side.  Most of a test's time is spent
 waiting on servers and clients (processes of their own), so on 2 cores three groups take
 well under half the serial time.
 
@@ -20,6 +20,7 @@ its own tests with pytest-split's --store-durations; the figures are merged into
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -44,6 +45,7 @@ def main(argv: list[str]) -> int:
             "-q", "-p", "no:cacheprovider", *rest]
     if groups == 1:
         return subprocess.call(base, cwd=ROOT)
+    plan = pack_files(groups)
     started = time.monotonic()
     logdir = tempfile.mkdtemp(prefix="boshroster-tests-")
     running = []
@@ -56,8 +58,9 @@ def main(argv: list[str]) -> int:
             durations = os.path.join(logdir, f"durations{group}.json")
             shutil.copy(DURATIONS, durations)
             recorded.append(durations)
-        cmd = [*base, "--splits", str(groups), "--group", str(group), "--durations-path", durations,
-               "--splitting-algorithm", "least_duration", *(["--store-durations"] if ours.store_durations else [])]
+        cmd = [*base, *plan[group - 1]]
+        if ours.store_durations:
+            cmd += ["--store-durations", "--durations-path", durations]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         running.append((group, proc, log, log_path))
     print(f"test: {groups} pytest groups running (logs in {logdir})", flush=True)
@@ -87,6 +90,29 @@ def main(argv: list[str]) -> int:
         print("test: pytest collected no tests: that is a failure", file=sys.stderr)
         return 1
     return 0
+
+
+def pack_files(groups: int) -> list[list[str]]:
+    """Test files into ``groups`` lists of even recorded duration (longest first, each to the
+    least loaded group).  Whole files, not single tests: a module-scoped fixture (a Node.js
+    client run, a browser, a PostgreSQL) then runs once, not once per group."""
+    with open(DURATIONS) as f:
+        recorded = json.load(f)
+    files = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
+    weight = dict.fromkeys(files, 0.0)
+    for test, seconds in recorded.items():
+        name = test.split("::", 1)[0]
+        if name in weight:
+            weight[name] += seconds
+    known = [w for w in weight.values() if w > 0]
+    default = sum(known) / len(known) if known else 1.0
+    plan: list[list[str]] = [[] for _ in range(groups)]
+    loads = [0.0] * groups
+    for name in sorted(files, key=lambda n: -(weight[n] or default)):
+        target = loads.index(min(loads))
+        plan[target].append(name)
+        loads[target] += weight[name] or default
+    return [sorted(group) for group in plan]
 
 
 def merge_durations(paths: list[str]) -> None:
