@@ -420,3 +420,41 @@ def test_messages_queued_for_a_websocket_client_that_vanishes_are_requeued(make_
     print(f"\n{len(first)} on the first connection, {len(stored)} from offline storage, {len(bounced)} bounced")
     assert len(first) + len(bounced) < 600  # some really were queued when bob went away
     exactly_once(first + stored + bounced, ids)
+
+
+def test_messages_dropped_when_a_websocket_reader_is_cut_off_are_requeued(make_server):
+    """The same client that does not read, cut off by the output queue's cap (here
+    ``websocket_max_queue``: 5 frames while the socket is backed up): the server drops what
+    was queued and ends the stream with resource-constraint.  The client then reads what
+    was written, up to the close frame, and logs in again: every message the sender got no
+    error for arrives exactly once.  Before: what the overflow dropped was lost."""
+    server = make_server(bosh_max_wait=5, websocket_max_queue=5)
+    bob = WsClient(server.ws_url, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 16384),))
+    bob.login("bob", resource="slow")
+    bob.presence()
+    bob.sync()
+    bob._reader.kill()
+    alice = logged_in("websocket", server, "alice", "a", presence=False)
+    ids = [f"o{i}" for i in range(600)]
+    send_messages(alice, "bob@localhost/slow", ids, body=lambda i: i + " " + "x" * 10_000)
+    first, condition, code = [], None, None
+    bob.ws.settimeout(15)
+    while code is None:
+        opcode, data = bob.ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big")
+        elif opcode == websocket.ABNF.OPCODE_TEXT:
+            el = ET.fromstring(data)
+            if el.tag == q(NS_CLIENT, "message"):
+                first.append(el.get("id"))
+            elif el.tag == q(NS_STREAM, "error"):
+                condition = el[0].tag.split("}")[1]
+    assert (condition, code) == ("resource-constraint", 1008)  # really cut off by the cap
+    bounced = errors_to(alice)
+    wait_for(lambda: "session end bob@localhost/slow" in server.log(), 10, "bob's session to end")
+    again = logged_in("websocket", server, "bob", "again")
+    stored = collect(again, 600, timeout=30, quiet=2.0)
+    print(f"\n{len(first)} on the first connection, {len(stored)} from offline storage, {len(bounced)} bounced")
+    assert len(first) + len(bounced) < 600
+    exactly_once(first + stored + bounced, ids)
+    assert "output queue full" in server.log()
