@@ -117,6 +117,7 @@ class Server:
             max_queue_bytes=config.websocket_max_queue_bytes,
             max_frames=config.websocket_max_message_frames,
             max_wire=config.websocket_max_message_wire_bytes,
+            flush_timeout=config.websocket_flush_timeout,  # then what is left is given back
         ))
         for interface in config.http_interfaces:
             for port in config.http_ports:

@@ -640,10 +640,10 @@ class BoshClient(XmppClient):
 class WsClient(XmppClient):
     """RFC 7395 client over websocket-client."""
 
-    def __init__(self, url: str, to: str = "localhost", open_stream: bool = True, subprotocols=("xmpp",)):
+    def __init__(self, url: str, to: str = "localhost", open_stream: bool = True, subprotocols=("xmpp",), sockopt=()):
         super().__init__()
         self.url = url
-        self.ws = websocket.create_connection(url, subprotocols=list(subprotocols), timeout=10)
+        self.ws = websocket.create_connection(url, subprotocols=list(subprotocols), timeout=10, sockopt=sockopt)
         self.close_status = None
         self.raw: list[str] = []
         self._reader = gevent.spawn(self._read)

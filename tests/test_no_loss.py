@@ -22,7 +22,7 @@ import requests
 import websocket
 
 from boshroster.transports.websocket import WebSocketStream
-from harness import NS_BOSH, NS_CLIENT, NS_ROSTER, NS_STREAM, BoshClient, WsClient, q
+from harness import NS_BOSH, NS_CLIENT, NS_ROSTER, NS_STREAM, BoshClient, WsClient, q, wait_for
 
 PING = "<iq xmlns='jabber:client' type='get' id='{id}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
 
@@ -366,3 +366,95 @@ def test_a_message_two_resources_got_is_not_requeued_to_the_survivor_when_one_en
     live.close()
     again = logged_in("websocket", server, "bob", "again")
     again.expect_nothing(1.0, lambda e: e.tag == q(NS_CLIENT, "message"))  # and nothing went offline
+
+
+# -- queued for a WebSocket connection that is cut off (no stream management) ------------------
+
+def errors_to(client, quiet: float = 0.5) -> list[str]:
+    """Ids of the error messages ``client`` got (or gets within ``quiet``), any condition."""
+    while True:
+        try:
+            client.recv(quiet, lambda e: False)
+        except TimeoutError:
+            break
+    return [el.get("id") for el in client.seen if el.tag == q(NS_CLIENT, "message") and el.get("type") == "error"]
+
+
+def test_messages_queued_for_a_websocket_client_that_vanishes_are_requeued(make_server):
+    """A client stops reading while 600 x 10 KB messages are sent to it (more than
+    loopback's socket buffers take): its output queue
+    fills (``websocket_max_queue_bytes``: above half of it the sender gets resource-constraint
+    bounces), then the client goes away (its socket half-closed: EOF, no close frame) and the
+    server gives up flushing (``websocket_flush_timeout``).  The client reads what the kernel
+    had taken; the same user logs in again.  Every message the sender got no error for
+    arrives exactly once: on the first connection, or from offline storage.  Before: the
+    stanzas still in the output queue were dropped with it."""
+    server = make_server(bosh_max_wait=5, websocket_max_queue_bytes=256 * 1024, websocket_flush_timeout=0.5)
+    # a small receive buffer: the kernel cannot take the whole queue for bob
+    bob = WsClient(server.ws_url, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 16384),))
+    bob.login("bob", resource="slow")
+    bob.presence()
+    bob.sync()
+    bob._reader.kill()  # idle between frames: bob stops reading, the server's writes back up
+    alice = logged_in("websocket", server, "alice", "a", presence=False)
+    ids = [f"c{i}" for i in range(600)]
+    send_messages(alice, "bob@localhost/slow", ids, body=lambda i: i + " " + "x" * 10_000)
+    bob.ws.sock.shutdown(socket.SHUT_WR)  # gone: the server reads EOF
+    wait_for(lambda: "session end bob@localhost/slow" in server.log(), 10, "bob's session to end")
+    try:  # the flush gives up after websocket_flush_timeout + the close grace (2 s)
+        wait_for(lambda: "never written: given back" in server.log(), 10, "what bob never got to be given back")
+    except AssertionError:
+        pass  # (before the fix nothing was given back, nor logged)
+    first = []  # what the kernel had taken: the last frame may be cut in half
+    bob.ws.settimeout(5)
+    while True:
+        try:
+            opcode, data = bob.ws.recv_data(control_frame=True)
+        except Exception:  # noqa: BLE001 - EOF, or a truncated frame
+            break
+        if opcode == websocket.ABNF.OPCODE_TEXT and data.startswith(b"<message"):
+            first.append(ET.fromstring(data).get("id"))
+    bounced = errors_to(alice)
+    again = logged_in("websocket", server, "bob", "again")
+    stored = collect(again, 600, timeout=30, quiet=2.0)
+    print(f"\n{len(first)} on the first connection, {len(stored)} from offline storage, {len(bounced)} bounced")
+    assert len(first) + len(bounced) < 600  # some really were queued when bob went away
+    exactly_once(first + stored + bounced, ids)
+
+
+def test_messages_dropped_when_a_websocket_reader_is_cut_off_are_requeued(make_server):
+    """The same client that does not read, cut off by the output queue's cap (here
+    ``websocket_max_queue``: 5 frames while the socket is backed up): the server drops what
+    was queued and ends the stream with resource-constraint.  The client then reads what
+    was written, up to the close frame, and logs in again: every message the sender got no
+    error for arrives exactly once.  Before: what the overflow dropped was lost."""
+    server = make_server(bosh_max_wait=5, websocket_max_queue=5)
+    bob = WsClient(server.ws_url, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 16384),))
+    bob.login("bob", resource="slow")
+    bob.presence()
+    bob.sync()
+    bob._reader.kill()
+    alice = logged_in("websocket", server, "alice", "a", presence=False)
+    ids = [f"o{i}" for i in range(600)]
+    send_messages(alice, "bob@localhost/slow", ids, body=lambda i: i + " " + "x" * 10_000)
+    first, condition, code = [], None, None
+    bob.ws.settimeout(15)
+    while code is None:
+        opcode, data = bob.ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = int.from_bytes(data[:2], "big")
+        elif opcode == websocket.ABNF.OPCODE_TEXT:
+            el = ET.fromstring(data)
+            if el.tag == q(NS_CLIENT, "message"):
+                first.append(el.get("id"))
+            elif el.tag == q(NS_STREAM, "error"):
+                condition = el[0].tag.split("}")[1]
+    assert (condition, code) == ("resource-constraint", 1008)  # really cut off by the cap
+    bounced = errors_to(alice)
+    wait_for(lambda: "session end bob@localhost/slow" in server.log(), 10, "bob's session to end")
+    again = logged_in("websocket", server, "bob", "again")
+    stored = collect(again, 600, timeout=30, quiet=2.0)
+    print(f"\n{len(first)} on the first connection, {len(stored)} from offline storage, {len(bounced)} bounced")
+    assert len(first) + len(bounced) < 600
+    exactly_once(first + stored + bounced, ids)
+    assert "output queue full" in server.log()

@@ -37,6 +37,8 @@ class WebSocketStream:
     ``opened``/``_errored`` by whichever greenlet ends or opens the stream (the reader, a
     sender whose send overflowed the queue, the negotiation timer's greenlet); each is a
     one-way flag, so the order does not matter.
+    What the connection never wrote comes back through ``_give_back`` (``conn.on_undelivered``),
+    once, from the connection's handler greenlet after :meth:`run` returned.
     """
 
     kind = "websocket"
@@ -50,6 +52,7 @@ class WebSocketStream:
         self._errored = False
         self._close_code = None  # overrides _CLOSE_CODES for the next stream error
         conn.on_overflow = self._overflowed
+        conn.on_undelivered = self._give_back
         # RFC 6120 leaves it to the server: a connection that has no bound session after
         # c2s_negotiation_timeout seconds is closed (as ejabberd's negotiation_timeout),
         # so idle upgraded sockets cannot hold connection slots (issue 10.8).
@@ -65,7 +68,26 @@ class WebSocketStream:
         return self.conn.congested
 
     def send(self, el: Element, delivered=None) -> None:
-        self.conn.send(xmlio.tostring(el), delivered)
+        # Without stream management the connection keeps the stanza until it is written, and
+        # gives it back if it never is (_give_back); with it (XEP-0198) the session keeps what
+        # the client has not acknowledged and gives that back itself.  A stanza with a
+        # ``delivered`` callback belongs to its owner (offline storage): told False instead.
+        item = el if delivered is None and self.session.sm is None else None
+        self.conn.send(xmlio.tostring(el), delivered, item)
+
+    def _give_back(self, stanzas: list[Element]) -> None:
+        """The connection is over and these stanzas were never written to its socket (the
+        client vanished, was cut off, or did not read them within websocket_flush_timeout):
+        back to routing as BOSH's give-back does (other resources, offline storage, else
+        bounced to the sender; im/messages.py), one by one, so one failure costs one stanza.
+        Runs in the connection's handler greenlet after run() returned: the session has
+        ended (unbound), so nothing given back comes back to it."""
+        session = self.session
+        for el in stanzas:
+            try:
+                session.return_undelivered([el])
+            except Exception:  # noqa: BLE001 - costs this stanza only
+                log.exception("could not give back a stanza of the WebSocket session of %s", session.jid_str)
 
     def stream_error(self, error: Element) -> None:
         # RFC 6120 §4.9.1.2: an error before the stream is open still opens it first

@@ -368,6 +368,7 @@ class WsConnection(FrameWriter):
                 glet.kill(block=True, timeout=1)
         self._out.clear()
         self._lose_tracked()
+        self._give_back()  # the session has ended: what is given back cannot come back here
 
 
 class Pinger:

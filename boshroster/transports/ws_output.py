@@ -22,6 +22,9 @@ What it does that gevent-websocket 0.10.1 does not:
   written (RFC 6455 §5.5.3), so a ping flood from a peer that never reads costs nothing;
 * ``send(text, delivered)`` reports when the frame carrying ``text`` was accepted by the
   kernel (``delivered(True)``) or dropped because the connection ended first (``False``);
+* nothing accepted is lost (issue 10): ``send(text, item=stanza)`` keeps ``stanza`` until its
+  frame is written, and when the connection is over hands every such item whose frame never
+  was to ``on_undelivered`` (the layer above routes them again, as BOSH's give-back does);
 * close frames carry the status code (0.10.1's do not), after everything queued.
 """
 
@@ -70,6 +73,16 @@ class FrameWriter:
     the greenlet whose :meth:`send` found the output queue full, after everything queued but
     not yet written was dropped. It must not block, and should end the connection with
     ``close(code, reason, final=[last messages])``; unset, the connection closes with 1008.
+
+    ``on_undelivered`` may be set too: it is called at most once, with the ``item`` of every
+    frame sent with one that the kernel did not take whole (dropped on overflow, refused once
+    closing, left in the queue when the socket died or the flush timed out), in queue order.
+    It runs in the connection's handler greenlet once the app has returned (:meth:`_finish`),
+    so after the XMPP session ended: what it routes again cannot come back to this connection.
+    What was written to the kernel counts as sent: TCP may still lose it when the peer
+    vanishes (stream management, XEP-0198, covers that: with it the layer above passes no
+    item). A frame the kernel took only part of counts as not sent: nothing more of it is
+    written after the socket died, and no client acts on half a frame (so no duplicate).
     """
 
     def _init_writer(self, sock, queue_size, max_queue_bytes):
@@ -77,6 +90,7 @@ class FrameWriter:
         self.queue_size = int(queue_size)
         self.max_queue_bytes = int(max_queue_bytes)
         self.on_overflow = None
+        self.on_undelivered = None  # set by the layer above; cleared once called (_finish)
         self.overflowed = False  # the output queue overflowed once (then the connection closes)
         # Writing state, mutated by any greenlet that sends and by the hub's _flush callback,
         # never across a yield except in the writer. Frames wait in _out until the end of the
@@ -88,7 +102,8 @@ class FrameWriter:
         self._out = deque()  # bounded by send(): max_queue_bytes, and queue_size when backed up
         self._queued = 0
         self._pushed = 0
-        self._tracked = deque()  # (position after a tracked frame, its delivered callback)
+        self._tracked = deque()  # (position after a tracked frame, its delivered callback, its item)
+        self._lost = []  # items of frames never written, for on_undelivered (same mutators)
         self._pong = None  # payload of the pong waiting in _out as _PONG (None: no pong queued)
         self._pong_left = 0  # bytes of a pong at the front of what is being written (not positions)
         self._inflight = 0  # bytes of the batch being written (or its unwritten rest, in _out[0])
@@ -114,17 +129,20 @@ class FrameWriter:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def send(self, text, delivered=None):
+    def send(self, text, delivered=None, item=None):
         """Queue one text message; never blocks. Returns whether it was queued.
 
         ``delivered``, if given, is called exactly once: ``delivered(True)`` once the kernel
         has accepted the last byte of the frame, ``delivered(False)`` if the connection ends
         (or the queue overflows) first. It runs in a greenlet, never in the hub: inline in
         the writer, in the caller (refused at once), or in a greenlet of its own; keep it short.
+        ``item``, if given, goes to ``on_undelivered`` when the frame is not written whole.
         """
         if self._closing:
             if delivered is not None:
                 _call(delivered, False)
+            if item is not None:
+                self._lose_item(item)
             return False
         data = frame(OP_TEXT, text.encode("utf-8"))
         behind = self._queued - self._inflight
@@ -136,11 +154,19 @@ class FrameWriter:
             self._overflow(len(data))
             if delivered is not None:
                 _call(delivered, False)
+            if item is not None:
+                self._lose_item(item)
             return False
         self._push(data)
-        if delivered is not None:
-            self._tracked.append((self._pushed, delivered))
+        if delivered is not None or item is not None:
+            self._tracked.append((self._pushed, delivered, item))
         return True
+
+    def _lose_item(self, item):
+        if self.on_undelivered is not None:
+            self._lost.append(item)
+        else:  # after _finish (the session has ended): nobody to give it back to
+            log.debug("websocket %s: a stanza for a finished connection dropped", self.remote_addr)
 
     def _ping(self, ping):
         """A ping from the Pinger; skipped while the socket is backed up (the peer is not
@@ -191,8 +217,11 @@ class FrameWriter:
             if tracked[0][0] <= written:
                 done = []
                 while tracked and tracked[0][0] <= written:
-                    done.append(tracked.popleft()[1])
-                self._report(done, True)
+                    callback = tracked.popleft()[1]
+                    if callback is not None:
+                        done.append(callback)
+                if done:
+                    self._report(done, True)
 
     def _report(self, callbacks, ok):
         if gevent.getcurrent() is self._hub:  # _flush: the hub must not run foreign code
@@ -282,11 +311,22 @@ class FrameWriter:
         self._queued -= dropped
         self._pushed -= dropped
         tracked = self._tracked
-        lost = []
+        gone = []
         while tracked and tracked[-1][0] > self._pushed:
-            lost.append(tracked.pop()[1])
+            gone.append(tracked.pop())
+        gone.reverse()
+        self._lose(gone)
+
+    def _lose(self, entries):
+        """These tracked frames will never be written: callbacks get False, items are kept
+        for on_undelivered."""
+        lost = []
+        for _, callback, item in entries:
+            if callback is not None:
+                lost.append(callback)
+            if item is not None:
+                self._lose_item(item)
         if lost:
-            lost.reverse()
             self._report(lost, False)
 
     def close(self, code=1000, reason="", final=()):
@@ -353,9 +393,22 @@ class FrameWriter:
 
     def _lose_tracked(self):
         if self._tracked:
-            lost = [cb for _, cb in self._tracked]
+            entries = list(self._tracked)
             self._tracked.clear()
-            self._report(lost, False)
+            self._lose(entries)
+
+    def _give_back(self):
+        """The connection is over (from _finish): hand the items of the frames never written
+        to ``on_undelivered``, once."""
+        handler, self.on_undelivered = self.on_undelivered, None
+        lost, self._lost = self._lost, []
+        if lost and handler is not None:
+            log.info("websocket %s: %d stanza(s) queued but never written: given back",
+                     self.remote_addr, len(lost))
+            try:
+                handler(lost)
+            except Exception:  # a bug in the layer above must not break the handler's cleanup
+                log.exception("websocket give-back failed")
 
 
 def _call(callback, ok):
