@@ -5,7 +5,7 @@ suite monkey-patches threading with gevent (conftest.py), so a worker never wake
 (gevent LoopExit).  Plain pytest processes have no such thread: this script packs the test
 files into N groups of even recorded duration (tests/test_durations.json, recorded with
 pytest-split's --store-durations) and runs the groups side by side.  Most of a test's time is spent
-waiting on servers and clients (processes of their own), so on 2 cores three groups take
+waiting on servers and clients (processes of their own), so on 2 cores four groups take
 well under half the serial time.
 
     python scripts/pytest_groups.py [-j N] [pytest args...]
@@ -35,7 +35,7 @@ DURATIONS = os.path.join(ROOT, "tests", "test_durations.json")
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("-j", "--groups", type=int, default=int(os.environ.get("BOSHROSTER_TEST_GROUPS", "3")))
+    parser.add_argument("-j", "--groups", type=int, default=int(os.environ.get("BOSHROSTER_TEST_GROUPS", "4")))
     parser.add_argument("--store-durations", action="store_true")
     ours, rest = parser.parse_known_args(argv)
     groups = max(1, ours.groups)
