@@ -114,7 +114,7 @@ def _unavailable_as_archive_error(method):
 
 
 class PgArchive(SqliteReads, MessageArchive):
-    T_ARCHIVE, T_BODY, T_PEERS = "mam_archive", "mam_body", "mam_peers"
+    T_ARCHIVE, T_BODY, T_PEERS, T_OWNERS = "mam_archive", "mam_body", "mam_peers", "mam_owners"
 
     @_unavailable_as_archive_error
     def query(self, owner: str, q: ArchiveQuery) -> ArchivePage:
@@ -386,23 +386,11 @@ class PgArchive(SqliteReads, MessageArchive):
         self.flush()
         cutoff = int(before * 1_000_000)
         deleted = 0
-        last_owner = 0
-        while True:
-            owners = self.db.execute("SELECT id, last_n FROM mam_owners WHERE id > ? ORDER BY id LIMIT 500",
-                                     (last_owner,)).fetchall()
-            if not owners:
-                break
-            for o, last_n in owners:
-                last_owner = o
-                first = self._edge(o, 1, N_MAX, None, last=False)
-                if first is None or first[1] >= cutoff:
-                    continue
-                keep = self._first_where(o, first[0], last_n, None, lambda r: r[1] >= cutoff)
-                stop = (keep - 1) if keep is not None else last_n
-                deleted += self.db.execute("DELETE FROM mam_archive WHERE k BETWEEN ? AND ?",
-                                           ((o << N_BITS) | first[0], (o << N_BITS) | stop)).rowcount
-                if yield_between:
-                    gevent.sleep(0)
+        for o, first_n, stop in self._expired_prefixes(cutoff):
+            deleted += self.db.execute("DELETE FROM mam_archive WHERE k BETWEEN ? AND ?",
+                                       ((o << N_BITS) | first_n, (o << N_BITS) | stop)).rowcount
+            if yield_between:
+                gevent.sleep(0)
         self.db.execute("DELETE FROM mam_body WHERE stamp < ?", (cutoff,))
         if deleted:
             log.info("archive retention: %d expired entries deleted", deleted)

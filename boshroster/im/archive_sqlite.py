@@ -388,31 +388,17 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self.flush()
         cutoff = int(before * 1_000_000)
         deleted = 0
-        last_owner = 0
-        while True:
-            owners = self.db.execute("SELECT id, last_n FROM owners WHERE id>? ORDER BY id LIMIT 500",
-                                     (last_owner,)).fetchall()
-            if not owners:
-                break
-            for o, last_n in owners:
-                last_owner = o
-                first = self._edge(o, 1, N_MAX, None, last=False)
-                if first is None or first[1] >= cutoff:
-                    continue
-                keep = self._first_where(o, first[0], last_n, None, lambda r: r[1] >= cutoff)
-                stop = (keep - 1) if keep is not None else last_n
-                n = first[0]
-                base = o << N_BITS
-                while n <= stop:
-                    upper = min(stop, n + _EXPIRE_CHUNK - 1)
-                    with self._lock:
-                        cur = self.db.execute("DELETE FROM archive WHERE k BETWEEN ? AND ?", (base | n, base | upper))
-                    deleted += cur.rowcount
-                    n = upper + 1
-                    if yield_between:
-                        gevent.sleep(0)
-            if yield_between:
-                gevent.sleep(0)
+        for o, first_n, stop in self._expired_prefixes(cutoff):
+            n = first_n
+            base = o << N_BITS
+            while n <= stop:
+                upper = min(stop, n + _EXPIRE_CHUNK - 1)
+                with self._lock:
+                    cur = self.db.execute("DELETE FROM archive WHERE k BETWEEN ? AND ?", (base | n, base | upper))
+                deleted += cur.rowcount
+                n = upper + 1
+                if yield_between:
+                    gevent.sleep(0)
         # Stanzas: body ids are in time order too; both parties' copies of a message share its stamp.
         while True:
             with self._lock:

@@ -266,7 +266,24 @@ class SqliteReads:
         return rows
 
     # Table names: a PostgreSQL database shares its namespace with other stores (cluster/pg_archive.py).
-    T_ARCHIVE, T_BODY, T_PEERS = "archive", "body", "peers"
+    T_ARCHIVE, T_BODY, T_PEERS, T_OWNERS = "archive", "body", "peers", "owners"
+
+    def _expired_prefixes(self, cutoff: int):
+        """(owner id, first n, last n) of each owner's archive prefix stamped before
+        ``cutoff``: retention removes the oldest entries first and leaves no holes (§3.2)."""
+        last_owner = 0
+        while True:
+            owners = self.db.execute(f"SELECT id, last_n FROM {self.T_OWNERS} WHERE id > ? ORDER BY id LIMIT 500",
+                                     (last_owner,)).fetchall()
+            if not owners:
+                return
+            for o, last_n in owners:
+                last_owner = o
+                first = self._edge(o, 1, N_MAX, None, last=False)
+                if first is None or first[1] >= cutoff:
+                    continue
+                keep = self._first_where(o, first[0], last_n, None, lambda r: r[1] >= cutoff)
+                yield o, first[0], (keep - 1) if keep is not None else last_n
 
     @property
     def _COLUMNS(self) -> str:
