@@ -10,6 +10,7 @@ skips only when they cannot be had.  PostgreSQL refuses to run as root, so
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import pwd
 import shutil
@@ -161,6 +162,30 @@ class PostgresProcess:
         if getattr(self, "data", None):
             self._run(os.path.join(self.bindir, "pg_ctl"), "-D", self.data, "-m", "immediate", "-w", "stop")
             self.data = None
+
+
+
+# -- a PostgreSQL per test module, a fresh database per test ---------------------------------
+_databases = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory):
+    """A real PostgreSQL for the module (import this fixture into the test module)."""
+    server = PostgresProcess(str(tmp_path_factory.mktemp("pg"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_url(pg):
+    """A new, empty database on ``pg`` for one test, owned by the boshroster role."""
+    import psycopg  # the cluster's driver: only where a test needs PostgreSQL
+
+    name = f"t{next(_databases)}_{int(time.time() * 1000) % 100000}"
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} OWNER boshroster")
+    return f"postgresql://boshroster:{pg.password}@127.0.0.1:{pg.port}/{name}"
 
 
 def render_nginx(prefix: str, listen_port: int, upstream_ports: list[int]) -> str:

@@ -13,7 +13,6 @@ PostgreSQL for the module, a database per test.
 
 from __future__ import annotations
 
-import itertools
 import signal
 import time
 
@@ -21,7 +20,7 @@ import gevent
 import psycopg
 import pytest
 
-from cluster_harness import PostgresProcess
+from cluster_harness import database_url, pg  # noqa: F401  (fixtures)
 from harness import stop_clients
 
 import test_no_loss
@@ -38,22 +37,6 @@ from test_no_loss import (  # noqa: F401  (collected here with the PostgreSQL ``
 )
 
 pytestmark = pytest.mark.cluster
-_numbers = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory):
-    server = PostgresProcess(str(tmp_path_factory.mktemp("pg"))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def database_url(pg):
-    name = f"nl{next(_numbers)}_{int(time.time() * 1000) % 100000}"
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} OWNER boshroster")
-    return f"postgresql://boshroster:{pg.password}@127.0.0.1:{pg.port}/{name}"
 
 
 @pytest.fixture

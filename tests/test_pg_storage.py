@@ -14,7 +14,6 @@ the database cannot be reached.
 from __future__ import annotations
 
 import inspect
-import itertools
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 import requests
 from gevent.pywsgi import WSGIServer
 
-from cluster_harness import PostgresProcess
+from cluster_harness import database_url, pg  # noqa: F401  (fixtures)
 from harness import ROOT, free_port
 
 from boshroster.cluster.pg import PgDatabase, StorageUnavailable
@@ -74,22 +73,6 @@ def _archive_tests(module, skip=()):
 globals().update(_archive_tests(test_archive, skip={"test_a_retracted_committed_message_is_deleted",
                                                   "test_a_refused_write_drops_the_queue_loudly_and_ids_stay_unique"}))
 globals().update(_archive_tests(test_mam_protocol, skip={"test_an_unreadable_stored_stanza_is_sent_without_its_message"}))
-_numbers = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def pg(tmp_path_factory):
-    server = PostgresProcess(str(tmp_path_factory.mktemp("pg"))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def database_url(pg):
-    name = f"t{next(_numbers)}_{int(time.time() * 1000) % 100000}"
-    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name} OWNER boshroster")
-    return f"postgresql://boshroster:{pg.password}@127.0.0.1:{pg.port}/{name}"
 
 
 @pytest.fixture
