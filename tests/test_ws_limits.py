@@ -312,12 +312,13 @@ def test_slow_reader_flooded_by_another_user_is_cut_off_with_memory_bounded(serv
 
 FLOOD_STANZAS = 40_000
 FAIR_PING_BOUND_MS = 500
+FAIR_PING_P95_MS = 100
 
 
 def test_a_flooding_client_does_not_stall_a_bystander(make_server, clients):
     """Before: the flooder's greenlet never yielded while its socket had data; a bystander's ping
     stalled 2-6 s. Now the reader lets the event loop poll every 2 ms at most; the bystander's
-    pings during the flood must all be answered within 500 ms (typically a few ms). Traffic
+    pings during the flood are answered within 100 ms (95% of them; all within 500 ms). Traffic
     shaping is off: this is the transport's fairness alone (shaping would slow the flooder)."""
     server = make_server(c2s_stanza_rate=0)
     bystander = login(server, "dave", "bystander")
@@ -340,7 +341,11 @@ def test_a_flooding_client_does_not_stall_a_bystander(make_server, clients):
     assert len(latencies) >= 5, "the flood was over too soon to measure anything"
     latencies.sort()
     print(f"\nfairness: {len(latencies)} bystander pings during a {FLOOD_STANZAS}-stanza flood ({flood_time:.1f}s): "
-          f"median {latencies[len(latencies) // 2]:.1f} ms, max {latencies[-1]:.1f} ms (bound {FAIR_PING_BOUND_MS} ms)")
+          f"median {latencies[len(latencies) // 2]:.1f} ms, 95% {latencies[int(len(latencies) * 0.95)]:.1f} ms, "
+          f"max {latencies[-1]:.1f} ms (bounds {FAIR_PING_P95_MS} / {FAIR_PING_BOUND_MS} ms)")
+    # 95% within the issue's 100 ms, every one within 500 ms: on a quiet 2-core machine the
+    # median is 5-7 ms and the worst 12-23 ms; the margin is for a suite run in parallel groups
+    assert latencies[int(len(latencies) * 0.95)] < FAIR_PING_P95_MS, latencies
     assert latencies[-1] < FAIR_PING_BOUND_MS
     reader.kill()
 
