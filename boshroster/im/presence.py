@@ -28,7 +28,6 @@ changes them, without yielding; other users' deliveries only read them.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Protocol
@@ -37,7 +36,7 @@ from boshroster.xmpp.events import EventBus
 from boshroster.xmpp.jid import JID, local_user
 from boshroster.xmpp.router import StanzaEvent
 from boshroster.xmpp.tags import PRESENCE, PRIORITY
-from boshroster.xmpp.xmlio import E, Element
+from boshroster.xmpp.xmlio import E, Element, shallow_copy
 
 if TYPE_CHECKING:
     from boshroster.xmpp.sessions import SessionManager
@@ -74,10 +73,7 @@ def _priority(stanza: Element) -> int:
 
 def addressed(stanza: Element, to: str) -> Element:
     """A shallow copy with another ``to`` (children are shared, never mutated)."""
-    out = copy.copy(stanza)
-    out.attrib = dict(stanza.attrib)
-    out.set("to", to)
-    return out
+    return shallow_copy(stanza, to)
 
 
 class PresenceHandler:

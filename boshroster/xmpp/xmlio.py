@@ -242,6 +242,18 @@ def E(tag: str, attrib: dict | None = None, *children: Element, text: str | None
     return el
 
 
+def shallow_copy(el: Element, to: str | None = None) -> Element:
+    """A copy with its own attributes (``to`` replaced if given) and the same children,
+    which are shared and must not be mutated.  ``copy.copy`` would share the attribute dict
+    too (the C ElementTree does)."""
+    out = ET.Element(el.tag, el.attrib)  # Element() copies the dict
+    out.text, out.tail = el.text, el.tail
+    out.extend(el)
+    if to is not None:
+        out.set("to", to)
+    return out
+
+
 def child(el: Element, tag: str) -> Element | None:
     return el.find(tag)
 
