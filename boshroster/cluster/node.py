@@ -49,7 +49,7 @@ from boshroster.config import StartupError
 from boshroster.xmpp.errors import StanzaError, error_reply
 from boshroster.xmpp.jid import JID
 from boshroster.xmpp.tags import BODY, IQ, MESSAGE
-from boshroster.xmpp.xmlio import E, NS_CARBONS
+from boshroster.xmpp.xmlio import NS_CARBONS
 
 if TYPE_CHECKING:
     from boshroster.xmpp.events import EventBus
@@ -208,16 +208,10 @@ class ClusterNode:
                 target.send(reply)
 
     def _orphan(self, username: str, resource: str, el) -> None:
-        """A stanza from a dead node's inbox: messages are routed again (their user may be
-        online elsewhere) or stored offline; nothing else is worth keeping."""
-        if el.tag != MESSAGE or el.get("type", "normal") not in ("chat", "normal") or el.find(BODY) is None:
-            return
-        copy_ = E(MESSAGE, dict(el.attrib), *list(el))
-        copy_.set("to", f"{username}@{self.domain}")
-        try:
-            self.messages.deliver(copy_, JID.make(username, self.domain))
-        except StanzaError as err:
-            log.warning("cluster: orphaned message for %s lost: %s", username, err.condition)
+        """A stanza from a dead node's inbox: messages are routed again like a dead session's
+        (their user may be online elsewhere), else stored offline, else bounced to their
+        sender (im/messages.py ``reroute``); nothing else is worth keeping."""
+        self.messages.reroute(username, [el])
 
     def _undeliverable(self, items: list, node: str) -> None:
         """Stanzas that could not reach ``node`` (gone, or Redis down): messages are

@@ -37,7 +37,7 @@ from boshroster.xmpp.jid import JID, JIDError
 from boshroster.xmpp.router import StanzaEvent
 from boshroster.xmpp.sessions import UndeliveredEvent
 from boshroster.xmpp.tags import BODY, CARBONS_PRIVATE, MESSAGE, NO_COPY
-from boshroster.xmpp.xmlio import E, Element, NS_CARBONS, NS_FORWARD
+from boshroster.xmpp.xmlio import E, Element, NS_CARBONS, NS_FORWARD, shallow_copy
 
 if TYPE_CHECKING:
     from boshroster.xmpp.sessions import SessionManager
@@ -105,7 +105,7 @@ class MessageHandler:
         if _carbon_eligible(stanza):
             # A copy: ``message-accepted`` may stamp the recipient's <stanza-id/> on ``stanza``
             # below, and a queued carbon is serialized later (BOSH, XEP-0198 retransmission).
-            sent = E(stanza.tag, dict(stanza.attrib), *list(stanza))
+            sent = shallow_copy(stanza)
             self._carbon_copies(origin, sent, "sent", exclude=origin)
         self.deliver(stanza, event.to, event)
         return True
@@ -218,18 +218,22 @@ class MessageHandler:
         lost; one that cannot go anywhere (offline storage full) is bounced to its
         sender (issue 10: delivered, stored or bounced).  One stanza that cannot be
         requeued costs that stanza only (logged), never those behind it."""
-        session = event.session
-        bare = JID.make(session.username, self.domain)
-        for stanza in event.stanzas:
+        self.reroute(event.session.username, event.stanzas, gone=event.session)
+
+    def reroute(self, username: str, stanzas, gone: "ClientSession | None" = None) -> None:
+        """``requeue`` for ``username``'s stanzas that ``gone`` (a session, or a dead cluster
+        node's inbox when None) will never deliver: to the bare JID again, else stored, else
+        bounced."""
+        bare = JID.make(username, self.domain)
+        for stanza in stanzas:
             if stanza.tag != MESSAGE or stanza.get("type", "normal") not in ("chat", "normal"):
                 continue
             if stanza.find(BODY) is None:
                 continue  # carbons wrappers, chat states, receipts: not worth keeping
             fanout = self._fanout.get(stanza)
-            if fanout is not None and (fanout[1] or any(s is not session and not s.ended for s in fanout[0])):
+            if fanout is not None and (fanout[1] or any(s is not gone and not s.ended for s in fanout[0])):
                 continue  # another resource that got it at the same time still has it (another node's: its own)
-            copy_ = E(MESSAGE, dict(stanza.attrib), *list(stanza))
-            copy_.set("to", str(bare))
+            copy_ = shallow_copy(stanza, str(bare))
             try:
                 self._deliver_bare(copy_, bare.local, copy_.get("type", "normal"), requeued=True)
             except StanzaError as err:

@@ -59,11 +59,14 @@ class Shaper:
         self.stamp = clock()
         self.throttled = False
 
-    def take(self) -> float:
-        """Account for one stanza; returns how long the stream waited."""
+    def _refill(self) -> None:
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def take(self) -> float:
+        """Account for one stanza; returns how long the stream waited."""
+        self._refill()
         self.tokens -= 1
         if self.tokens >= 0:
             if self.tokens >= self.burst - 1:
@@ -75,9 +78,7 @@ class Shaper:
 
     def try_take(self) -> bool:
         """Take one token if there is one, never waiting (pacing.py: BOSH)."""
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        self._refill()
         if self.tokens < 1:
             return False
         self.tokens -= 1

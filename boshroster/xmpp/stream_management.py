@@ -85,7 +85,7 @@ class SmSettings:
 class SmState:
     """One stream's counters and unacknowledged queue (XEP-0198 §4)."""
 
-    __slots__ = ("id", "handled_in", "sent", "acked", "queue", "requested", "requested_at", "behind")
+    __slots__ = ("id", "handled_in", "sent", "acked", "queue", "requested", "requested_at", "lagging")
 
     def __init__(self, sm_id: str | None):
         self.id = sm_id  # None: enabled without resumption
@@ -95,7 +95,7 @@ class SmState:
         self.queue: deque[tuple[Element, Callable[[bool], None] | None]] = deque()
         self.requested = False  # an <r/> is outstanding
         self.requested_at = 0  # ``sent`` when our last <r/> went out
-        self.behind = 0  # acks whose h was below the previous one (ignored; see on_ack)
+        self.lagging = False  # an ack's h was below the previous one (ignored; see on_ack)
 
     def received(self) -> None:
         self.handled_in = (self.handled_in + 1) % _WRAP
@@ -117,7 +117,7 @@ class SmState:
         newly = (h - self.acked) % _WRAP
         if newly > len(self.queue):
             if (self.acked - h) % _WRAP < _WRAP // 2:
-                self.behind += 1
+                self.lagging = True
                 self.requested = False
                 return []
             raise AckTooHigh(f"h={h} acknowledges {newly} stanzas, {len(self.queue)} were unacknowledged")
@@ -216,14 +216,14 @@ class StreamManagement:
         h = parse_h(el)
         if h is None:
             return session.fail("bad-format", "<a/> needs an 'h' between 0 and 2^32-1")
-        behind = session.sm.behind
+        was_lagging = session.sm.lagging
         try:
             entries = session.sm.on_ack(h)
         except AckTooHigh as exc:
             error = stream_error_element("undefined-condition", str(exc))
             error.append(E(q(NS_SM, "handled-count-too-high"), {"h": str(h), "send-count": str(session.sm.sent)}))
             return session.fail_with(error, "undefined-condition")
-        if session.sm.behind != behind and session.sm.behind == 1:
+        if session.sm.lagging and not was_lagging:  # said once per stream
             log.warning("%s: <a h='%d'/> is below its previous ack (%d): ignored (a client that "
                         "reset its counter; its later acks lag behind)", session.jid_str, h, session.sm.acked)
         for _, delivered in entries:
