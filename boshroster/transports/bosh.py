@@ -153,8 +153,7 @@ class BoshSession:
     def congested(self) -> bool:
         """Above the high-water mark: routing bounces other users' stanzas
         (``resource-constraint``) instead of queueing more (issue 10 point 5)."""
-        outbox = self.outbox
-        return len(outbox.pending) > outbox.high_water or outbox.pending_bytes > outbox.high_water_bytes
+        return self.outbox.congested
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -51,6 +51,7 @@ class BoshManager:
             group.discard(bosh)
             if not group:
                 del self._unauthenticated[bosh.ip]
+                self._refused_unauthenticated.pop(bosh.ip, None)  # else one entry per address ever refused
         if linger is not None:
             # Keep the terminal body for the next request of a client that was not polling.
             self._lingering[sid] = linger
