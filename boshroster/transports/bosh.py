@@ -138,7 +138,7 @@ class BoshSession:
         """Queue ``el`` for the client; ``delivered`` (if given) is called once it is acknowledged."""
         if self.terminal is not None:
             # Only reachable between the terminal body and ClientSession.end (which stops sends).
-            log.debug("stanza for ended BOSH session of %s not queued", self.session.jid_str)
+            log.warning("stanza for the ended BOSH session of %s not queued (dropped)", self.session.jid_str)
             if delivered is not None:
                 delivered(False)
             return
