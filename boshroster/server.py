@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import time
 
 import gevent
@@ -26,49 +25,6 @@ from boshroster.transports.http_limits import HttpLimits, connection_cap, raise_
 from boshroster.transports.ws_connection import WsSettings
 
 log = logging.getLogger("boshroster.server")
-
-
-# -- graceful stop: ending idle keep-alive connections ------------------------------------
-
-class _Listener(WSGIServer):
-    """A WSGIServer that can end its keep-alive connections idle between requests.
-
-    pywsgi's ``stop(timeout)`` waits for every handler greenlet, and a kept-alive connection's
-    handler sits in ``readline`` until the client closes it: without this, every stop waited
-    the full grace for connections nobody uses.  ``idle`` holds the handlers blocked reading a
-    request line; handler greenlets add and remove themselves, :meth:`Server.stop` reads it
-    from a snapshot (no yield in between, so no handler can be half-registered).
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.idle: set = set()
-        self.draining = False  # set by close_idle(): handlers end instead of reading a request
-
-    def close_idle(self) -> int:
-        """End every connection waiting for its next request; those busy end after theirs."""
-        self.draining = True
-        idle = list(self.idle)
-        for handler in idle:
-            try:  # wakes its readline with EOF; the handler greenlet then closes the socket
-                handler.socket.shutdown(socket.SHUT_RDWR)
-            except (OSError, AttributeError):
-                pass
-        return len(idle)
-
-
-class _Handler(ServerHandler):
-    """ServerHandler that registers itself in ``_Listener.idle`` while it waits for a request."""
-
-    def read_requestline(self):
-        server = self.server
-        if server.draining:  # stopping: answer nothing more on this connection
-            return ""
-        server.idle.add(self)
-        try:
-            return super().read_requestline()
-        finally:
-            server.idle.discard(self)
 
 
 # Connections the kernel queues while the pool is full or the accept loop is busy (gevent's
@@ -109,7 +65,7 @@ class Server:
         self.app = WebApp(self.core)
         pool = self._pool = Pool(_connection_cap(config))  # every connection's handler greenlet
         self.listeners = []
-        handler = _Handler.with_settings(WsSettings(
+        handler = ServerHandler.with_settings(WsSettings(
             max_message=config.stanza_size_limit + 1024,
             ping_interval=config.websocket_ping_interval,
             queue_size=config.websocket_max_queue,
@@ -121,7 +77,7 @@ class Server:
         ))
         for interface in config.http_interfaces:
             for port in config.http_ports:
-                listener = _Listener(
+                listener = WSGIServer(
                     (interface, port), self.app, handler_class=handler, spawn=pool,
                     log=None, error_log=logging.getLogger("boshroster.http"), backlog=LISTEN_BACKLOG,
                 )
@@ -164,9 +120,8 @@ class Server:
             listener.close()  # the port closes: no new connection during shutdown
         self.app.bosh.shutdown()
         self.core.shutdown()
-        for listener in self.listeners:
-            listener.close_idle()
-        # A connection busy when close_idle ran ends on its own: _Handler reads no next request.
+        self.http_limits.close_waiting()
+        # A connection busy when close_waiting ran ends on its own: it reads no next request.
         if not self._pool.join(timeout=max(0.0, deadline - time.monotonic())):
             log.warning("shutdown: %d connection(s) still busy after %.1fs; closing them",
                         len(self._pool), grace)

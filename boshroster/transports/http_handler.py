@@ -216,6 +216,8 @@ class ServerHandler(WebSocketHandler):
                                              else not body_done(inp)):
                 return None  # timed out, or a body left unread: close, never parse it as a request
             if limits is not None:
+                if limits.draining:  # the server is stopping (close_waiting): no next request
+                    return None
                 self._phase = WAIT
                 self._deadline = time.monotonic() + limits.keepalive_timeout
                 limits.waiting[self] = None

@@ -292,6 +292,7 @@ class HttpLimits:
         self.notices = _Notices()
         self._sweeper = None
         self._reclaiming = 0                  # expired by pool_full, not yet released
+        self.draining = False                 # set by close_waiting(): no connection reads another request
 
     # -- per connection ---------------------------------------------------------
 
@@ -354,6 +355,17 @@ class HttpLimits:
                 sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
+
+    def close_waiting(self) -> int:
+        """Graceful stop (``Server.stop``): end every connection waiting for a request line;
+        the busy ones end after their request, as ``draining`` makes the handler close
+        instead of waiting for the next one. Without this, a kept-alive connection would hold
+        the stop for its whole grace period."""
+        self.draining = True
+        idle = list(self.waiting)
+        for handler in idle:
+            self.expire(handler, "shutdown")
+        return len(idle)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None:
