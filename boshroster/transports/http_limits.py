@@ -449,11 +449,15 @@ class HttpLimits:
                     pass
         if not fds:
             return False
+        # poll, not select: select() refuses descriptors >= 1024 (ValueError), which read as
+        # "nothing waiting" would stop making room for new connections on a busy server.
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
         try:
-            readable, _, _ = select.select(fds, [], [], 0)
-        except (OSError, ValueError):
+            return bool(poller.poll(0))
+        except OSError:
             return False
-        return bool(readable)
 
 
 def _has_pending_data(sock) -> bool:
