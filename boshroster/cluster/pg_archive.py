@@ -58,8 +58,9 @@ import psycopg
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from boshroster.cluster.pg import PgDatabase, StorageUnavailable
-from boshroster.im.archive import (MAX_PREF_JIDS, POLICIES, ArchivedMessage, ArchivePage, ArchiveQuery,
-                                   ArchiveUnavailable, Copy, ItemNotFound, MessageArchive, Prefs, Stored, parse_duration)
+from boshroster.im.archive import (POLICIES, ArchivedMessage, ArchivePage, ArchiveQuery,
+                                   ArchiveUnavailable, Copy, ItemNotFound, MessageArchive, Prefs, Stored, applied_prefs,
+                                   parse_duration)
 from boshroster.im.archive_sqlite_read import (
     N_BITS,
     N_MAX,
@@ -366,16 +367,10 @@ class PgArchive(SqliteReads, MessageArchive):
 
     @_unavailable_as_archive_error
     def set_prefs(self, owner: str, prefs: Prefs) -> Prefs:
-        if prefs.default not in POLICIES:
-            raise ValueError(f"default must be one of {POLICIES}")
-        if len(prefs.always) > MAX_PREF_JIDS or len(prefs.never) > MAX_PREF_JIDS:
-            raise ValueError(f"at most {MAX_PREF_JIDS} JIDs per list")
-        never = tuple(dict.fromkeys(prefs.never))
-        always = tuple(j for j in dict.fromkeys(prefs.always) if j not in never)
-        applied = Prefs(prefs.default, always, never)
+        applied = applied_prefs(prefs)
         self.db.execute("INSERT INTO mam_prefs (owner, dflt, always, never) VALUES (?, ?, ?, ?) ON CONFLICT (owner)"
                         " DO UPDATE SET dflt = EXCLUDED.dflt, always = EXCLUDED.always, never = EXCLUDED.never",
-                        (owner, applied.default, json.dumps(list(always)), json.dumps(list(never))))
+                        (owner, applied.default, json.dumps(list(applied.always)), json.dumps(list(applied.never))))
         self._prefs[owner] = (time.monotonic(), applied)
         return applied
 
