@@ -376,6 +376,7 @@ class PgArchive(SqliteReads, MessageArchive):
 
     # -- retention --------------------------------------------------------------------------
 
+    @_unavailable_as_archive_error  # the retention loop (SqliteReads) postpones on ArchiveUnavailable
     def expire(self, before: float, yield_between: bool = False) -> int:
         """Each owner's prefix older than ``before`` (§3.2: no holes), then the stanzas."""
         self.flush()
@@ -390,20 +391,6 @@ class PgArchive(SqliteReads, MessageArchive):
         if deleted:
             log.info("archive retention: %d expired entries deleted", deleted)
         return deleted
-
-    def start(self) -> None:
-        if self.expires_after is not None and self._cleaner is None:
-            self._cleaner = gevent.spawn(self._cleanup_loop)
-
-    def _cleanup_loop(self) -> None:
-        while not self._closed:
-            try:
-                self.expire(self._clock() - self.expires_after, yield_between=True)
-            except StorageUnavailable as exc:
-                log.warning("archive retention postponed: %s", exc)
-            except Exception:  # noqa: BLE001 - keep retention running; the next turn retries
-                log.exception("archive retention failed")
-            gevent.sleep(self.cleanup_interval)
 
     def close(self) -> None:
         if self._closed:

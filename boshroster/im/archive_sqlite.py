@@ -408,18 +408,6 @@ class SqliteArchive(SqliteReads, MessageArchive):
             log.info("archive retention: %d expired entries deleted", deleted)
         return deleted
 
-    def start(self) -> None:
-        if self.expires_after is not None and self._cleaner is None:
-            self._cleaner = gevent.spawn(self._cleanup_loop)
-
-    def _cleanup_loop(self) -> None:
-        while not self._closed:
-            try:
-                self.expire(self._clock() - self.expires_after, yield_between=True)
-            except Exception:  # noqa: BLE001 - keep retention running; the next turn retries
-                log.exception("archive retention failed")
-            gevent.sleep(self.cleanup_interval)
-
     def close(self) -> None:
         if self._closed:
             return
