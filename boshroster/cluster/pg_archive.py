@@ -172,9 +172,13 @@ class PgArchive(SqliteReads, MessageArchive):
     def _owner_key(self, owner: str, create: bool) -> tuple[int, bytes] | None:
         known = self._owners.get(owner)
         if known is None:
-            if create:
-                self.db.execute("INSERT INTO mam_owners (jid) VALUES (?) ON CONFLICT (jid) DO NOTHING", (owner,))
+            # SELECT first: one round trip for a known owner (after a restart or a cache reset),
+            # and no INSERT ... ON CONFLICT, which burns a value of the id sequence each time
+            # (ids are bounded by OWNER_MAX).
             row = self.db.execute("SELECT id FROM mam_owners WHERE jid = ?", (owner,)).fetchone()
+            if row is None and create:
+                self.db.execute("INSERT INTO mam_owners (jid) VALUES (?) ON CONFLICT (jid) DO NOTHING", (owner,))
+                row = self.db.execute("SELECT id FROM mam_owners WHERE jid = ?", (owner,)).fetchone()
             if row is None:
                 return None
             if row[0] > OWNER_MAX:
@@ -195,8 +199,11 @@ class PgArchive(SqliteReads, MessageArchive):
     def _peer_id(self, jid: str) -> int:
         peer = self._peers.get(jid)
         if peer is None:
-            self.db.execute("INSERT INTO mam_peers (jid) VALUES (?) ON CONFLICT (jid) DO NOTHING", (jid,))
-            peer = self.db.execute("SELECT id FROM mam_peers WHERE jid = ?", (jid,)).fetchone()[0]
+            row = self.db.execute("SELECT id FROM mam_peers WHERE jid = ?", (jid,)).fetchone()  # as _owner_key
+            if row is None:
+                self.db.execute("INSERT INTO mam_peers (jid) VALUES (?) ON CONFLICT (jid) DO NOTHING", (jid,))
+                row = self.db.execute("SELECT id FROM mam_peers WHERE jid = ?", (jid,)).fetchone()
+            peer = row[0]
             if peer > PEER_MASK:
                 raise RuntimeError("archive: too many peers for the key layout")
             if len(self._peers) >= _CACHE_MAX:
