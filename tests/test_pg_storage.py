@@ -233,6 +233,27 @@ def test_retention_on_postgresql_deletes_the_oldest(archive, clock):
     assert archive.expire(cutoff) == 0
 
 
+def test_restarted_nodes_do_not_use_up_owner_and_peer_ids(database_url, clock):
+    """Owner ids are bounded (OWNER_MAX): a node meeting known users again (a restart, a cache
+    reset) finds their rows without an INSERT, whose ON CONFLICT would still take an id."""
+    A, B = test_archive.A, test_archive.B
+    database = PgDatabase(database_url, 2)
+    try:
+        for _restart in range(3):
+            node = PgArchive(database, clock=clock)
+            test_archive.chat(node, clock, A, B, "again")
+            node.close()
+        node = PgArchive(database, clock=clock)
+        test_archive.chat(node, clock, A, "carol@localhost", "new owner and peer")
+        node.close()
+        owners = dict(database.execute("SELECT jid, id FROM mam_owners").fetchall())
+        peers = dict(database.execute("SELECT jid, id FROM mam_peers").fetchall())
+        assert owners["carol@localhost"] == max(owners[A], owners[B]) + 1
+        assert peers["carol@localhost"] == max(peers[A], peers[B]) + 1
+    finally:
+        database.close()
+
+
 def test_a_server_with_database_url_archives_in_postgresql(tmp_path, database_url):
     """The real server: the archive is PostgreSQL's, live ids match the archive, a bounced
     message (offline storage full) is not in it."""

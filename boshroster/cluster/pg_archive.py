@@ -58,8 +58,9 @@ import psycopg
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from boshroster.cluster.pg import PgDatabase, StorageUnavailable
-from boshroster.im.archive import (MAX_PREF_JIDS, POLICIES, ArchivedMessage, ArchivePage, ArchiveQuery,
-                                   ArchiveUnavailable, Copy, ItemNotFound, MessageArchive, Prefs, Stored, parse_duration)
+from boshroster.im.archive import (POLICIES, ArchivedMessage, ArchivePage, ArchiveQuery,
+                                   ArchiveUnavailable, Copy, ItemNotFound, MessageArchive, Prefs, Stored, applied_prefs,
+                                   parse_duration)
 from boshroster.im.archive_sqlite_read import (
     N_BITS,
     N_MAX,
@@ -171,9 +172,13 @@ class PgArchive(SqliteReads, MessageArchive):
     def _owner_key(self, owner: str, create: bool) -> tuple[int, bytes] | None:
         known = self._owners.get(owner)
         if known is None:
-            if create:
-                self.db.execute("INSERT INTO mam_owners (jid) VALUES (?) ON CONFLICT (jid) DO NOTHING", (owner,))
+            # SELECT first: one round trip for a known owner (after a restart or a cache reset),
+            # and no INSERT ... ON CONFLICT, which burns a value of the id sequence each time
+            # (ids are bounded by OWNER_MAX).
             row = self.db.execute("SELECT id FROM mam_owners WHERE jid = ?", (owner,)).fetchone()
+            if row is None and create:
+                self.db.execute("INSERT INTO mam_owners (jid) VALUES (?) ON CONFLICT (jid) DO NOTHING", (owner,))
+                row = self.db.execute("SELECT id FROM mam_owners WHERE jid = ?", (owner,)).fetchone()
             if row is None:
                 return None
             if row[0] > OWNER_MAX:
@@ -194,8 +199,11 @@ class PgArchive(SqliteReads, MessageArchive):
     def _peer_id(self, jid: str) -> int:
         peer = self._peers.get(jid)
         if peer is None:
-            self.db.execute("INSERT INTO mam_peers (jid) VALUES (?) ON CONFLICT (jid) DO NOTHING", (jid,))
-            peer = self.db.execute("SELECT id FROM mam_peers WHERE jid = ?", (jid,)).fetchone()[0]
+            row = self.db.execute("SELECT id FROM mam_peers WHERE jid = ?", (jid,)).fetchone()  # as _owner_key
+            if row is None:
+                self.db.execute("INSERT INTO mam_peers (jid) VALUES (?) ON CONFLICT (jid) DO NOTHING", (jid,))
+                row = self.db.execute("SELECT id FROM mam_peers WHERE jid = ?", (jid,)).fetchone()
+            peer = row[0]
             if peer > PEER_MASK:
                 raise RuntimeError("archive: too many peers for the key layout")
             if len(self._peers) >= _CACHE_MAX:
@@ -366,21 +374,16 @@ class PgArchive(SqliteReads, MessageArchive):
 
     @_unavailable_as_archive_error
     def set_prefs(self, owner: str, prefs: Prefs) -> Prefs:
-        if prefs.default not in POLICIES:
-            raise ValueError(f"default must be one of {POLICIES}")
-        if len(prefs.always) > MAX_PREF_JIDS or len(prefs.never) > MAX_PREF_JIDS:
-            raise ValueError(f"at most {MAX_PREF_JIDS} JIDs per list")
-        never = tuple(dict.fromkeys(prefs.never))
-        always = tuple(j for j in dict.fromkeys(prefs.always) if j not in never)
-        applied = Prefs(prefs.default, always, never)
+        applied = applied_prefs(prefs)
         self.db.execute("INSERT INTO mam_prefs (owner, dflt, always, never) VALUES (?, ?, ?, ?) ON CONFLICT (owner)"
                         " DO UPDATE SET dflt = EXCLUDED.dflt, always = EXCLUDED.always, never = EXCLUDED.never",
-                        (owner, applied.default, json.dumps(list(always)), json.dumps(list(never))))
+                        (owner, applied.default, json.dumps(list(applied.always)), json.dumps(list(applied.never))))
         self._prefs[owner] = (time.monotonic(), applied)
         return applied
 
     # -- retention --------------------------------------------------------------------------
 
+    @_unavailable_as_archive_error  # the retention loop (SqliteReads) postpones on ArchiveUnavailable
     def expire(self, before: float, yield_between: bool = False) -> int:
         """Each owner's prefix older than ``before`` (§3.2: no holes), then the stanzas."""
         self.flush()
@@ -395,20 +398,6 @@ class PgArchive(SqliteReads, MessageArchive):
         if deleted:
             log.info("archive retention: %d expired entries deleted", deleted)
         return deleted
-
-    def start(self) -> None:
-        if self.expires_after is not None and self._cleaner is None:
-            self._cleaner = gevent.spawn(self._cleanup_loop)
-
-    def _cleanup_loop(self) -> None:
-        while not self._closed:
-            try:
-                self.expire(self._clock() - self.expires_after, yield_between=True)
-            except StorageUnavailable as exc:
-                log.warning("archive retention postponed: %s", exc)
-            except Exception:  # noqa: BLE001 - keep retention running; the next turn retries
-                log.exception("archive retention failed")
-            gevent.sleep(self.cleanup_interval)
 
     def close(self) -> None:
         if self._closed:

@@ -128,6 +128,17 @@ class Prefs:
         return False
 
 
+def applied_prefs(prefs: Prefs) -> Prefs:
+    """What ``set_prefs`` stores: the default checked, each list bounded (ValueError: mam.py's
+    bad-request), duplicates dropped, a JID in both lists kept in ``never`` only."""
+    if prefs.default not in POLICIES:
+        raise ValueError(f"default must be one of {POLICIES}")
+    if len(prefs.always) > MAX_PREF_JIDS or len(prefs.never) > MAX_PREF_JIDS:
+        raise ValueError(f"at most {MAX_PREF_JIDS} JIDs per list")
+    never = tuple(dict.fromkeys(prefs.never))
+    return Prefs(prefs.default, tuple(j for j in dict.fromkeys(prefs.always) if j not in never), never)
+
+
 def parse_duration(value: str | int | float) -> float | None:
     """``archive_expires_after``: "never" -> None; "3600" or 3600 -> seconds; "1w", "2d", "12h",
     "3m" (months, 31 days, as Prosody), "1y".  Raise ValueError otherwise."""

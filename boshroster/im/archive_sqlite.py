@@ -64,7 +64,7 @@ import gevent
 import gevent.lock
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from boshroster.im.archive import MAX_PREF_JIDS, POLICIES, Copy, MessageArchive, Prefs, Stored, parse_duration
+from boshroster.im.archive import POLICIES, Copy, MessageArchive, Prefs, Stored, applied_prefs, parse_duration
 from boshroster.im.archive_sqlite_read import (
     N_BITS,
     N_MAX,
@@ -366,16 +366,10 @@ class SqliteArchive(SqliteReads, MessageArchive):
         return prefs
 
     def set_prefs(self, owner: str, prefs: Prefs) -> Prefs:
-        if prefs.default not in POLICIES:
-            raise ValueError(f"default must be one of {POLICIES}")
-        if len(prefs.always) > MAX_PREF_JIDS or len(prefs.never) > MAX_PREF_JIDS:
-            raise ValueError(f"at most {MAX_PREF_JIDS} JIDs per list")
-        never = tuple(dict.fromkeys(prefs.never))
-        always = tuple(j for j in dict.fromkeys(prefs.always) if j not in never)
-        applied = Prefs(prefs.default, always, never)
+        applied = applied_prefs(prefs)
         self.db.execute(
             "INSERT OR REPLACE INTO prefs (owner, dflt, always, never) VALUES (?, ?, ?, ?)",
-            (owner, applied.default, json.dumps(list(always)), json.dumps(list(never))),
+            (owner, applied.default, json.dumps(list(applied.always)), json.dumps(list(applied.never))),
         )
         self._prefs[owner] = applied
         return applied
@@ -413,18 +407,6 @@ class SqliteArchive(SqliteReads, MessageArchive):
         if deleted:
             log.info("archive retention: %d expired entries deleted", deleted)
         return deleted
-
-    def start(self) -> None:
-        if self.expires_after is not None and self._cleaner is None:
-            self._cleaner = gevent.spawn(self._cleanup_loop)
-
-    def _cleanup_loop(self) -> None:
-        while not self._closed:
-            try:
-                self.expire(self._clock() - self.expires_after, yield_between=True)
-            except Exception:  # noqa: BLE001 - keep retention running; the next turn retries
-                log.exception("archive retention failed")
-            gevent.sleep(self.cleanup_interval)
 
     def close(self) -> None:
         if self._closed:

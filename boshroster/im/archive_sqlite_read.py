@@ -31,7 +31,9 @@ import json
 import logging
 from xml.etree.ElementTree import Element
 
-from boshroster.im.archive import ArchivedMessage, ArchivePage, ArchiveQuery, ItemNotFound, Unsupported
+import gevent
+
+from boshroster.im.archive import ArchivedMessage, ArchivePage, ArchiveQuery, ArchiveUnavailable, ItemNotFound, Unsupported
 
 N_BITS = 40  # per-owner ordinal: 2^40 messages per owner
 N_MAX = (1 << N_BITS) - 1
@@ -284,6 +286,22 @@ class SqliteReads:
                     continue
                 keep = self._first_where(o, first[0], last_n, None, lambda r: r[1] >= cutoff)
                 yield o, first[0], (keep - 1) if keep is not None else last_n
+
+    def start(self) -> None:
+        """Retention (both stores): every ``cleanup_interval`` seconds, ``expire`` what is older
+        than ``expires_after``.  ``_cleaner``/``_closed`` are the store's (close() kills it)."""
+        if self.expires_after is not None and self._cleaner is None:
+            self._cleaner = gevent.spawn(self._cleanup_loop)
+
+    def _cleanup_loop(self) -> None:
+        while not self._closed:
+            try:
+                self.expire(self._clock() - self.expires_after, yield_between=True)
+            except ArchiveUnavailable as exc:
+                log.warning("archive retention postponed: %s", exc)
+            except Exception:  # noqa: BLE001 - keep retention running; the next turn retries
+                log.exception("archive retention failed")
+            gevent.sleep(self.cleanup_interval)
 
     @property
     def _COLUMNS(self) -> str:

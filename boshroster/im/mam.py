@@ -6,8 +6,7 @@ form (§4.1.5), archive metadata (§5), preferences (XEP-0441, split out of
 XEP-0313 §6), and the message-side helpers the wiring uses to archive a chat
 message and stamp its XEP-0359 ``<stanza-id/>``.  No I/O of its own: every
 handler returns the stanzas to send, or raises StanzaError (the router turns
-it into the error reply).  The archive (archive.py) is the shared state, plus
-``MamService._recent`` (see there).
+it into the error reply).  The archive (archive.py) is the shared state.
 
 Errors, as the XEPs name them: malformed date -> bad-request (XEP-0082
 profile required); unknown form field -> feature-not-implemented (§4.1.5);
@@ -23,7 +22,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -49,8 +47,6 @@ from boshroster.xmpp.xmlio import E, Element, NS_CLIENT, NS_DELAY, NS_FORWARD
 from boshroster.im.mam_stanzas import NS_SID, archivable, stamp_stanza_id, strip_stanza_ids  # noqa: F401 (re-exported)
 
 log = logging.getLogger("boshroster.mam")
-
-_RECENT_MAX = 1024  # archived messages whose bounce could still come (one deliver call each)
 
 NS_MAM = "urn:xmpp:mam:2"
 NS_MAM_EXTENDED = "urn:xmpp:mam:2#extended"  # before-id/after-id/ids, flip-page, metadata (§6)
@@ -299,9 +295,6 @@ class MamService:
         self.max_page = max(1, max_page)
         self.default_page = min(max(1, default_page), self.max_page)
         self.in_roster = in_roster
-        # id(stanza) -> (stanza, Stored.token) of the last messages archived, for message-bounced;
-        # mutated by the greenlet delivering each (no yield between the hook and the mutation).
-        self._recent: OrderedDict[int, tuple[Element, object]] = OrderedDict()  # oldest first, O(1) pop
         self._warned = -1e9  # when the last "archive unavailable" warning was logged
 
     def register(self, bus: EventBus, account_features: list[str]) -> None:
@@ -358,24 +351,20 @@ class MamService:
             return None
         if recipient_at is not None:
             stamp_stanza_id(stanza, f"{recipient.local}@{recipient.domain}", stored[recipient_at], replace=False)
-        recent = self._recent
-        recent[id(stanza)] = (stanza, stored.token)
-        if len(recent) > _RECENT_MAX:
-            recent.popitem(last=False)
+        event.archived = stored.token  # for message-bounced (same event, same deliver call)
         return None
 
     def _on_bounced(self, event: StanzaEvent) -> None:
         """``message-bounced``: the message archived at ``message-accepted`` was refused
         with an error to its sender.  It leaves both parties' archives (XEP-0313 §5.1.1
         archives messages exchanged, and this one never reached the recipient; the
-        sender's other devices would show it as sent, without the error).  ``_recent``
-        holds the last messages' tokens: a bounce comes from the same ``deliver`` call,
-        at most one storage round trip later."""
-        entry = self._recent.pop(id(event.stanza), None)
-        if entry is None or entry[0] is not event.stanza:
+        sender's other devices would show it as sent, without the error).  The token is on
+        the event: a bounce fires with the event of its ``message-accepted``."""
+        token, event.archived = event.archived, None
+        if token is None:
             return None
         try:
-            self.archive.retract(entry[1])
+            self.archive.retract(token)
         except Exception:  # noqa: BLE001 - logged; the sender already has the error
             log.exception("a bounced message could not be taken out of the archive")
         return None

@@ -70,11 +70,14 @@ HANDLED = _Marker("HANDLED")  # an IQ handler's answer: it replied itself
 @dataclass(slots=True)
 class StanzaEvent:
     """What stanza handlers receive: who sent it, the stanza (``from`` already
-    stamped), and its prepared destination (None: no ``to``)."""
+    stamped), and its prepared destination (None: no ``to``).  ``archived``: what the
+    archive's ``message-accepted`` hook stored for this message (mam.py), read back by
+    ``message-bounced``, which fires with the same event in the same ``deliver`` call."""
 
     origin: "ClientSession"
     stanza: Element
     to: JID | None
+    archived: object = None
 
 
 def iq_result(iq: Element, payload: Element | None = None) -> Element:
