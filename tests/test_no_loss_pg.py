@@ -115,6 +115,31 @@ def test_a_refused_delivery_releases_its_claims_for_another_process(make_server,
     stop_clients(second.port)
 
 
+def test_rows_left_by_a_full_byte_window_are_released_when_the_delivery_is_refused(make_server, database_url):
+    """Big messages: the 512 KiB byte window fills after a few rows of the first page, the rest
+    of the page was claimed but never handed over.  When the BOSH session vanishes those rows
+    are released too (claim NULL), so another process delivers everything at once, not after
+    the 10-minute claim lease."""
+    first = make_server(bosh_max_wait=1, bosh_max_inactivity=2, node_id="n1")
+    alice = logged_in("websocket", first, "alice", "a", presence=False)
+    ids = [f"w{i}" for i in range(20)]
+    send_messages(alice, "bob@localhost", ids, body=lambda i: f"{i} " + "x" * 100_000)
+    bob = test_no_loss.SyncBosh(first, "bob", "gone")
+    bob.send_and_vanish("<presence xmlns='jabber:client'/>")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(claim for _user, claim in offline_rows(database_url)):
+        gevent.sleep(0.05)
+    assert all(claim and claim.startswith("n1:") for _user, claim in offline_rows(database_url))
+    while time.monotonic() < deadline and any(claim for _user, claim in offline_rows(database_url)):
+        gevent.sleep(0.1)  # inactivity ends the session: delivered(False), and the held rows freed
+    assert offline_rows(database_url) == [("bob", None)] * 20
+    second = make_server(bosh_max_wait=5, node_id="n2", users=())
+    again = logged_in("websocket", second, "bob", "b")
+    exactly_once(collect(again, 20), ids)
+    again.close()
+    stop_clients(second.port)
+
+
 def test_kill9_of_a_cluster_node_mid_delivery_frees_its_claims_for_the_other_node(tmp_path, backend, database_url):
     """Two cluster nodes on one Redis and one PostgreSQL: n1 is killed while its offline delivery
     to bob is unacknowledged (rows claimed by n1).  n2 finds n1 dead (no heartbeat for

@@ -180,6 +180,7 @@ class _Delivery:
         self.kept = 0
         self.handed = 0
         self.exhausted = False
+        self.held: list[int] = []  # rows of the last page left for the next one (byte window full)
         self._pumping = False
 
     def pump(self) -> int:
@@ -196,10 +197,13 @@ class _Delivery:
                 self.exhausted = not rows
                 if not rows:
                     break
+                self.held = []
                 for index, (row_id, stamp, text) in enumerate(rows):
-                    if self.session.ended or self.in_flight_bytes >= store.window_bytes:
-                        if self.session.ended:
-                            store._unsent([row[0] for row in rows[index:]])
+                    if self.session.ended:
+                        store._unsent([row[0] for row in rows[index:]])
+                        break
+                    if self.in_flight_bytes >= store.window_bytes:
+                        self.held = [row[0] for row in rows[index:]]  # read again by the next page
                         break
                     self.after = row_id
                     try:
@@ -250,6 +254,11 @@ class _Delivery:
                     self.session, self.after, self.exhausted = other, 0, False
                     self.pump()
                     return
+            # No one takes over: give back what the last page left unsent (PostgreSQL: its
+            # claims, else another node waits for the claim lease).
+            held, self.held = self.held, []
+            if held:
+                store._unsent(held)
         elif self.handed:
             log.info("delivered %d offline message(s) to %s", self.delivered, self.session.jid_str)
         del store._deliveries[self.username]
