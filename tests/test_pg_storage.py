@@ -165,6 +165,24 @@ def test_pool_is_bounded_and_waits_then_gives_up(database_url):
     database.close()
 
 
+def test_every_statement_and_lock_wait_is_bounded(database_url):
+    """A statement (or the lock it waits for) cannot hold a pooled connection forever: every
+    connection has a statement_timeout and TCP keepalives / tcp_user_timeout; a statement
+    cancelled by it is StorageUnavailable to the caller, like an unreachable server."""
+    database = PgDatabase(database_url)
+    try:
+        assert database.execute("SHOW statement_timeout").fetchone()[0] == "1min"
+        with database.connection() as conn:
+            assert "tcp_user_timeout=30000" in conn.info.dsn and "keepalives=1" in conn.info.dsn
+        with pytest.raises(StorageUnavailable):
+            with database.transaction() as tx:
+                tx.execute("SET LOCAL statement_timeout = 200")  # the default, shortened for the test
+                tx.execute("SELECT pg_sleep(5)")
+        assert database.execute("SELECT 1").fetchone()[0] == 1  # the pool is still usable
+    finally:
+        database.close()
+
+
 def test_unreachable_postgresql_at_start_is_a_clear_error(tmp_path):
     url = f"postgresql://boshroster:secret@127.0.0.1:{free_port()}/boshroster"
     config_path = tmp_path / "b.toml"

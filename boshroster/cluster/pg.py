@@ -79,6 +79,18 @@ class _Tx:
             cur.executemany(_PLACEHOLDER.sub("%s", sql), [tuple(r) for r in rows])
 
 
+# Every wait on PostgreSQL is bounded, not only the pool and the connect: a statement (or the
+# lock it waits for) at most STATEMENT_TIMEOUT_MS, then QueryCanceled (StorageUnavailable);
+# a server that vanished without a reset is noticed by TCP keepalives and tcp_user_timeout
+# (unacknowledged data) instead of the kernel's retransmission timeout (about 15 minutes).
+STATEMENT_TIMEOUT_MS = 60_000
+_BOUNDED = {
+    "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
 class PgDatabase:
     def __init__(self, url: str, size: int = 10, timeout: float = 10.0, connect_timeout: float = 5.0):
         self.url = url
@@ -95,7 +107,8 @@ class PgDatabase:
 
     def _connect(self) -> psycopg.Connection:
         try:
-            return psycopg.connect(self.url, autocommit=True, connect_timeout=int(max(1, self.connect_timeout)))
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=int(max(1, self.connect_timeout)),
+                                   **_BOUNDED)
         except psycopg.Error as exc:
             raise StorageUnavailable(str(exc).strip()) from None
 
