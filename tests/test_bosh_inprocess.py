@@ -61,7 +61,7 @@ def test_held_request_is_answered_empty_just_before_wait(world):
     w.clock.advance(8.9)
     assert not poll.ready()  # held
     w.clock.advance(0.2)  # answered at wait - 1 s, so no client or proxy gives up first
-    body = poll.get(timeout=1)
+    body = poll.get(timeout=5)
     assert body.get("type") is None and len(body) == 0
 
 
@@ -72,7 +72,7 @@ def test_held_request_is_answered_at_once_when_a_stanza_arrives(world):
     poll = bob.spawn()
     assert not poll.ready()
     alice.spawn(alice.message("bob@localhost/b", "hi", "x1"))
-    body = poll.get(timeout=1)
+    body = poll.get(timeout=5)
     assert [m.get("id") for m in messages(body)] == ["x1"]
 
 
@@ -86,9 +86,9 @@ def test_early_rid_waits_for_the_gap_to_fill(world):
     w.clock.advance(5)
     assert not late.ready()  # held until rid base+1 arrives
     first = client.spawn(rid=base + 1)
-    first_body = first.get(timeout=1)  # answered (with <success/>) once base+2 is held in its place
+    first_body = first.get(timeout=5)  # answered (with <success/>) once base+2 is held in its place
     w.clock.advance(10)
-    reply = late.get(timeout=1)
+    reply = late.get(timeout=5)
     # rid base+1 was processed first (empty), then base+2's <success/>; one of them carries it.
     assert b"success" in ET.tostring(reply) + ET.tostring(first_body)
 
@@ -101,7 +101,7 @@ def test_early_rid_whose_gap_never_fills_is_item_not_found(world):
     w.clock.advance(10.5)
     assert not late.ready()
     w.clock.advance(1)  # wait + 1 s
-    assert terminated(late.get(timeout=1)) == "item-not-found"
+    assert terminated(late.get(timeout=5)) == "item-not-found"
     assert terminated(client.post(rid=client.rid + 1)) == "item-not-found"  # the session is gone
 
 
@@ -222,11 +222,11 @@ def test_a_resent_held_request_takes_over_and_the_old_one_gets_an_empty_body(wor
     rid = alice.rid + 1
     old = alice.spawn(rid=rid)
     new = alice.spawn(rid=rid)
-    old_body = old.get(timeout=1)
+    old_body = old.get(timeout=5)
     assert old_body.get("type") is None and len(old_body) == 0
     assert not new.ready()
     w.clock.advance(10)
-    assert new.get(timeout=1).get("type") is None
+    assert new.get(timeout=5).get("type") is None
 
 
 def test_old_rid_no_longer_cached_is_item_not_found(world):
@@ -237,7 +237,7 @@ def test_old_rid_no_longer_cached_is_item_not_found(world):
     for _ in range(5):
         poll = client.spawn()
         w.clock.advance(2)
-        poll.get(timeout=1)
+        poll.get(timeout=5)
     assert terminated(client.post(rid=first)) == "item-not-found"
 
 
@@ -250,7 +250,7 @@ def test_more_simultaneous_requests_than_allowed_is_policy_violation(world):
     early = client.spawn(rid=base + 3)  # waits for base+2: two outstanding, the 'requests' limit
     assert not parked.ready() and not early.ready()
     assert terminated(client.post(rid=base + 2)) == "policy-violation"  # XEP-0124 §11: one too many
-    assert {terminated(parked.get(timeout=1)), terminated(early.get(timeout=1))} <= {None, "policy-violation"}
+    assert {terminated(parked.get(timeout=5)), terminated(early.get(timeout=5))} <= {None, "policy-violation"}
     assert w.app.bosh.sessions == {}
 
 
@@ -263,7 +263,7 @@ def test_inactivity_ends_the_session_and_contacts_see_unavailable(world):
     w.clock.advance(9)  # both parked polls answered (sleeper's with alice's presence, or empty)
     poll = watcher.spawn()
     w.clock.advance(9)
-    got = poll.get(timeout=1)
+    got = poll.get(timeout=5)
     # the sleeper stops polling; the watcher keeps one request parked
     seen = []
     for _ in range(5):
@@ -272,7 +272,7 @@ def test_inactivity_ends_the_session_and_contacts_see_unavailable(world):
             break
         poll = watcher.spawn()
         w.clock.advance(9)
-        got = poll.get(timeout=1)
+        got = poll.get(timeout=5)
     gone = [el for el in seen if el.tag == q(NS_CLIENT, "presence") and el.get("from") == "bob@localhost/sleeper"]
     assert [el.get("type") for el in gone][-1:] == ["unavailable"]
     assert terminated(sleeper.post()) == "item-not-found"  # XEP-0124 §10: as if it never existed
@@ -284,7 +284,7 @@ def test_inactivity_timer_runs_only_while_no_request_is_held(world):
     for _ in range(6):  # 60 s of parked requests, more than 'inactivity'
         poll = alice.spawn()
         w.clock.advance(10)
-        assert poll.get(timeout=1).get("type") is None
+        assert poll.get(timeout=5).get("type") is None
     w.clock.advance(28)  # idle for 29 s: the last poll was answered 1 s before the loop ended
     assert w.session(alice) is not None
     w.clock.advance(2)
@@ -361,10 +361,10 @@ def test_live_messages_in_an_unacknowledged_response_are_stored_when_the_session
     bob = w.client().login("bob", "b")
     presence = bob.spawn(f"<presence xmlns='{NS_CLIENT}'/>")
     w.clock.advance(10)
-    presence.get(timeout=1)
+    presence.get(timeout=5)
     poll = bob.spawn()
     alice.spawn("".join(alice.message("bob@localhost", f"live {i}", f"l{i}") for i in range(5)))
-    assert [m.get("id") for m in messages(poll.get(timeout=1))] == [f"l{i}" for i in range(5)]
+    assert [m.get("id") for m in messages(poll.get(timeout=5))] == [f"l{i}" for i in range(5)]
     w.clock.advance(31)  # bob read nothing more, never acknowledged: it may not have them
     assert w.core.offline.count("bob") == 5
     again = w.client().login("bob", "b2")
@@ -378,7 +378,7 @@ def test_client_terminate_stores_what_was_still_queued(world):
     bob = w.client().login("bob", "b")
     presence = bob.spawn(f"<presence xmlns='{NS_CLIENT}'/>")
     w.clock.advance(10)
-    presence.get(timeout=1)
+    presence.get(timeout=5)
     # bob has no request parked: alice's messages wait in bob's queue
     alice.post("".join(alice.message("bob@localhost", f"q {i}", f"q{i}") for i in range(3)) + PING.format(id="p"))
     bye = bob.post(f"<presence xmlns='{NS_CLIENT}' type='unavailable'/>", type="terminate")
@@ -392,10 +392,10 @@ def test_shutdown_lets_the_last_response_be_acknowledged_then_stores_only_what_w
     bob = w.client().login("bob", "b")
     presence = bob.spawn(f"<presence xmlns='{NS_CLIENT}'/>")
     w.clock.advance(10)
-    presence.get(timeout=1)
+    presence.get(timeout=5)
     poll = bob.spawn()
     alice.post(alice.message("bob@localhost/b", "read", "r1") + PING.format(id="p"))
-    assert [m.get("id") for m in messages(poll.get(timeout=1))] == ["r1"]  # bob has it, not yet acknowledged
+    assert [m.get("id") for m in messages(poll.get(timeout=5))] == ["r1"]  # bob has it, not yet acknowledged
 
     def client_goes_on():
         gevent.sleep(0.1)  # a round trip later, while the server shuts down:
@@ -419,13 +419,13 @@ def test_hard_bound_keeps_the_oldest_and_bounces_the_newest_to_the_sender(world)
     bob = w.client().login("bob", "b")
     presence = bob.spawn(f"<presence xmlns='{NS_CLIENT}'/>")
     w.clock.advance(10)
-    presence.get(timeout=1)
+    presence.get(timeout=5)
     reply = alice.post("".join(alice.message("bob@localhost/b", f"n {i}", f"n{i}") for i in range(15)))
     bounced = [el for el in reply if el.tag == q(NS_CLIENT, "message") and el.get("type") == "error"]
     assert [el.get("id") for el in bounced] == [f"n{i}" for i in range(10, 15)]
     assert {error_condition(el) for el in bounced} == {"resource-constraint"}
     assert w.session(bob) is not None  # the victim's session lives on
-    assert [m.get("id") for m in messages(bob.spawn().get(timeout=1))] == [f"n{i}" for i in range(10)]
+    assert [m.get("id") for m in messages(bob.spawn().get(timeout=5))] == [f"n{i}" for i in range(10)]
 
 
 def test_congested_above_the_high_water_mark(world):
@@ -436,7 +436,7 @@ def test_congested_above_the_high_water_mark(world):
     assert not w.session(bob).congested
     alice.post(alice.message("bob@localhost/b", "one more", "c5") + PING.format(id="p"))
     assert w.session(bob).congested
-    bob.spawn().get(timeout=1)
+    bob.spawn().get(timeout=5)
     assert not w.session(bob).congested
 
 
@@ -447,7 +447,7 @@ def test_sender_is_bounced_with_resource_constraint_while_the_recipient_is_conge
     reply = alice.post("".join(alice.message("bob@localhost/b", f"c {i}", f"c{i}") for i in range(8)) + PING.format(id="p"))
     bounced = [el.get("id") for el in reply if el.get("type") == "error" and error_condition(el) == "resource-constraint"]
     assert bounced == ["c6", "c7"]
-    assert [m.get("id") for m in messages(bob.spawn().get(timeout=1))] == [f"c{i}" for i in range(6)]
+    assert [m.get("id") for m in messages(bob.spawn().get(timeout=5))] == [f"c{i}" for i in range(6)]
 
 
 def test_a_big_queue_leaves_in_several_responses_of_bounded_size(world):
@@ -472,7 +472,7 @@ def test_a_deeply_nested_message_does_not_lose_the_messages_queued_behind_it(wor
     bob = w.client().login("bob", "b")
     presence = bob.spawn(f"<presence xmlns='{NS_CLIENT}'/>")
     w.clock.advance(10)
-    presence.get(timeout=1)
+    presence.get(timeout=5)
     deep = "<x xmlns='urn:example:deep'>" * 1200 + "</x>" * 1200
     batch = (alice.message("bob@localhost", "before", "b1")
              + f"<message xmlns='{NS_CLIENT}' to='bob@localhost' type='chat' id='deep'><body>d</body>{deep}</message>"
@@ -495,7 +495,7 @@ def test_a_stanza_that_cannot_be_serialized_is_refused_alone(world, caplog):
         w.session(bob).session.send(broken)
     assert any("cannot be serialized" in r.getMessage() for r in caplog.records)
     alice.post(alice.message("bob@localhost/b", "fine", "ok") + PING.format(id="p"))
-    assert [m.get("id") for m in messages(bob.spawn().get(timeout=1))] == ["ok"]
+    assert [m.get("id") for m in messages(bob.spawn().get(timeout=5))] == ["ok"]
 
 
 # -- input checks (issue 10 point 16) --------------------------------------------------------

@@ -41,6 +41,8 @@ from datetime import datetime, timezone
 import bottle
 
 from boshroster.roster.model import json_type_name as _kind
+from boshroster.transports.http_limits import ClientGone
+from boshroster.transports.request_body import read_body
 from boshroster.web.access import request_denied
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StanzaError
@@ -181,24 +183,11 @@ class AppApi:
 
     def _read_body(self, env) -> bytes:
         limit = self.config.api_max_body
-        length = env.get("CONTENT_LENGTH")
-        stream = env["wsgi.input"]
         try:
-            if length:
-                try:
-                    size = int(length)
-                except ValueError:
-                    raise ApiError(400, "bad Content-Length") from None
-                if size > limit:
-                    raise ApiError(413, f"body larger than api_max_body ({limit} bytes)")
-                data = stream.read(size)
-                if len(data) < size:
-                    raise ApiError(400, "request body incomplete")
-                return data
-            data = stream.read(limit + 1)
-        except (OSError, ValueError) as err:  # pywsgi: the client stopped short, or bad chunking
+            data = read_body(env, limit)
+        except ClientGone as err:
             raise ApiError(400, f"request body incomplete ({str(err)[:100]})") from None
-        if len(data) > limit:
+        if data is None:
             raise ApiError(413, f"body larger than api_max_body ({limit} bytes)")
         return data
 

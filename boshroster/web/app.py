@@ -29,6 +29,7 @@ from boshroster.transports.bosh_watch import ENVIRON_KEY as BOSH_SOCKET
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
 from boshroster.web.access import client_address, request_denied, from_trusted_proxy
 from boshroster.transports.http_limits import ClientGone
+from boshroster.transports.request_body import read_body
 from boshroster.xmpp.stream import Peer
 from boshroster.transports.websocket import WebSocketStream
 from boshroster.transports.ws_connection import ENVIRON_KEY
@@ -165,7 +166,7 @@ class WebApp:
         if method != "POST":
             start_response("405 Method Not Allowed", cors + [("Allow", "GET, POST, OPTIONS"), ("Content-Length", "0")])
             return [b""]
-        data = self._read_body(environ, self.config.bosh_max_body)
+        data = read_body(environ, self.config.bosh_max_body)
         if data is None:
             log.warning("BOSH body over %d bytes from %s refused", self.config.bosh_max_body, environ.get("REMOTE_ADDR"))
             reply = terminate_body("policy-violation")
@@ -203,30 +204,6 @@ class WebApp:
             return terminate_body("policy-violation")
         bosh.session.fail("policy-violation", err.text)
         return bosh.terminal or terminate_body("policy-violation")
-
-    @staticmethod
-    def _read_body(environ, limit: int) -> bytes | None:
-        """The request body, or None if it is larger than ``limit`` (checked before reading).
-
-        A body over the limit is left unread: the HTTP handler then closes the connection
-        rather than read and discard it (Content-Length: 99999999999999999999 is refused at
-        once). Raises ClientGone when the client stops short (it closed, or
-        ``http_body_timeout`` expired): the handler logs one line, no traceback."""
-        length = environ.get("CONTENT_LENGTH")
-        stream = environ["wsgi.input"]
-        try:
-            if length:
-                try:
-                    size = int(length)
-                except ValueError:
-                    return b""
-                if size > limit:
-                    return None
-                return stream.read(size)
-            data = stream.read(limit + 1)
-        except (OSError, ValueError) as exc:  # pywsgi: "unexpected end of file", bad chunking
-            raise ClientGone(str(exc) or type(exc).__name__) from None
-        return None if len(data) > limit else data
 
     def _websocket(self, environ, start_response):
         conn = environ[ENVIRON_KEY]
@@ -272,7 +249,7 @@ class WebApp:
         if denied is not None:
             return denied
         try:
-            data = self._read_body(bottle.request.environ, self.config.refresh_max_body)
+            data = read_body(bottle.request.environ, self.config.refresh_max_body)
         except ClientGone as err:  # Bottle would log a traceback and answer 500
             log.info("refresh request from %s: body incomplete (%s)", bottle.request.environ.get("REMOTE_ADDR"), err)
             bottle.response.set_header("Connection", "close")
