@@ -371,6 +371,9 @@ class WsClient(Client):
         self.sock = None
         self.reader = None
         self.frames_in = 0
+        # The sender and the reader (answering pings) both write: two greenlets waiting on
+        # one socket's write at once is a gevent ConcurrentObjectUseError.
+        self._wlock = gevent.lock.Semaphore()
 
     def connect(self) -> None:
         sock = socket.create_connection(self.addr)
@@ -407,7 +410,8 @@ class WsClient(Client):
 
     def send(self, xml: str) -> None:
         try:
-            self.sock.sendall(ws_frame(xml))
+            with self._wlock:
+                self.sock.sendall(ws_frame(xml))
         except OSError as exc:
             if not self.closed:
                 self.closed = True
@@ -442,8 +446,9 @@ class WsClient(Client):
                         texts.append(buf[pos + hl:pos + hl + n])
                     elif op == 0x9:
                         payload = buf[pos + hl:pos + hl + n]
-                        self.sock.sendall(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload
-                                          if payload else _PONG_EMPTY)
+                        with self._wlock:
+                            self.sock.sendall(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+                                              if payload else _PONG_EMPTY)
                     elif op == 0x8:
                         self.closed = True
                         self.error = self.error or f"close frame {buf[pos + hl:pos + hl + n]!r}"
@@ -469,7 +474,8 @@ class WsClient(Client):
     def close(self) -> None:
         if not self.closed and self.sock is not None:
             try:
-                self.sock.sendall(ws_frame(f"<close xmlns='{NS_FRAMING}'/>"))
+                with self._wlock:
+                    self.sock.sendall(ws_frame(f"<close xmlns='{NS_FRAMING}'/>"))
             except OSError:
                 pass
         self.drop()
