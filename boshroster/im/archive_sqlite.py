@@ -21,12 +21,17 @@ name another message later, even though its ``n`` is given again.
 **Writes are batched.**  ``store`` assigns the ordinals (n, pn), epoch and
 timestamp at once and builds the rows (the caller stamps the recipient's id,
 computed from them, on the live copy; the sender's id is computed only if
-read) and queues them; a writer commits the queue in one transaction per loop
-turn or per ``flush_interval`` seconds, in chunks of at most ``_CHUNK``
-messages with a yield between chunks (sqlite3 calls do not yield to other
-greenlets, so each transaction is kept short).  The queue is bounded
-(``max_pending``): when full, the caller flushes synchronously
-(back-pressure, never a drop).  A message counts as archived once committed.
+read) and queues them; a writer commits the queue ``flush_interval`` seconds after
+its first message (or at the next loop turn), or as soon as ``_CHUNK``
+messages are queued, in transactions of at most ``_CHUNK`` messages with a
+yield between them (sqlite3 calls do not yield to other greenlets, so each
+transaction is kept short).  A commit's cost is mostly per transaction (the
+pages at each active owner's and pair's tail are rewritten into the WAL:
+~2.5 ms for 100 owners), so fewer, fuller transactions are what make the
+archive cheap per message (bench/README.md).  The queue is bounded
+(``max_pending``): when full, the caller commits one chunk synchronously
+(back-pressure, never a drop; the hub is blocked for one transaction, not
+for the whole queue).  A message counts as archived once committed.
 **A crash between accept and commit** loses at most what was queued (at most
 ``flush_interval`` seconds of messages, never more than ``max_pending``): those
 messages were delivered live (or are in offline storage, whose
@@ -74,7 +79,7 @@ from boshroster.im.archive_sqlite_read import (
     SCHEMA,
     OwnerState,
     SqliteReads,
-    encode_stanza,
+    encode_compact,
     owner_check,
 )
 
@@ -96,7 +101,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         *,
         expires_after: float | None = None,
         cleanup_interval: float = 3600.0,
-        flush_interval: float = 0.05,
+        flush_interval: float = 0.25,
         max_pending: int = 10000,
         default_policy: str = "always",
         clock: Callable[[], float] = time.time,
@@ -190,12 +195,17 @@ class SqliteArchive(SqliteReads, MessageArchive):
             pn = pairs[pk] = (self._last_pn(pk) if pn is None else pn) + 1
             rows.append(((owner.id << N_BITS) | n, pk, pn, now, flags | c.outgoing, c.resource, seq))
             entries.append((owner, n, self._epoch))
-        self._pending.append(((seq, now, encode_stanza(stanza)), rows))
-        if len(self._pending) >= self.max_pending:
+        pending = self._pending
+        pending.append(((seq, now, encode_compact(stanza)), rows))
+        queued = len(pending)
+        if queued >= self.max_pending:
             if now / 1e6 - self._last_full_warning > 60:
                 self._last_full_warning = now / 1e6
-                log.warning("archive write queue full (%d messages): flushing in the sender's greenlet", len(self._pending))
-            self.flush()
+                log.warning("archive write queue full (%d messages): committing %d in the sender's greenlet",
+                            queued, min(queued, _CHUNK))
+            self._flush(yield_between=False, chunks=1)
+        elif queued % _CHUNK == 0:
+            gevent.spawn(self._background_flush)  # a full chunk: commit at the next loop turn, not at the timer
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             if self.flush_interval > 0:
@@ -265,7 +275,9 @@ class SqliteArchive(SqliteReads, MessageArchive):
     def flush(self) -> int:
         return self._flush(yield_between=False)
 
-    def _flush(self, yield_between: bool) -> int:
+    def _flush(self, yield_between: bool, chunks: int | None = None) -> int:
+        """Commit the queue in transactions of at most _CHUNK messages (``chunks``: at most
+        that many, the rest stays queued for the writer)."""
         written = 0
         with self._lock:
             self._flush_scheduled = False
@@ -283,6 +295,13 @@ class SqliteArchive(SqliteReads, MessageArchive):
                     break
                 del self._pending[: len(chunk)]
                 written += len(chunk)
+                if chunks is not None:
+                    chunks -= 1
+                    if chunks <= 0:
+                        if self._pending and not self._flush_scheduled:
+                            self._flush_scheduled = True
+                            gevent.spawn(self._background_flush)
+                        break
                 if yield_between and self._pending:
                     self._lock.release()
                     try:
