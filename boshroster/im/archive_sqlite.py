@@ -85,6 +85,9 @@ from boshroster.im.archive_sqlite_read import (
 
 log = logging.getLogger("boshroster.archive")
 
+# PRAGMA user_version: 1 = stanzas are marshal BLOBs (encode_compact); rows of format 0
+# (JSON text, before 2026-12) are still read as they are.
+FORMAT_VERSION = 1
 _CHUNK = 500  # messages per write transaction (a few ms); the writer yields between chunks
 _EXPIRE_CHUNK = 2000  # archive entries deleted per transaction by retention
 _CACHE_MAX = 100_000  # owners / peers / pairs remembered in memory before the caches are reset
@@ -121,6 +124,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA cache_size=-32768")  # 32 MiB: the tails of active conversations
         self.db.executescript(SCHEMA)
+        self._check_format(path)
         self._lock = gevent.lock.RLock()
         key = self._meta("sid_key")
         if key is None:
@@ -144,6 +148,21 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._last_full_warning = 0.0
         self._cleaner: gevent.Greenlet | None = None
         self._closed = False
+
+    def _check_format(self, path: str) -> None:
+        """``PRAGMA user_version``: FORMAT_VERSION once this code has written to the file.
+        0 (earlier versions, stanzas as JSON text) is read as it is: decode_stanza reads both
+        forms, so nothing is rewritten.  A newer format is refused: its rows could be
+        misread."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > FORMAT_VERSION:
+            self.db.close()
+            raise RuntimeError(f"archive {path}: format {version} was written by a newer boshroster"
+                               f" (this one reads formats up to {FORMAT_VERSION})")
+        if version < FORMAT_VERSION:
+            self.db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+            if version:
+                log.info("archive %s: format %d -> %d", path, version, FORMAT_VERSION)
 
     # -- ids -------------------------------------------------------------------------------
 
