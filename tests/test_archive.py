@@ -603,13 +603,15 @@ def test_an_archive_of_a_newer_format_is_refused(path, clock):
         SqliteArchive(path, clock=clock)
 
 
-def test_an_unreadable_stored_stanza_is_logged_and_the_page_still_answers(archive, clock, caplog):
+def test_an_unreadable_stored_stanza_is_logged_and_the_page_still_answers(path, clock, caplog):
+    archive = SqliteArchive(path, clock=clock)
     chat(archive, clock, A, B, "fine")
     chat(archive, clock, A, B, "to be damaged")
     archive.flush()
     archive.db.execute("UPDATE body SET stanza=? WHERE id=(SELECT MAX(id) FROM body)", (b"\x00garbage",))
     with caplog.at_level(logging.ERROR, logger="boshroster.archive"):
         page = archive.query(A, ArchiveQuery())
+    archive.close()
     assert [m.stanza is None for m in page.items] == [False, True]
     assert any("cannot be read back" in r.message for r in caplog.records)
 
