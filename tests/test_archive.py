@@ -635,6 +635,10 @@ def test_a_full_chunk_is_committed_without_waiting_for_the_flush_interval(path, 
         assert watcher.execute("SELECT COUNT(*) FROM body").fetchone()[0] == 0  # nothing yielded yet
         wait_until(lambda: watcher.execute("SELECT COUNT(*) FROM body").fetchone()[0] >= _CHUNK)
         assert watcher.execute("SELECT COUNT(*) FROM body").fetchone()[0] == _CHUNK + 3  # the rest with it
+        # The queue emptied before the timer: it is cancelled, the next message starts a new one.
+        assert store._flush_timer is None
+        chat(store, clock, A, B, "next")
+        assert store._flush_timer is not None and len(store._pending) == 1
     finally:
         store.close()
 

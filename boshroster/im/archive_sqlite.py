@@ -139,7 +139,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._body_seq, self._last_stamp = row if row else (0, 0)
         # Queue: (body row, [(owner id, n, peer, resource, outgoing)]) per message, in order.
         self._pending: list[tuple[tuple, list[tuple]]] = []
-        self._flush_scheduled = False
+        self._flush_timer: gevent.Greenlet | None = None  # commits flush_interval after the oldest queued message
         self._owners: dict[str, OwnerState] = {}
         self._peers: dict[str, int] = {}
         self._pairs: dict[int, int] = {}  # pk -> last pn
@@ -225,12 +225,8 @@ class SqliteArchive(SqliteReads, MessageArchive):
             self._flush(yield_between=False, chunks=1)
         elif queued % _CHUNK == 0:
             gevent.spawn(self._background_flush)  # a full chunk: commit at the next loop turn, not at the timer
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            if self.flush_interval > 0:
-                gevent.spawn_later(self.flush_interval, self._background_flush)
-            else:
-                gevent.spawn(self._background_flush)  # next loop turn
+        elif self._flush_timer is None:
+            self._start_timer()
         return Stored(self._id_of, entries, (seq, rows, entries))
 
     def _id_of(self, entry: tuple) -> str:
@@ -285,6 +281,16 @@ class SqliteArchive(SqliteReads, MessageArchive):
         except sqlite3.Error as exc:
             log.error("archive: the epoch could not be saved (%s)", exc)
 
+    def _start_timer(self) -> None:
+        if self.flush_interval > 0:
+            self._flush_timer = gevent.spawn_later(self.flush_interval, self._timer_flush)
+        else:
+            self._flush_timer = gevent.spawn(self._timer_flush)  # next loop turn
+
+    def _timer_flush(self) -> None:
+        self._flush_timer = None
+        self._background_flush()
+
     def _background_flush(self) -> None:
         try:
             self._flush(yield_between=True)
@@ -299,7 +305,6 @@ class SqliteArchive(SqliteReads, MessageArchive):
         that many, the rest stays queued for the writer)."""
         written = 0
         with self._lock:
-            self._flush_scheduled = False
             if self._closed:  # a flush scheduled before close(), which wrote what was queued
                 if self._pending:
                     log.warning("archive closed: %d message(s) queued after it were not archived", len(self._pending))
@@ -317,9 +322,8 @@ class SqliteArchive(SqliteReads, MessageArchive):
                 if chunks is not None:
                     chunks -= 1
                     if chunks <= 0:
-                        if self._pending and not self._flush_scheduled:
-                            self._flush_scheduled = True
-                            gevent.spawn(self._background_flush)
+                        if self._pending and self._flush_timer is None:
+                            self._start_timer()
                         break
                 if yield_between and self._pending:
                     self._lock.release()
@@ -327,6 +331,11 @@ class SqliteArchive(SqliteReads, MessageArchive):
                         gevent.sleep(0)
                     finally:
                         self._lock.acquire()
+            timer = self._flush_timer
+            if not self._pending and timer is not None and timer is not gevent.getcurrent():
+                # Emptied before the timer: the next message starts a new one (batches stay full).
+                self._flush_timer = None
+                timer.kill(block=False)
             if not self._pending and (len(self._owners) > _CACHE_MAX or len(self._peers) > _CACHE_MAX
                                       or len(self._pairs) > _CACHE_MAX or len(self._routes) > _CACHE_MAX):
                 self._reset_caches()
