@@ -14,7 +14,7 @@ back to the row, so no id index is written with every message.
 
 Stanzas are stored as the element tree ``(tag, attrib, text, tail, *children)`` (tags and
 attribute names in ElementTree's ``{namespace}local`` form).  SQLite keeps it as a
-``marshal`` BLOB (``encode_compact``): 1–2 µs per chat message against 6–8 µs for JSON
+``marshal`` BLOB (``encode_compact``): 2–4 µs per chat message against 6–9 µs for JSON
 (bench/README.md, "The message archive's cost"); PostgreSQL keeps JSON text
 (``encode_stanza``).  ``decode_stanza`` reads both, so rows written as JSON by earlier
 versions (``user_version`` 0) stay readable without a migration.  Only strings, dicts,
