@@ -190,7 +190,7 @@ class _Serializing:
         raise RuntimeError(xmlio.tostring(el))
 
 
-def core_cost(workdir: str, archive: bool, messages: int, flush_interval: float = 0.05) -> float:
+def core_cost(workdir: str, archive: bool, messages: int, flush_interval: float | None = None) -> float:
     """Server CPU µs per chat message through the real session core (parse, route, deliver,
     serialize; with the archive: archive_message, stanza-id, batched commit), 50 pairs, no
     sockets.  Sessions log in with PLAIN over a fake loopback peer."""
@@ -205,8 +205,9 @@ def core_cost(workdir: str, archive: bool, messages: int, flush_interval: float 
         def fetch(self, username):
             return Roster.from_backend_json({}, log_context="bench")
 
+    extra = {} if flush_interval is None else {"archive_flush_interval": flush_interval}
     config = load(None, env={}, data_dir=workdir, domain="localhost", scram_iterations=4096, log_level="warning",
-                  archive_enabled=archive, c2s_stanza_rate=0.0, archive_flush_interval=flush_interval)
+                  archive_enabled=archive, c2s_stanza_rate=0.0, **extra)
     core = Core(config, roster_backend=Backend())
     users = [f"u{i}" for i in range(100)]
     sessions = []
@@ -253,7 +254,8 @@ def main() -> None:
     ap.add_argument("--write-messages", type=int, default=20000)
     ap.add_argument("--core-messages", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--flush-interval", type=float, default=0.05, help="archive_flush_interval for the server path")
+    ap.add_argument("--flush-interval", type=float, default=None,
+                    help="archive_flush_interval for the server path (default: the server's default)")
     ap.add_argument("--core-only", action="store_true", help="only the server path, archive off/on (no 1M file)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
@@ -291,7 +293,7 @@ def main() -> None:
     # The whole server path, archive off vs on, alternated (the machine's speed drifts).
     import tempfile
     print(f"\nserver CPU per chat message through the session core (no sockets), 50 pairs, "
-          f"{args.core_messages:,} messages, archive_flush_interval {args.flush_interval}, "
+          f"{args.core_messages:,} messages, archive_flush_interval {args.flush_interval or 'default'}, "
           f"off/on alternated {args.rounds} times:")
     figures = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -240,6 +240,15 @@ def print_table(rows: list[dict], meta: dict) -> None:
           f" ({(meta.get('probe_baseline') or 0) * 1e3:.2f} ms); the raw figure is shown too.")
     if peer:
         print(f"vs {peer}: value / the same figure measured on {peer} in this run (both normalized the same way).")
+    figures = {(row["workload"], row["transport"], row["metric"]): row for row in own}
+    for (workload, transport, metric), off in figures.items():
+        on = figures.get((workload, transport, metric[: -len("_archive_off")])) if metric.endswith("_archive_off") else None
+        if on is not None and on["value"] and off["value"]:
+            ratio = on["value"] / off["value"]
+            raw = (f", raw {on['value_raw'] / off['value_raw']:.2f}x" if on.get("value_raw") and off.get("value_raw")
+                   else "")
+            print(f"archive {workload}/{transport}: CPU per 1,000 with the archive on / off = {ratio:.2f}x{raw}"
+                  f" (issue 11 target <= 1.3x): {'met' if ratio <= 1.3 else 'MISSED'}")
     targets = [row for row in own if row.get("ceiling_target") and row.get("ratio_ceiling") is not None]
     for row in targets:
         ok = row["ratio_ceiling"] <= row["ceiling_target"]

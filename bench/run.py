@@ -55,7 +55,7 @@ PROFILES = {
     "default": dict(
         ring=10000, hub=100, login_warm=10, login_seq=200, login_conc=1000, login_plain=200, login_phases="seq,conc,plain",
         idle_stages=[500, 5000, 10000], idle_window=10.0, idle_wait=10, idle_settle=2.0,
-        messages=50000, messages_warm=2000, pairs=50, window=10,
+        messages=50000, messages_warm=2000, pairs=50, window=10, archive="on",
         refresh_users=200, refresh_singles=400, refresh_conc=20, refresh_reps=3,
         presence_rounds=100, ceiling_seconds=5.0, ceiling_conns=50,
         cluster_logins=400, cluster_messages=25000,
@@ -63,7 +63,7 @@ PROFILES = {
     "quick": dict(
         ring=2000, hub=100, login_warm=10, login_seq=150, login_conc=400, login_plain=200, login_phases="seq,conc,plain",
         idle_stages=[100, 500, 1000], idle_window=2.5, idle_wait=3, idle_settle=0.3,
-        messages=25000, messages_warm=1000, pairs=50, window=10,
+        messages=25000, messages_warm=1000, pairs=50, window=10, archive="on",
         refresh_users=200, refresh_singles=400, refresh_conc=20, refresh_reps=3,
         presence_rounds=60, ceiling_seconds=2.0, ceiling_conns=50,
         cluster_logins=200, cluster_messages=10000,

@@ -562,3 +562,103 @@ def test_ids_are_computed_when_read_and_stay_stable(archive, clock):
     assert stored[1] == recipient_id and len(stored) == 2 and stored[-1] == recipient_id
     assert [m.id for m in archive.query(B, ArchiveQuery()).items] == [recipient_id]
     assert [m.id for m in archive.query(A, ArchiveQuery()).items] == [stored[0]]
+
+
+def test_an_archive_of_json_rows_written_by_an_earlier_version_is_read_and_extended(path, clock):
+    """Format 0 (user_version 0, stanzas as JSON text): opened as it is, nothing rewritten;
+    new rows are marshal BLOBs and the file says format 1."""
+    from boshroster.im.archive_sqlite_read import decode_stanza, encode_stanza
+
+    store = SqliteArchive(path, clock=clock)
+    old_ids = [chat(store, clock, A, B, f"old {i} &amp; é")[0] for i in range(3)]
+    store.close()
+    db = sqlite3.connect(path)
+    for body_id, blob in db.execute("SELECT id, stanza FROM body").fetchall():
+        db.execute("UPDATE body SET stanza=? WHERE id=?", (encode_stanza(decode_stanza(blob)), body_id))
+    db.execute("PRAGMA user_version=0")
+    db.commit()
+    assert {t for (t,) in db.execute("SELECT typeof(stanza) FROM body")} == {"text"}
+    db.close()
+    again = SqliteArchive(path, clock=clock)
+    try:
+        new_id = chat(again, clock, B, A, "new")[-1]
+        page = again.query(A, ArchiveQuery())
+        assert bodies(page) == ["old 0 & é", "old 1 & é", "old 2 & é", "new"]
+        assert [m.id for m in page.items] == old_ids + [new_id]
+        assert bodies(again.query(B, ArchiveQuery())) == bodies(page)
+        assert [t for (t,) in again.db.execute("SELECT typeof(stanza) FROM body ORDER BY id")] == [
+            "text", "text", "text", "blob"]
+        assert again.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    finally:
+        again.close()
+
+
+def test_an_archive_of_a_newer_format_is_refused(path, clock):
+    SqliteArchive(path, clock=clock).close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=7")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="format 7 was written by a newer boshroster"):
+        SqliteArchive(path, clock=clock)
+
+
+def test_an_unreadable_stored_stanza_is_logged_and_the_page_still_answers(path, clock, caplog):
+    archive = SqliteArchive(path, clock=clock)
+    chat(archive, clock, A, B, "fine")
+    chat(archive, clock, A, B, "to be damaged")
+    archive.flush()
+    archive.db.execute("UPDATE body SET stanza=? WHERE id=(SELECT MAX(id) FROM body)", (b"\x00garbage",))
+    with caplog.at_level(logging.ERROR, logger="boshroster.archive"):
+        page = archive.query(A, ArchiveQuery())
+    archive.close()
+    assert [m.stanza is None for m in page.items] == [False, True]
+    assert any("cannot be read back" in r.message for r in caplog.records)
+
+
+def wait_until(predicate, timeout=10.0):
+    """Yield to the writer until ``predicate()`` holds (no fixed sleeps)."""
+    deadline = gevent.get_hub().loop.now() + timeout
+    while not predicate():
+        assert gevent.get_hub().loop.now() < deadline, "condition not reached"
+        gevent.sleep(0.001)
+
+
+def test_a_full_chunk_is_committed_without_waiting_for_the_flush_interval(path, clock):
+    from boshroster.im.archive_sqlite import _CHUNK
+
+    store = SqliteArchive(path, clock=clock, flush_interval=3600)
+    try:
+        watcher = sqlite3.connect(path)
+        for i in range(_CHUNK + 3):
+            chat(store, clock, A, B, f"m{i}")
+        assert watcher.execute("SELECT COUNT(*) FROM body").fetchone()[0] == 0  # nothing yielded yet
+        wait_until(lambda: watcher.execute("SELECT COUNT(*) FROM body").fetchone()[0] >= _CHUNK)
+        assert watcher.execute("SELECT COUNT(*) FROM body").fetchone()[0] == _CHUNK + 3  # the rest with it
+        # The queue emptied before the timer: it is cancelled, the next message starts a new one.
+        assert store._flush_timer is None
+        chat(store, clock, A, B, "next")
+        assert store._flush_timer is not None and len(store._pending) == 1
+    finally:
+        store.close()
+
+
+def test_a_full_queue_commits_one_chunk_in_the_sender_not_the_whole_queue(path, clock, caplog):
+    from boshroster.im.archive_sqlite import _CHUNK
+
+    store = SqliteArchive(path, clock=clock, flush_interval=3600, max_pending=_CHUNK + 200)
+    try:
+        watcher = sqlite3.connect(path)
+        with caplog.at_level(logging.WARNING, logger="boshroster.archive"):
+            for i in range(_CHUNK + 200):
+                chat(store, clock, A, B, f"m{i}")
+        # No yield happened: the sender committed exactly one chunk, the rest waits for the writer.
+        assert watcher.execute("SELECT COUNT(*) FROM body").fetchone()[0] == _CHUNK
+        assert len(store._pending) == 200
+        assert [r.levelname for r in caplog.records if "queue full" in r.message] == ["WARNING"]
+        assert f"committing {_CHUNK}" in next(r.message for r in caplog.records if "queue full" in r.message)
+        wait_until(lambda: not store._pending)
+        assert watcher.execute("SELECT COUNT(*) FROM body").fetchone()[0] == _CHUNK + 200
+        assert bodies(store.query(A, ArchiveQuery(max=250, before=""))) == [f"m{i}" for i in range(450, 700)]
+    finally:
+        store.close()

@@ -1,4 +1,9 @@
-"""Workload 3, messages: 50 pairs with a window of unacknowledged messages."""
+"""Workload 3, messages: 50 pairs with a window of unacknowledged messages.
+
+``--set archive=on`` (default: the server's default config, MAM archive on), ``off``
+(``archive_enabled = false``), or ``both``: off then on, each on a fresh server, in the
+same run; the table then shows the archive's cost as ``cpu_per_1000_archive_off`` next
+to ``cpu_per_1000`` and their ratio (issue 11: at most 1.3x)."""
 
 from __future__ import annotations
 
@@ -16,11 +21,24 @@ RE_BODY = re.compile(r"<body>(\d+) (\d+) ([\d.]+)</body>")
 
 
 def run(ctx, transport: str) -> None:
+    mode = ctx.p.get("archive", "on")
+    if mode not in ("on", "off", "both"):
+        raise ValueError(f"--set archive: on, off or both, not {mode!r}")
+    if ctx.on_peer:
+        mode = "on"  # the peer's own configuration
+    if mode in ("off", "both"):
+        _run(ctx, transport, archive=False, suffix="_archive_off" if mode == "both" else "")
+    if mode in ("on", "both"):
+        _run(ctx, transport, archive=True, suffix="")
+
+
+def _run(ctx, transport: str, archive: bool, suffix: str) -> None:
     p = ctx.p
     r = ctx.results
     pairs, window = p["pairs"], p["window"]
     n_clients = 2 * pairs
-    with ctx.serving() as (srv, clients):
+    overrides = {} if ctx.on_peer or archive else {"archive_enabled": False}
+    with ctx.serving(**overrides) as (srv, clients):
         def one(i):
             c = make_client(ctx, transport)
             login(c, f"u{i}", PASSWORD, ctx.scram)
@@ -100,6 +118,10 @@ def run(ctx, transport: str) -> None:
         reqs = ""
         if is_bosh:
             reqs = f", {sum(c.requests_done for c in clients)} HTTP requests in all"
+        if suffix:  # the archive-off figure of a --set archive=both run: one row, no ceiling target
+            r.add("messages", transport, "cpu_per_1000" + suffix, cpu1000, "s", "server CPU per 1,000, archive off",
+                  meter=d, note=f"{got} delivered, lost {lost}")
+            return
         r.add("messages", transport, "cpu_per_1000", cpu1000, "s", "server CPU per 1,000 messages",
               ceiling=ceil_cpu * 1000 if ceil_cpu else None, ceiling_probe=ctx.ceil_probe.get("http" if is_bosh else "ws"),
               ceiling_label="1,000 bare requests" if is_bosh else "1,000 bare echo msgs", meter=d,

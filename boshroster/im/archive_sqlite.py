@@ -21,12 +21,17 @@ name another message later, even though its ``n`` is given again.
 **Writes are batched.**  ``store`` assigns the ordinals (n, pn), epoch and
 timestamp at once and builds the rows (the caller stamps the recipient's id,
 computed from them, on the live copy; the sender's id is computed only if
-read) and queues them; a writer commits the queue in one transaction per loop
-turn or per ``flush_interval`` seconds, in chunks of at most ``_CHUNK``
-messages with a yield between chunks (sqlite3 calls do not yield to other
-greenlets, so each transaction is kept short).  The queue is bounded
-(``max_pending``): when full, the caller flushes synchronously
-(back-pressure, never a drop).  A message counts as archived once committed.
+read) and queues them; a writer commits the queue ``flush_interval`` seconds after
+its first message (or at the next loop turn), or as soon as ``_CHUNK``
+messages are queued, in transactions of at most ``_CHUNK`` messages with a
+yield between them (sqlite3 calls do not yield to other greenlets, so each
+transaction is kept short).  A commit's cost is mostly per transaction (the
+pages at each active owner's and pair's tail are rewritten into the WAL:
+~2.5 ms for 100 owners), so fewer, fuller transactions are what make the
+archive cheap per message (bench/README.md).  The queue is bounded
+(``max_pending``): when full, the caller commits one chunk synchronously
+(back-pressure, never a drop; the hub is blocked for one transaction, not
+for the whole queue).  A message counts as archived once committed.
 **A crash between accept and commit** loses at most what was queued (at most
 ``flush_interval`` seconds of messages, never more than ``max_pending``): those
 messages were delivered live (or are in offline storage, whose
@@ -74,12 +79,15 @@ from boshroster.im.archive_sqlite_read import (
     SCHEMA,
     OwnerState,
     SqliteReads,
-    encode_stanza,
+    encode_compact,
     owner_check,
 )
 
 log = logging.getLogger("boshroster.archive")
 
+# PRAGMA user_version: 1 = stanzas are marshal BLOBs (encode_compact); rows of format 0
+# (JSON text, before 2026-12) are still read as they are.
+FORMAT_VERSION = 1
 _CHUNK = 500  # messages per write transaction (a few ms); the writer yields between chunks
 _EXPIRE_CHUNK = 2000  # archive entries deleted per transaction by retention
 _CACHE_MAX = 100_000  # owners / peers / pairs remembered in memory before the caches are reset
@@ -96,7 +104,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         *,
         expires_after: float | None = None,
         cleanup_interval: float = 3600.0,
-        flush_interval: float = 0.05,
+        flush_interval: float = 0.25,
         max_pending: int = 10000,
         default_policy: str = "always",
         clock: Callable[[], float] = time.time,
@@ -116,6 +124,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA cache_size=-32768")  # 32 MiB: the tails of active conversations
         self.db.executescript(SCHEMA)
+        self._check_format(path)
         self._lock = gevent.lock.RLock()
         key = self._meta("sid_key")
         if key is None:
@@ -130,7 +139,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._body_seq, self._last_stamp = row if row else (0, 0)
         # Queue: (body row, [(owner id, n, peer, resource, outgoing)]) per message, in order.
         self._pending: list[tuple[tuple, list[tuple]]] = []
-        self._flush_scheduled = False
+        self._flush_timer: gevent.Greenlet | None = None  # commits flush_interval after the oldest queued message
         self._owners: dict[str, OwnerState] = {}
         self._peers: dict[str, int] = {}
         self._pairs: dict[int, int] = {}  # pk -> last pn
@@ -139,6 +148,21 @@ class SqliteArchive(SqliteReads, MessageArchive):
         self._last_full_warning = 0.0
         self._cleaner: gevent.Greenlet | None = None
         self._closed = False
+
+    def _check_format(self, path: str) -> None:
+        """``PRAGMA user_version``: FORMAT_VERSION once this code has written to the file.
+        0 (earlier versions, stanzas as JSON text) is read as it is: decode_stanza reads both
+        forms, so nothing is rewritten.  A newer format is refused: its rows could be
+        misread."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > FORMAT_VERSION:
+            self.db.close()
+            raise RuntimeError(f"archive {path}: format {version} was written by a newer boshroster"
+                               f" (this one reads formats up to {FORMAT_VERSION})")
+        if version < FORMAT_VERSION:
+            self.db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+            if version:
+                log.info("archive %s: format %d -> %d", path, version, FORMAT_VERSION)
 
     # -- ids -------------------------------------------------------------------------------
 
@@ -190,18 +214,19 @@ class SqliteArchive(SqliteReads, MessageArchive):
             pn = pairs[pk] = (self._last_pn(pk) if pn is None else pn) + 1
             rows.append(((owner.id << N_BITS) | n, pk, pn, now, flags | c.outgoing, c.resource, seq))
             entries.append((owner, n, self._epoch))
-        self._pending.append(((seq, now, encode_stanza(stanza)), rows))
-        if len(self._pending) >= self.max_pending:
+        pending = self._pending
+        pending.append(((seq, now, encode_compact(stanza)), rows))
+        queued = len(pending)
+        if queued >= self.max_pending:
             if now / 1e6 - self._last_full_warning > 60:
                 self._last_full_warning = now / 1e6
-                log.warning("archive write queue full (%d messages): flushing in the sender's greenlet", len(self._pending))
-            self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            if self.flush_interval > 0:
-                gevent.spawn_later(self.flush_interval, self._background_flush)
-            else:
-                gevent.spawn(self._background_flush)  # next loop turn
+                log.warning("archive write queue full (%d messages): committing %d in the sender's greenlet",
+                            queued, min(queued, _CHUNK))
+            self._flush(yield_between=False, chunks=1)
+        elif queued % _CHUNK == 0:
+            gevent.spawn(self._background_flush)  # a full chunk: commit at the next loop turn, not at the timer
+        elif self._flush_timer is None:
+            self._start_timer()
         return Stored(self._id_of, entries, (seq, rows, entries))
 
     def _id_of(self, entry: tuple) -> str:
@@ -256,6 +281,16 @@ class SqliteArchive(SqliteReads, MessageArchive):
         except sqlite3.Error as exc:
             log.error("archive: the epoch could not be saved (%s)", exc)
 
+    def _start_timer(self) -> None:
+        if self.flush_interval > 0:
+            self._flush_timer = gevent.spawn_later(self.flush_interval, self._timer_flush)
+        else:
+            self._flush_timer = gevent.spawn(self._timer_flush)  # next loop turn
+
+    def _timer_flush(self) -> None:
+        self._flush_timer = None
+        self._background_flush()
+
     def _background_flush(self) -> None:
         try:
             self._flush(yield_between=True)
@@ -265,10 +300,11 @@ class SqliteArchive(SqliteReads, MessageArchive):
     def flush(self) -> int:
         return self._flush(yield_between=False)
 
-    def _flush(self, yield_between: bool) -> int:
+    def _flush(self, yield_between: bool, chunks: int | None = None) -> int:
+        """Commit the queue in transactions of at most _CHUNK messages (``chunks``: at most
+        that many, the rest stays queued for the writer)."""
         written = 0
         with self._lock:
-            self._flush_scheduled = False
             if self._closed:  # a flush scheduled before close(), which wrote what was queued
                 if self._pending:
                     log.warning("archive closed: %d message(s) queued after it were not archived", len(self._pending))
@@ -283,12 +319,23 @@ class SqliteArchive(SqliteReads, MessageArchive):
                     break
                 del self._pending[: len(chunk)]
                 written += len(chunk)
+                if chunks is not None:
+                    chunks -= 1
+                    if chunks <= 0:
+                        if self._pending and self._flush_timer is None:
+                            self._start_timer()
+                        break
                 if yield_between and self._pending:
                     self._lock.release()
                     try:
                         gevent.sleep(0)
                     finally:
                         self._lock.acquire()
+            timer = self._flush_timer
+            if not self._pending and timer is not None and timer is not gevent.getcurrent():
+                # Emptied before the timer: the next message starts a new one (batches stay full).
+                self._flush_timer = None
+                timer.kill(block=False)
             if not self._pending and (len(self._owners) > _CACHE_MAX or len(self._peers) > _CACHE_MAX
                                       or len(self._pairs) > _CACHE_MAX or len(self._routes) > _CACHE_MAX):
                 self._reset_caches()
