@@ -118,7 +118,7 @@ class Config:
     archive_expires_after: str = "1w"  # Prosody's name and default; "never", "30d", "3600" (seconds)
     archive_cleanup_interval: float = 3600.0
     archive_default_policy: str = "always"  # XEP-0441 default for users who set none
-    archive_flush_interval: float = 0.25  # seconds a stored message may wait for the batched commit (or 500 queued)
+    archive_flush_interval: float = 0.05  # seconds a stored message may wait for the batched commit (or 500 queued)
     archive_queue_max: int = 10000  # messages waiting for the commit; more flushes in the sender's greenlet
     mam_default_page: int = 50  # results per query without RSM <max/>
     mam_max_page: int = 250  # a larger <max/> is clamped to this

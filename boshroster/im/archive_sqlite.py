@@ -79,14 +79,14 @@ from boshroster.im.archive_sqlite_read import (
     SCHEMA,
     OwnerState,
     SqliteReads,
-    encode_compact,
+    encode_stanza,
     owner_check,
 )
 
 log = logging.getLogger("boshroster.archive")
 
-# PRAGMA user_version: 1 = stanzas are marshal BLOBs (encode_compact); rows of format 0
-# (JSON text, before 2026-12) are still read as they are.
+# PRAGMA user_version: 1 = this layout (stanzas as JSON text, encode_stanza); 0 = the same
+# layout, written before the format was recorded.  A later layout raises it.
 FORMAT_VERSION = 1
 _CHUNK = 500  # messages per write transaction (a few ms); the writer yields between chunks
 _EXPIRE_CHUNK = 2000  # archive entries deleted per transaction by retention
@@ -104,7 +104,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
         *,
         expires_after: float | None = None,
         cleanup_interval: float = 3600.0,
-        flush_interval: float = 0.25,
+        flush_interval: float = 0.05,
         max_pending: int = 10000,
         default_policy: str = "always",
         clock: Callable[[], float] = time.time,
@@ -151,9 +151,8 @@ class SqliteArchive(SqliteReads, MessageArchive):
 
     def _check_format(self, path: str) -> None:
         """``PRAGMA user_version``: FORMAT_VERSION once this code has written to the file.
-        0 (earlier versions, stanzas as JSON text) is read as it is: decode_stanza reads both
-        forms, so nothing is rewritten.  A newer format is refused: its rows could be
-        misread."""
+        0 (earlier versions: the same layout) is read as it is and marked.  A newer format is
+        refused: its rows could be misread."""
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > FORMAT_VERSION:
             self.db.close()
@@ -215,7 +214,7 @@ class SqliteArchive(SqliteReads, MessageArchive):
             rows.append(((owner.id << N_BITS) | n, pk, pn, now, flags | c.outgoing, c.resource, seq))
             entries.append((owner, n, self._epoch))
         pending = self._pending
-        pending.append(((seq, now, encode_compact(stanza)), rows))
+        pending.append(((seq, now, encode_stanza(stanza)), rows))
         queued = len(pending)
         if queued >= self.max_pending:
             if now / 1e6 - self._last_full_warning > 60:
