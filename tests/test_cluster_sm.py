@@ -16,7 +16,6 @@ import socket
 import time
 import xml.etree.ElementTree as ET
 
-import gevent
 import pytest
 import redis as redis_lib
 import requests
@@ -261,4 +260,102 @@ def test_a_silent_owner_costs_at_most_the_hand_over_timeout(cluster):
         assert again.bind("web").startswith("alice@localhost/")
     finally:
         silent.close()
-    gevent.sleep(0)
+
+
+def test_behind_nginx_round_robin_the_resume_lands_on_the_other_node(tmp_path, cluster):
+    """The deployment this is for: nginx without stickiness (one worker, so its round robin
+    sends consecutive connections to alternate nodes), WebSocket cut and resumed twice."""
+    from cluster_harness import NginxProcess
+
+    n1, n2 = cluster.add(), cluster.add()
+    nginx = NginxProcess(str(tmp_path), [n1.port, n2.port])
+    with open(nginx.conf) as fh:
+        text = fh.read()
+    with open(nginx.conf, "w") as fh:
+        fh.write(text.replace("worker_processes auto;", "worker_processes 1;"))
+    nginx.start()
+    try:
+        front = f"ws://127.0.0.1:{nginx.port}/xmpp-websocket"
+        bob = online(cluster, n1, "bob")
+        alice = WsClient(front)
+        cluster.clients.append(alice)
+        authenticate(alice, "alice")
+        alice.bind("web")
+        alice.presence()
+        sm_id = enable(alice)
+        bob.recv_presence(sender="alice@localhost/web")
+        base, stream = 0, alice
+        for round_ in range(2):
+            stream.sync()
+            base += handled(stream)
+            stream.send_xml(sm("a", h=base))
+            before = n1.log().count("alice@localhost/web hibernating") + n2.log().count("alice@localhost/web hibernating")
+            stream.drop()
+            wait_for(lambda: n1.log().count("alice@localhost/web hibernating")
+                     + n2.log().count("alice@localhost/web hibernating") > before, what="hibernation")
+            bob.message("alice@localhost/web", f"while cut {round_}")
+            bob.sync()
+            stream = WsClient(front)
+            cluster.clients.append(stream)
+            authenticate(stream, "alice")
+            stream.send_xml(sm("resume", previd=sm_id, h=base))
+            answer = stream.recv(timeout=15, match=SM_ANSWER)
+            assert answer.tag == q(NS_SM, "resumed"), ET.tostring(answer)
+            assert bodies(stream, 1) == [f"while cut {round_}"]
+            stream.expect_nothing_queued(no_body_message, after=(bob,))
+        handed = [line for node in (n1, n2) for line in node.log().splitlines() if "web handed over to node" in line]
+        assert len(handed) == 2, handed  # each resumption landed on the other node
+        stream.message("bob@localhost", "through nginx")
+        assert bob.recv_message(sender="alice@localhost/web").findtext(q(NS_CLIENT, "body")) == "through nginx"
+        bob.expect_nothing_queued(UNAVAILABLE)
+    finally:
+        nginx.stop()
+
+
+def test_an_owner_connection_still_open_is_closed_with_conflict(cluster):
+    """The client gave up on a connection its node still thinks alive (a dead NAT mapping)
+    and resumes on another node: the old connection gets <conflict/>, contacts see nothing."""
+    n1, n2 = cluster.add(), cluster.add()
+    bob = online(cluster, n2, "bob")
+    alice = online(cluster, n1, "alice")
+    sm_id = enable(alice)
+    bob.recv_presence(sender="alice@localhost/web")
+    bob.message("alice@localhost/web", "unread")
+    alice.recv_message()
+    again, answer, _ = resume(cluster, n2, "alice", sm_id, 0)
+    assert answer.tag == q(NS_SM, "resumed"), ET.tostring(answer)
+    error = alice.recv(match=lambda e: e.tag == "{http://etherx.jabber.org/streams}error")
+    assert error.find(q(NS_STANZAS.replace("stanzas", "streams"), "conflict")) is not None
+    assert bodies(again, 1) == ["unread"]
+    bob.message("alice@localhost/web", "after")
+    assert bodies(again, 1) == ["after"]
+    bob.expect_nothing_queued(UNAVAILABLE, after=(again,))
+
+
+def test_offline_messages_handed_over_are_delivered_once(cluster):
+    """Offline messages delivered to the session on its first node and not acknowledged go
+    with it: retransmitted by the new node, and gone from offline storage (no second copy
+    at the next login)."""
+    n1, n2 = cluster.add(), cluster.add()
+    bob = online(cluster, n2, "bob")
+    bob.message("alice@localhost", "stored 1")
+    bob.message("alice@localhost", "stored 2")
+    bob.sync()
+    alice = WsClient(n1.ws_url)
+    cluster.clients.append(alice)
+    authenticate(alice, "alice")
+    alice.bind("web")
+    sm_id = enable(alice)
+    alice.get_roster()
+    alice.presence()  # the initial presence brings the offline messages, under XEP-0198
+    assert sorted(bodies(alice, 2)) == ["stored 1", "stored 2"]
+    alice.drop()
+    hibernating(n1, "alice@localhost/web")
+    again, answer, _ = resume(cluster, n2, "alice", sm_id, 0)
+    assert answer.tag == q(NS_SM, "resumed"), ET.tostring(answer)
+    assert sorted(bodies(again, 2)) == ["stored 1", "stored 2"]
+    again.sync()
+    again.send_xml(sm("a", h=handled(again)))
+    again.sync()
+    other = online(cluster, n1, "alice", resource="second")
+    other.expect_nothing_queued(no_body_message)
