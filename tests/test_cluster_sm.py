@@ -235,6 +235,7 @@ def test_owner_killed_resume_fails_promptly_and_a_fresh_bind_works(cluster):
     again, answer, took = resume(cluster, n2, "alice", sm_id, 0)
     assert answer.tag == q(NS_SM, "failed") and answer.find(q(NS_STANZAS, "item-not-found")) is not None
     assert took < 3.0, took  # a refused connection: no wait for the timeout
+    print(f"owner killed: <failed/> after {took * 1000:.0f} ms")
     assert again.bind("web").startswith("alice@localhost/")
     again.presence()
     bob.message("alice@localhost", "after the crash")
@@ -256,6 +257,7 @@ def test_a_silent_owner_costs_at_most_the_hand_over_timeout(cluster):
         again, answer, took = resume(cluster, n2, "alice", sm_id, 0)
         assert answer.tag == q(NS_SM, "failed") and answer.find(q(NS_STANZAS, "item-not-found")) is not None
         assert 1.4 < took < 5.0, took
+        print(f"silent owner: <failed/> after {took * 1000:.0f} ms")
         assert "did not hand the session over" in n2.log()
         assert again.bind("web").startswith("alice@localhost/")
     finally:
