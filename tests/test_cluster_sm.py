@@ -189,6 +189,11 @@ def test_the_hand_over_endpoint_refuses_what_is_not_a_node_of_the_cluster(cluste
     answer = requests.post(url, json=dict(ask, user="bob"), headers=good, timeout=5).json()
     assert "item-not-found" in answer["failed"]
     assert "without the cluster secret: refused" in n1.log()
+    # Ids that are no node's: failed at once, on the node that got them.
+    for bogus in ("n9.abcdef", "no-dot", "n1." + "x" * 300, f"{sm_id}x"):
+        stray, answer, _ = resume(cluster, n2, "alice", bogus, 0)
+        assert answer.tag == q(NS_SM, "failed") and answer.find(q(NS_STANZAS, "item-not-found")) is not None
+        stray.stop()
     # alice's session is intact: she resumes it on n2.
     again, answer, _ = resume(cluster, n2, "alice", sm_id, 0)
     assert answer.tag == q(NS_SM, "resumed"), ET.tostring(answer)

@@ -139,6 +139,9 @@ class SmHandover:
         """``<resume/>`` for an id this node does not hold (stream_management.resume)."""
         username = fresh.username
         owner = previd.partition(".")[0] if "." in previd else ""
+        if len(previd) > 128:  # ours are ~30 characters: not one of them, and no such key in Redis
+            log.info("resume refused for %s from %s: an id of %d characters", username, fresh.peer.ip, len(previd))
+            return fresh.send_nonza(_failed())
         try:
             pipe = self.node.redis.pipeline(transaction=False)
             pipe.get(keys.sm_tombstone(previd))
@@ -312,9 +315,6 @@ class SmHandover:
         if not isinstance(claimed, tuple):
             return {"failed": xmlio.tostring(claimed)}
         session, acknowledged, hibernating = claimed
-        for _, delivered in acknowledged:
-            if delivered is not None:
-                delivered(True)
         sm = session.sm
         jid = session.jid
         state = {
@@ -327,13 +327,18 @@ class SmHandover:
         }
         entry = {"n": to, "p": session.priority, "x": state["presence"], "c": 1 if session.carbons else 0,
                  "i": 1 if session.interested else 0}
-        for _, delivered in sm.drop_all():
-            if delivered is not None:
-                delivered(True)  # the new node delivers it now, or gives it back (routing, offline)
+        handed = sm.drop_all()
         self.sm.forget(session)
         previous = session.transport
         session.presence, session.directed = None, set()  # ends silently: contacts see nothing
         session.end(f"handed over to node {to}")
+        # Offline rows: what the client acknowledged, and what the new node now delivers or gives
+        # back (routing, offline storage), is deleted here.  Ended first, so that a delivery paging
+        # through more rows leaves the next ones stored (for the next login) instead of queueing
+        # them behind the hand-over.
+        for _, delivered in acknowledged + handed:
+            if delivered is not None:
+                delivered(True)
         if not hibernating:  # its connection here is still open: it is no longer this session's
             previous.stream_error(stream_error_element("conflict", "the session was resumed on another node"))
         directory = self.node.directory
