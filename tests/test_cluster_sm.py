@@ -194,6 +194,11 @@ def test_the_hand_over_endpoint_refuses_what_is_not_a_node_of_the_cluster(cluste
         stray, answer, _ = resume(cluster, n2, "alice", bogus, 0)
         assert answer.tag == q(NS_SM, "failed") and answer.find(q(NS_STANZAS, "item-not-found")) is not None
         stray.stop()
+    # An h above what n1 sent (§4): n1's answer, <failed h/> with unexpected-request, comes through n2.
+    over, answer, _ = resume(cluster, n2, "alice", sm_id, 1000)
+    assert answer.tag == q(NS_SM, "failed") and answer.find(q(NS_STANZAS, "unexpected-request")) is not None
+    assert answer.get("h") == "0"
+    over.stop()
     # alice's session is intact: she resumes it on n2.
     again, answer, _ = resume(cluster, n2, "alice", sm_id, 0)
     assert answer.tag == q(NS_SM, "resumed"), ET.tostring(answer)
