@@ -371,3 +371,56 @@ def test_offline_messages_handed_over_are_delivered_once(cluster):
     again.sync()
     other = online(cluster, n1, "alice", resource="second")
     other.expect_nothing_queued(no_body_message)
+
+
+class MergedLog:
+    """Two nodes' logs as one, in the order this test saw the lines (only ever appended to), for
+    the continuity scripts' log requests (test_sm_clients.wait_for_log)."""
+
+    def __init__(self, *nodes):
+        self.nodes = nodes
+        self.seen = [0] * len(nodes)
+        self.lines: list[str] = []
+
+    def log(self) -> str:
+        for index, node in enumerate(self.nodes):
+            lines = node.log().splitlines()
+            self.lines.extend(lines[self.seen[index]:])
+            self.seen[index] = len(lines)
+        return "\n".join(self.lines)
+
+
+@pytest.mark.parametrize("client", ["stanza", "strophe"])
+def test_real_client_cut_and_resumed_on_the_other_node(tmp_path, cluster, client):
+    """A real client (StanzaJS 12, Strophe.js 5: tests/js/*_continuity.js, scenario cut_resume) behind nginx
+    without stickiness: its connection cut, it reconnects by itself and resumes on the other
+    node; every message once, in order, bob never sees it unavailable (the script checks)."""
+    from cluster_harness import NginxProcess
+    from realclients import require_node, run_node_script
+    from test_sm_clients import RUNS, wait_for_log
+
+    script, packages = RUNS[client]
+    require_node(*packages)
+    n1, n2 = cluster.add(), cluster.add()
+    # One worker, peers n1, n2, n2 in turn: alice's first connection goes to n1, bob's to n2, and
+    # alice's reconnection to n2.
+    nginx = NginxProcess(str(tmp_path), [n1.port, n2.port, n2.port])
+    with open(nginx.conf) as fh:
+        text = fh.read()
+    with open(nginx.conf, "w") as fh:
+        fh.write(text.replace("worker_processes auto;", "worker_processes 1;"))
+    nginx.start()
+    merged = MergedLog(n1, n2)
+    try:
+        result = run_node_script(
+            script, ["--transport", "websocket", "--websocket",
+                                     f"ws://127.0.0.1:{nginx.port}/xmpp-websocket", "--only", "cut_resume"],
+            server=n1, backend=cluster.backend, timeout=200, stderr_path=str(tmp_path / "node-stderr.log"),
+            handlers={"log": lambda msg: wait_for_log(merged, msg)})
+    finally:
+        nginx.stop()
+    line = result.results.get("cut_resume")
+    assert line is not None and line["ok"], (line, result.stderr_tail(40), merged.log()[-4000:])
+    handed = [entry for entry in merged.log().splitlines() if "cluster.sm: alice@localhost/" in entry
+              and "handed over to node n2" in entry]
+    assert handed, merged.log()[-4000:]
