@@ -153,7 +153,10 @@ class SmHandover:
         if tomb is not None:
             data = json.loads(tomb)
             if data.get("u") == username:
-                self.node.redis.delete(keys.sm_tombstone(previd))
+                try:
+                    self.node.redis.delete(keys.sm_tombstone(previd))  # answered once, as the local ones
+                except redis.RedisError:
+                    pass
                 log.info("resume refused for %s from %s: the session expired (h=%d)", username, fresh.peer.ip,
                          data.get("h", 0))
                 return fresh.send_nonza(_failed("item-not-found", int(data.get("h", 0))))
@@ -203,7 +206,10 @@ class SmHandover:
                 log.warning("resume of %s: node %s answered HTTP %d: <failed/>", username, owner,
                             response.status_code)
                 return None
-            return response.json()
+            state = response.json()
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            return state
         except (requests.RequestException, redis.RedisError, ValueError) as exc:
             log.warning("resume of %s: node %s did not hand the session over (%s): <failed/>; if it had"
                         " given it already, its unacknowledged stanzas are lost", username, owner, exc)
