@@ -164,6 +164,8 @@ class Config:
     offline_max_total_bytes: int = 1073741824  # all offline messages together (SQLite); more bounce. 0 = no bound
     # --- WebSocket give-back (issue 10: nothing accepted is lost; transports/ws_output.py)
     websocket_flush_timeout: float = 10.0  # seconds to flush a closing connection's queue; the rest is given back
+    # --- XEP-0198 resumption on another node of a cluster (cluster/sm_handover.py)
+    cluster_sm_handover_timeout: float = 5.0  # seconds to wait for the owner node to hand a session over
 
     @property
     def bosh_requests(self) -> int:
@@ -288,6 +290,8 @@ def _check_cluster(config: Config) -> None:
         raise ConfigError("node_id: letters, digits, '-' and '_' only (it is part of BOSH sids and Redis keys)")
     if config.cluster_internal_url and not re.match(r"^https?://", config.cluster_internal_url):
         raise ConfigError("cluster_internal_url: expected http://host:port")
+    if not 0 < config.cluster_sm_handover_timeout <= 60:
+        raise ConfigError("cluster_sm_handover_timeout: seconds, more than 0 and at most 60")
     if config.cluster_heartbeat_interval <= 0 or config.cluster_node_timeout <= 2 * config.cluster_heartbeat_interval:
         raise ConfigError("cluster_node_timeout must be more than twice cluster_heartbeat_interval (> 0)")
     if config.database_pool_size < 1:

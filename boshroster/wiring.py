@@ -95,6 +95,7 @@ class Core:
         # im/ then sees every node's resources (cluster/view.py), rosters are shared in Redis.
         self.cluster = None
         self.bosh_forwarder = None  # the web layer relays BOSH requests for other nodes' sids through it
+        self.internal_routes = {}  # path -> WSGI app: node-to-node requests (cluster/sm_handover.py)
         im_sessions = self.sessions
         if config.cluster_redis_url:
             from boshroster.cluster.bosh_forward import BoshForwarder
@@ -103,6 +104,11 @@ class Core:
             self.cluster = ClusterNode(config, self.sessions, bus)
             self.bosh_forwarder = BoshForwarder(self.cluster, config.bosh_max_wait)
             im_sessions = self.cluster.view
+            if sm is not None:  # XEP-0198 resumption on any node: the owner hands the session over
+                from boshroster.cluster.sm_handover import SmHandover
+
+                handover = SmHandover(self.cluster, sm, self.sessions, config.cluster_sm_handover_timeout)
+                self.internal_routes.update(handover.routes())
 
         # Rosters, delegated to the web application.
         if roster_backend is None:

@@ -181,6 +181,31 @@ class Directory:
         self.resync_needed = False
         log.info("directory: resynchronised %d local session(s) in Redis", len(current))
 
+    # -- XEP-0198 hand-over between nodes (sm_handover.py) -----------------------
+
+    def handed_over(self, username: str, resource: str, entry: dict) -> None:
+        """A local session went to node ``entry["n"]``: no pending write of it (that would
+        delete the new node's entry), and the mirror sends what comes for it there."""
+        self._dirty.pop((username, resource), None)
+        self.remote.setdefault(username, {})[resource] = self._remote(entry["n"], username, resource, entry)
+
+    def write_move(self, pipe, username: str, resource: str, entry: dict) -> None:
+        """On ``pipe`` (a MULTI): the entry now names the new node, in both nodes' indexes,
+        announced as a change (no del, so nobody sees the resource go)."""
+        member = f"{username}/{resource}"
+        self.seq += 1
+        pipe.hset(keys.user(username), resource, json.dumps(entry))
+        pipe.srem(keys.node_sessions(self.node), member)
+        pipe.sadd(keys.node_sessions(entry["n"]), member)
+        pipe.publish(keys.DIR_CHANNEL, json.dumps(
+            {"op": "set", "n": self.node, "b": self.boot, "q": self.seq, "u": username, "r": resource, "e": entry}))
+
+    def taken_over(self, username: str, resource: str) -> None:
+        """The resource is (now) bound here: not in the mirror of the others' any more."""
+        resources = self.remote.get(username)
+        if resources is not None and resources.pop(resource, None) is not None and not resources:
+            del self.remote[username]
+
     # -- the mirror of the other nodes ----------------------------------------
 
     def load(self, redis) -> None:
@@ -218,7 +243,13 @@ class Directory:
                 self.dead.discard(node)  # it came back (rejoined after being declared dead)
             username, resource = msg["u"], msg["r"]
             if op == "set":
-                self.remote.setdefault(username, {})[resource] = self._remote(node, username, resource, msg["e"])
+                # A session handed over for XEP-0198 resumption (sm_handover.py) is announced by
+                # its old node with the new one in the entry; the new node keeps it locally.
+                owner = msg["e"].get("n") or node
+                if owner != self.node:
+                    self.remote.setdefault(username, {})[resource] = self._remote(owner, username, resource, msg["e"])
+                else:
+                    self.taken_over(username, resource)  # and drop what an older message of the old node said
             else:
                 resources = self.remote.get(username)
                 if resources is not None and resources.get(resource) is not None \

@@ -10,6 +10,9 @@
   br:roster:<u>            string the user's roster as JSON, shared by the nodes
   br:roster-lock:<u>       string single-flight guard of the backend GET (SET NX PX)
   br:refresh:<id>          list   answers of the nodes to one refresh request
+  br:cluster-secret        string shared by the nodes: authenticates their internal HTTP requests
+  br:sm-owner:<id>         string node holding a XEP-0198 session handed over from its first node
+  br:sm-tomb:<id>          string expired XEP-0198 id: JSON {u, h}, expires after an hour
   channel br:dir           directory changes (every node mirrors the others' entries)
   channel br:ctl           control: refresh requests, roster changes
 """
@@ -61,3 +64,14 @@ def refresh_reply(request_id: str) -> str:
 def default_node_id() -> str:
     """node_id when the configuration leaves it empty: the host name, as a key-safe word."""
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64] or "node"
+
+
+CLUSTER_SECRET = "br:cluster-secret"
+
+
+def sm_owner(sm_id: str) -> str:
+    return f"br:sm-owner:{sm_id}"
+
+
+def sm_tombstone(sm_id: str) -> str:
+    return f"br:sm-tomb:{sm_id}"

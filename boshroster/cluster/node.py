@@ -91,6 +91,7 @@ class ClusterNode:
                            self._orphan, self._rejoin)
         self.view = ClusterSessions(sessions, self.directory)
         self.messages = self.presence = self.roster = self.mailbox = self.fanout = None
+        self.handover = None  # sm_handover.SmHandover: holds stanzas for a session being handed here
         self._live: set[str] = {self.node}
         self._greenlets: list[gevent.Greenlet] = []
         self._running = False
@@ -182,6 +183,8 @@ class ClusterNode:
         session = self.sessions.get(username, resource)
         if session is not None and not session.ended:
             session.send(el)
+            return
+        if self.handover is not None and self.handover.hold(username, resource, el):
             return
         self._gone(username, resource, el)
 

@@ -97,6 +97,8 @@ class WebApp:
         self.bosh_forwarder = getattr(core, "bosh_forwarder", None)
         if self.bosh_forwarder is not None:
             self.bosh.sid_prefix = self.bosh_forwarder.sid_prefix
+        # Node-to-node requests of a cluster (XEP-0198 hand-over), each checks the cluster secret.
+        self.internal_routes = getattr(core, "internal_routes", None) or {}
         self.static_dir = self.config.static_dir or STATIC_DEFAULT
         self.started = time.time()
         self._install_backend_metrics()
@@ -152,6 +154,9 @@ class WebApp:
             return self._bosh(environ, start_response)
         if path == "/xmpp-websocket" and ENVIRON_KEY in environ:
             return self._websocket(environ, start_response)
+        internal = self.internal_routes.get(path)
+        if internal is not None:
+            return internal(environ, start_response)
         return self.bottle(environ, start_response)
 
     def _bosh(self, environ, start_response):

@@ -174,6 +174,10 @@ class StreamManagement:
         self._hibernating: dict[ClientSession, object] = {}
         # expired ids, oldest first (all live as long): id -> (username, h handled from the client, expiry)
         self._tombstones: OrderedDict[str, tuple[str, int, float]] = OrderedDict()
+        # A cluster (cluster/sm_handover.py) sets these; a single process leaves them alone.
+        self.id_prefix = ""  # "<node_id>.": which node an id was issued by
+        self.elsewhere: Callable[[ClientSession, str, int], None] | None = None  # an id not known here
+        self.buried: Callable[[str, str, int], None] | None = None  # an expired id (id, username, h)
 
     def register(self, bus: EventBus) -> None:
         bus.hook("stream-features", self._features)
@@ -203,7 +207,7 @@ class StreamManagement:
         if session.sm is not None or session.transport.kind != "websocket":
             return session.send_nonza(_failed("unexpected-request"))
         resume = el.get("resume") in ("true", "1")
-        sm_id = secrets.token_urlsafe(18) if resume else None
+        sm_id = self.id_prefix + secrets.token_urlsafe(18) if resume else None
         session.sm = SmState(sm_id)
         attrs = {"id": sm_id}
         if resume:
@@ -298,6 +302,8 @@ class StreamManagement:
                         len(self._tombstones))
             self._tombstones.popitem(last=False)
         self._tombstones[sm_id] = (username, handled, now + _TOMBSTONE_LIFETIME)
+        if self.buried is not None:
+            self.buried(sm_id, username, handled)
 
     def ended(self, session: ClientSession) -> list:
         """The session is over (called once from ClientSession.end): forget it and
@@ -310,30 +316,55 @@ class StreamManagement:
             timer.kill(block=False)
         return sm.drop_all()
 
-    def resume(self, fresh: ClientSession, el: Element) -> None:
-        """``<resume previd h/>`` on a stream that authenticated but did not bind (§5)."""
-        previd, h = el.get("previd", ""), parse_h(el)
+    def claim(self, previd: str, username: str, h: int | None):
+        """The resumable session ``previd`` of ``username``, with the client's ``h`` applied
+        and out of hibernation: ``(session, acknowledged entries, was hibernating)``; or the
+        ``<failed/>`` to answer (a remembered expired id, an ``h`` over what was sent); or
+        None (unknown here, or another user's: nothing of it is touched)."""
         old = self._resumable.get(previd)
-        if old is None or old.username != fresh.username or old.ended or h is None:
+        if old is None or old.username != username or old.ended or h is None:
             tomb = self._tombstones.get(previd)
-            if tomb is not None and tomb[0] == fresh.username and tomb[2] > self.clock():
+            if tomb is not None and tomb[0] == username and tomb[2] > self.clock():
                 # §5: "the server MAY also include a 'h' attribute indicating the number of
                 # stanzas received before the timeout": the client resends only the rest.
                 del self._tombstones[previd]
-                log.info("resume refused for %s from %s: the session expired (h=%d)", fresh.username,
-                         fresh.peer.ip, tomb[1])
-                return fresh.send_nonza(_failed("item-not-found", tomb[1]))
-            log.info("resume refused for %s from %s: unknown or expired id", fresh.username, fresh.peer.ip)
-            return fresh.send_nonza(_failed("item-not-found"))
+                log.info("resume refused for %s: the session expired (h=%d)", username, tomb[1])
+                return _failed("item-not-found", tomb[1])
+            return None
         try:
             entries = old.sm.on_ack(h)
         except AckTooHigh:
-            return fresh.send_nonza(_failed("unexpected-request", old.sm.handled_in))
+            return _failed("unexpected-request", old.sm.handled_in)
         timer = self._hibernating.pop(old, None)
         if timer is not None:
             timer.kill(block=False)
+        return old, entries, timer is not None
+
+    def forget(self, session: ClientSession) -> None:
+        """``session`` was handed to another node: its id is no longer answered here."""
+        if session.sm.id is not None and self._resumable.get(session.sm.id) is session:
+            del self._resumable[session.sm.id]
+
+    def adopt(self, session: ClientSession) -> None:
+        """A session rebuilt from another node's hand-over: resumable here, hibernating
+        until a connection takes it (``resume``)."""
+        self._resumable[session.sm.id] = session
+        self.connection_lost(session)
+
+    def resume(self, fresh: ClientSession, el: Element) -> None:
+        """``<resume previd h/>`` on a stream that authenticated but did not bind (§5)."""
+        previd, h = el.get("previd", ""), parse_h(el)
+        claimed = self.claim(previd, fresh.username, h)
+        if claimed is None:
+            if self.elsewhere is not None and h is not None:
+                return self.elsewhere(fresh, previd, h)  # cluster: another node may hold it
+            log.info("resume refused for %s from %s: unknown or expired id", fresh.username, fresh.peer.ip)
+            return fresh.send_nonza(_failed("item-not-found"))
+        if not isinstance(claimed, tuple):
+            return fresh.send_nonza(claimed)
+        old, entries, hibernating = claimed
         previous = fresh.hand_over_to(old)
-        if timer is None:  # its old connection has not noticed it is dead yet: close it
+        if not hibernating:  # its old connection has not noticed it is dead yet: close it
             log.info("%s: closing the connection it was resumed from (still open)", old.jid_str)
             previous.stream_error(stream_error_element("conflict", "the session was resumed on another connection"))
         for _, delivered in entries:

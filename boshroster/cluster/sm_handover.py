@@ -1,0 +1,363 @@
+"""XEP-0198 resumption on another node: the owner hands the hibernating session over.
+
+Behind a load balancer without stickiness a client's ``<resume previd/>`` may
+reach any node.  SM ids name the node that issued them (``<node_id>.<random>``,
+``StreamManagement.id_prefix``, as BOSH sids do); a session handed over since
+is found through ``br:sm-owner:<id>`` (it keeps its id, XEP-0198 §5).  An id
+that this node does not know (``StreamManagement.elsewhere``):
+
+1. a tombstone in Redis (``br:sm-tomb:<id>``, written by whichever node let the
+   session expire, an hour long) answers ``<failed h/>`` (§5), on any node;
+2. otherwise the owner is asked, ``POST <cluster_internal_url>/_cluster/sm-handover``
+   with the cluster secret (``br:cluster-secret``, shared through Redis, compared
+   in constant time) and ``{id, user, h, to}``.  The owner (``give``) checks the
+   user, applies ``h`` (what the client acknowledged is delivered), serialises
+   the session (resource, presence, priority, carbons, roster interest,
+   directed presence, the SM counters, the unacknowledged stanzas as XML),
+   ends it silently (its presence is cleared first: no ``unavailable`` goes
+   out), switches its directory entry to the new node in one MULTI/EXEC (a
+   ``set`` naming the new node: contacts' nodes just re-point the resource),
+   and mirrors it there, so whatever arrives for it later is forwarded to the
+   new node's inbox.  The stanzas it hands over are the new node's to deliver
+   or give back (their offline rows, if any, are deleted on the owner).
+3. the new node rebuilds the session (bound under the same full JID,
+   hibernating), then resumes it on the client's stream with the local code:
+   ``<resumed h/>`` and exactly the unacknowledged stanzas.  Stanzas that the
+   owner forwarded while the answer travelled are held here (``hold``,
+   bounded by smacks_max_queue_size) and queued into the session once it exists.
+
+An owner that is dead or unreachable: ``<failed/>`` (item-not-found) within
+``cluster_sm_handover_timeout``; the client binds anew.  A session dies with a
+node killed -9: its unacknowledged stanzas that came from offline storage are
+still claimed rows there (freed when the node is found dead, delivered at the
+next login); those routed to it live are lost to delivery (the archive has
+the messages).  If the new node's request times out after the owner handed the
+session over, the session is lost the same way (logged on both sides).
+
+Greenlet safety: ``give`` runs in the owner's HTTP request greenlet and does
+not yield between claiming the session and mirroring it elsewhere (the MULTI
+comes after).  ``resume_elsewhere`` runs in the resuming stream's reader
+greenlet and yields (Redis, HTTP); it re-checks the stream after.  ``_held``
+(username -> [(resource, stanza)]) is written by it and by the inbox greenlet
+(``hold``), never across a yield.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import secrets
+from collections import deque
+
+import gevent
+import redis
+import requests
+
+from boshroster.cluster import keys
+from boshroster.xmpp import xmlio
+from boshroster.xmpp.errors import StanzaError, stream_error_element
+from boshroster.xmpp.stream import ClientSession
+from boshroster.xmpp.stream_management import FAILED, RESUME, SmState
+from boshroster.xmpp.xmlio import E, NS_STANZAS
+
+log = logging.getLogger("boshroster.cluster.sm")
+
+PATH = "/_cluster/sm-handover"
+SECRET_HEADER = "X-Boshroster-Cluster"
+_WRAP = 1 << 32
+_MAX_REQUEST = 4096  # bytes of a hand-over request
+_MAX_ANSWER = 1 << 26  # bytes of a hand-over answer (smacks_max_queue_size stanzas of stanza_size_limit)
+_NODE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+OWNER_SECONDS = 86400  # br:sm-owner:<id> lives a day: a session moved and resumed again later than that fails
+TOMB_SECONDS = 3600  # as the local tombstones (stream_management._TOMBSTONE_LIFETIME)
+
+
+def _failed(condition: str = "item-not-found", h: int | None = None):
+    return E(FAILED, {"h": str(h) if h is not None else None}, E(f"{{{NS_STANZAS}}}{condition}"))
+
+
+class _Nowhere:
+    """The transport of a session being rebuilt (replaced by hibernation at once)."""
+
+    kind = "websocket"
+    tracks_delivery = True
+    congested = False
+
+    def send(self, el, delivered=None) -> None:
+        pass
+
+    def stream_error(self, el) -> None:
+        pass
+
+
+class SmHandover:
+    def __init__(self, node, sm, sessions, timeout: float):
+        self.node = node  # ClusterNode: redis, node id, directory, live_nodes, url_of, messages
+        self.sm = sm  # StreamManagement
+        self.sessions = sessions  # the local SessionManager
+        self.timeout = (min(2.0, timeout), timeout)
+        self.max_held = max(1, sm.settings.max_queue)
+        self.http = requests.Session()
+        self._held: dict[str, list] = {}
+        self.handed = self.taken = self.failed = 0
+        sm.id_prefix = f"{node.node}."
+        sm.elsewhere = self.resume_elsewhere
+        sm.buried = self._bury
+        node.handover = self
+
+    def routes(self) -> dict:
+        return {PATH: self.wsgi}
+
+    def _secret(self) -> str:
+        r = self.node.redis
+        secret = r.get(keys.CLUSTER_SECRET)
+        if secret is None:
+            r.set(keys.CLUSTER_SECRET, secrets.token_urlsafe(32), nx=True)
+            secret = r.get(keys.CLUSTER_SECRET)
+        return secret
+
+    # -- tombstones ----------------------------------------------------------------
+
+    def _bury(self, sm_id: str, username: str, handled: int) -> None:
+        gevent.spawn(self._store_tomb, sm_id, username, handled)  # _bury runs where yielding is not allowed
+
+    def _store_tomb(self, sm_id: str, username: str, handled: int) -> None:
+        try:
+            pipe = self.node.redis.pipeline(transaction=True)
+            pipe.set(keys.sm_tombstone(sm_id), json.dumps({"u": username, "h": handled}), ex=TOMB_SECONDS)
+            pipe.delete(keys.sm_owner(sm_id))
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cluster: expired XEP-0198 id of %s not written to Redis (%s): a late resume on"
+                        " another node gets <failed/> without h", username, exc)
+
+    # -- the new node ----------------------------------------------------------------
+
+    def resume_elsewhere(self, fresh, previd: str, h: int) -> None:
+        """``<resume/>`` for an id this node does not hold (stream_management.resume)."""
+        username = fresh.username
+        owner = previd.partition(".")[0] if "." in previd else ""
+        if len(previd) > 128:  # ours are ~30 characters: not one of them, and no such key in Redis
+            log.info("resume refused for %s from %s: an id of %d characters", username, fresh.peer.ip, len(previd))
+            return fresh.send_nonza(_failed())
+        try:
+            pipe = self.node.redis.pipeline(transaction=False)
+            pipe.get(keys.sm_tombstone(previd))
+            pipe.get(keys.sm_owner(previd))
+            tomb, moved = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cluster: resume of %s: Redis unreachable (%s): <failed/>", username, exc)
+            return fresh.send_nonza(_failed())
+        if tomb is not None:
+            data = json.loads(tomb)
+            if data.get("u") == username:
+                try:
+                    self.node.redis.delete(keys.sm_tombstone(previd))  # answered once, as the local ones
+                except redis.RedisError:
+                    pass
+                log.info("resume refused for %s from %s: the session expired (h=%d)", username, fresh.peer.ip,
+                         data.get("h", 0))
+                return fresh.send_nonza(_failed("item-not-found", int(data.get("h", 0))))
+        owner = moved or owner
+        if not owner or owner == self.node.node or not _NODE.fullmatch(owner) or tomb is not None:
+            log.info("resume refused for %s from %s: unknown or expired id", username, fresh.peer.ip)
+            return fresh.send_nonza(_failed())
+        try:
+            pipe = self.node.redis.pipeline(transaction=False)
+            pipe.exists(keys.heartbeat(owner))
+            pipe.get(keys.node_url(owner))
+            alive, url = pipe.execute()
+        except redis.RedisError:
+            alive = url = None
+        if not alive or not url:
+            log.info("resume refused for %s: its node %s is not in the cluster", username, owner)
+            return fresh.send_nonza(_failed())
+        self._held.setdefault(username, [])
+        state = self._ask(owner, url, previd, username, h)
+        if state is None or "failed" in state:
+            self._release(username)
+        if state is None:
+            self.failed += 1
+            return fresh.send_nonza(_failed())
+        if "failed" in state:
+            try:
+                answer = xmlio.parse(state["failed"], 4096)
+            except xmlio.XMLError:
+                answer = _failed()
+            return fresh.send_nonza(answer if answer.tag == FAILED else _failed())
+        session = self._rebuild(fresh, previd, state)
+        if session is None:
+            return fresh.send_nonza(_failed())
+        self.taken += 1
+        log.info("%s handed over from node %s (%d unacknowledged)", session.jid_str, owner, len(session.sm.queue))
+        if fresh.ended:  # its stream went away meanwhile: the session hibernates here
+            return
+        self.sm.resume(fresh, E(RESUME, {"previd": previd, "h": str(session.sm.acked)}))
+
+    def _ask(self, owner: str, url: str, previd: str, username: str, h: int) -> dict | None:
+        try:
+            response = self.http.post(
+                url.rstrip("/") + PATH, timeout=self.timeout,
+                json={"id": previd, "user": username, "h": h, "to": self.node.node},
+                headers={SECRET_HEADER: self._secret()})
+            if response.status_code != 200 or len(response.content) > _MAX_ANSWER:
+                log.warning("resume of %s: node %s answered HTTP %d: <failed/>", username, owner,
+                            response.status_code)
+                return None
+            state = response.json()
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            return state
+        except (requests.RequestException, redis.RedisError, ValueError) as exc:
+            log.warning("resume of %s: node %s did not hand the session over (%s): <failed/>; if it had"
+                        " given it already, its unacknowledged stanzas are lost", username, owner, exc)
+            return None
+
+    def _release(self, username: str) -> None:
+        """No session came: what was held for it goes where it would have gone."""
+        for resource, el in self._held.pop(username, []):
+            self.node._gone(username, resource, el)
+
+    def hold(self, username: str, resource: str, el) -> bool:
+        """A stanza from the inbox for a resource not bound here: kept if a hand-over of
+        ``username``'s session to this node is under way."""
+        held = self._held.get(username)
+        if held is None:
+            return False
+        if len(held) >= self.max_held:
+            log.warning("cluster: %d stanzas held for %s during a hand-over: no more held", len(held), username)
+            return False
+        held.append((resource, el))
+        return True
+
+    def _rebuild(self, fresh, previd: str, state: dict):
+        """The handed-over session, bound here under its full JID and hibernating (no yield)."""
+        username = fresh.username
+        try:
+            resource = state["resource"]
+            queue = [xmlio.parse(text, 1 << 22) for text in state["queue"]]
+            presence = xmlio.parse(state["presence"], 1 << 20) if state.get("presence") else None
+            counters = [int(state[k]) % _WRAP for k in ("handled_in", "sent", "acked")]
+        except (KeyError, TypeError, ValueError, xmlio.XMLError) as exc:
+            log.error("resume of %s: unreadable hand-over (%s)", username, exc)
+            self._release(username)
+            return None
+        held = self._held.pop(username, [])
+        session = ClientSession(fresh.ctx, _Nowhere(), fresh.peer)
+        session.username = username
+        if self.sessions.get(username, resource) is not None:
+            log.warning("resume of %s: %s is bound here already; its stanzas go back through routing",
+                        username, resource)
+            self.node.messages.reroute(username, queue + [el for _, el in held])
+            return None
+        try:
+            self.sessions.bind(session, resource)
+        except StanzaError as err:
+            log.warning("resume of %s: cannot bind %s here (%s); its stanzas go back through routing",
+                        username, resource, err.condition)
+            self.node.messages.reroute(username, queue + [el for _, el in held])
+            return None
+        fresh.ctx.metrics.session_opened(session.transport.kind)
+        self.node.directory.taken_over(username, resource)
+        session.state = "active"
+        session.presence, session.priority = presence, int(state.get("priority", 0))
+        session.carbons, session.interested = bool(state.get("carbons")), bool(state.get("interested"))
+        session.directed = set(state.get("directed") or ())
+        sm = SmState(previd)
+        sm.handled_in, sm.sent, sm.acked = counters
+        sm.queue = deque((el, None) for el in queue)
+        session.sm = sm
+        self.sm.adopt(session)
+        self.node.directory.touch(session)  # presence and carbons as handed over
+        for held_resource, el in held:  # what the owner forwarded meanwhile, in order
+            if held_resource == resource:
+                session.send(el)
+            else:
+                self.node._gone(username, held_resource, el)
+        return session
+
+    # -- the owner ----------------------------------------------------------------------
+
+    def wsgi(self, environ, start_response):
+        status, answer = self._handle(environ)
+        body = json.dumps(answer).encode()
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def _handle(self, environ) -> tuple[str, dict]:
+        if environ.get("REQUEST_METHOD") != "POST":
+            return "405 Method Not Allowed", {"error": "POST only"}
+        peer = environ.get("REMOTE_ADDR", "")
+        try:
+            expected = self._secret()
+        except redis.RedisError:
+            return "503 Service Unavailable", {"error": "Redis unreachable"}
+        given = environ.get("HTTP_" + SECRET_HEADER.upper().replace("-", "_"), "")
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            log.warning("cluster: XEP-0198 hand-over request from %s without the cluster secret: refused", peer)
+            return "403 Forbidden", {"error": "not a node of this cluster"}
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            if not 0 < length <= _MAX_REQUEST:
+                raise ValueError(f"body of {length} bytes")
+            request = json.loads(environ["wsgi.input"].read(length))
+            previd, username, h, to = request["id"], request["user"], request["h"], request["to"]
+            if not (isinstance(previd, str) and isinstance(username, str) and isinstance(h, int)
+                    and isinstance(to, str) and _NODE.fullmatch(to) and 0 <= h < _WRAP):
+                raise ValueError("bad field")
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            log.warning("cluster: bad XEP-0198 hand-over request from %s: %s", peer, exc)
+            return "400 Bad Request", {"error": "bad request"}
+        return "200 OK", self.give(previd, username, h, to)
+
+    def give(self, previd: str, username: str, h: int, to: str) -> dict:
+        """Hand ``previd`` to node ``to``: the session's state, or ``{"failed": xml}``."""
+        claimed = self.sm.claim(previd, username, h)
+        if claimed is None:
+            log.info("cluster: node %s asked for XEP-0198 session of %s: unknown here", to, username)
+            return {"failed": xmlio.tostring(_failed())}
+        if not isinstance(claimed, tuple):
+            return {"failed": xmlio.tostring(claimed)}
+        session, acknowledged, hibernating = claimed
+        sm = session.sm
+        jid = session.jid
+        state = {
+            "resource": jid.resource,
+            "presence": xmlio.tostring(session.presence) if session.presence is not None else None,
+            "priority": session.priority, "carbons": session.carbons, "interested": session.interested,
+            "directed": sorted(session.directed),
+            "handled_in": sm.handled_in, "sent": sm.sent, "acked": sm.acked,
+            "queue": [xmlio.tostring(el) for el in sm.unacked()],
+        }
+        entry = {"n": to, "p": session.priority, "x": state["presence"], "c": 1 if session.carbons else 0,
+                 "i": 1 if session.interested else 0}
+        handed = sm.drop_all()
+        self.sm.forget(session)
+        previous = session.transport
+        session.presence, session.directed = None, set()  # ends silently: contacts see nothing
+        session.end(f"handed over to node {to}")
+        # Offline rows: what the client acknowledged, and what the new node now delivers or gives
+        # back (routing, offline storage), is deleted here.  Ended first, so that a delivery paging
+        # through more rows leaves the next ones stored (for the next login) instead of queueing
+        # them behind the hand-over.
+        for _, delivered in acknowledged + handed:
+            if delivered is not None:
+                delivered(True)
+        if not hibernating:  # its connection here is still open: it is no longer this session's
+            previous.stream_error(stream_error_element("conflict", "the session was resumed on another node"))
+        directory = self.node.directory
+        directory.handed_over(username, jid.resource, entry)
+        self.handed += 1
+        log.info("%s handed over to node %s (%d unacknowledged)", session.jid_str, to, len(state["queue"]))
+        try:
+            pipe = self.node.redis.pipeline(transaction=True)
+            directory.write_move(pipe, username, jid.resource, entry)
+            pipe.set(keys.sm_owner(previd), to, ex=OWNER_SECONDS)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cluster: directory move of %s to %s not written (%s): node %s writes it",
+                        session.jid_str, to, exc, to)
+        return state
+
