@@ -599,9 +599,28 @@ class BoshClient(XmppClient):
         self._requests.add(glet)
         glet.link(self._requests.discard)
 
+    RETRIES = 3  # as Strophe (maxRetries): a request lost to a 5xx or a broken connection is sent again
+
+    def _post_retrying(self, body: str) -> ET.Element:
+        """XEP-0124 §14.3: a request whose connection broke (or that a proxy answered 502-504,
+        e.g. nginx when the node it chose was just killed) is resent with the same rid."""
+        for attempt in range(self.RETRIES + 1):
+            try:
+                reply = self.http.post(self.url, data=body.encode("utf-8"),
+                                       headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=self.wait + 10)
+            except requests.ConnectionError:
+                if attempt == self.RETRIES:
+                    raise
+            else:
+                if reply.status_code not in (502, 503, 504) or attempt == self.RETRIES:
+                    assert reply.status_code == 200, reply.status_code
+                    return ET.fromstring(reply.content)
+            gevent.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     def _request(self, body: str) -> None:
         try:
-            reply = self.post(body)
+            reply = self._post_retrying(body)
         except Exception as exc:  # noqa: BLE001 - surfaced through closed_reason
             self.closed_reason = repr(exc)
             self.terminated = ET.Element("error")
