@@ -279,6 +279,19 @@ class ServerHandler(WebSocketHandler):
         if not isinstance(self.server.log, _NoopLog):
             WSGIHandler.log_request(self)
 
+    def run_application(self):
+        """Plain HTTP (every BOSH request) goes straight to pywsgi's ``run_application``.
+
+        geventwebsocket's first tries an upgrade: two debug log calls through its
+        ``logger`` property and its header checks, for each request (issue 12: a BOSH
+        fan-out to 100 contacts answers 100 requests and reads 100 re-polls).  Without
+        ``Upgrade: websocket`` its ``upgrade_websocket`` returns None and it ends in the
+        same pywsgi call, so only requests asking for the upgrade take its path."""
+        if (self.environ.get("HTTP_UPGRADE", "").lower() != "websocket"
+                and not getattr(self.server, "pre_start_hook", None)):
+            return WSGIHandler.run_application(self)
+        return super().run_application()
+
     def upgrade_websocket(self):
         result = super().upgrade_websocket()
         if result:  # 0.10.1's error bodies are str; pywsgi writes bytes only
