@@ -30,7 +30,7 @@ import socket
 import time
 
 from gevent import GreenletExit
-from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _InvalidClientRequest, _NoopLog
+from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _InvalidClientRequest, _NoopLog, format_date_time
 from geventwebsocket.handler import WebSocketHandler
 
 from boshroster.transports import http_limits as _limits
@@ -96,6 +96,17 @@ def parse_header_lines(lines: list[bytes]) -> OldMessage:
             break
         pairs.append(m.groups())
     return _HEADER_PARSER.parsestr(b"".join(lines).decode("iso-8859-1"))
+def _http_date(_cache=[0, b""]) -> bytes:
+    """pywsgi's ``Date`` value (RFC 9110 §6.6.1, IMF-fixdate), formatted once per second
+    rather than per response (~2% of a BOSH fan-out, issue 12).  ``_cache``: [second,
+    value], module state rewritten whole by whichever greenlet first sees a new second."""
+    now = int(time.time())
+    if _cache[0] != now:
+        _cache[1] = format_date_time(now)
+        _cache[0] = now
+    return _cache[1]
+
+
 _ONE_SEND_MAX = 64 * 1024  # a first body chunk up to this size goes out with the headers
 _OVER_CAP = _response("503 Service Unavailable", "too many connections from your address")
 _TIMEOUT = _response("408 Request Timeout")
@@ -177,6 +188,9 @@ class ServerHandler(WebSocketHandler):
         loopback on this machine kind (issue 12; every BOSH response).  The bytes are
         pywsgi's: a chunked or larger body is written after the head by pywsgi's ``_write``."""
         self.headers_sent = True
+        if self.provided_date is None:  # pywsgi would format the same bytes afresh
+            self.response_headers.append((b"Date", _http_date()))
+            self.provided_date = True
         self.finalize_headers()
         towrite = bytearray(b"HTTP/1.1 ")
         towrite += self.status
