@@ -250,7 +250,10 @@ class _FeedParser:
 
 
 _FEED = _FeedParser()
-_FEED_LOCK = _thread.allocate_lock()
+# Not allocate_lock: gevent's monkey-patching makes that a Python-level semaphore; the C
+# RLock is never patched.  Reentrancy cannot happen (parse never calls parse), and every
+# greenlet of the hub is one thread, which no switch interrupts inside ``parse``.
+_FEED_LOCK = _thread.RLock()
 
 
 def _deeper_than(root: Element, levels: int) -> bool:
