@@ -176,21 +176,18 @@ class _FeedParser:
     """One C expat parser fed document after document, inside a wrapper element.
 
     Creating an ``ET.XMLParser`` costs ~7 µs, more than parsing a typical stanza or a BOSH
-    re-poll body (issue 12: ~20 per login, 2 per contact of a BOSH fan-out).  This parser
-    is opened once with ``<w>`` and each document is fed after it, followed by the sentinel
-    ``<s/>``; the document is accepted only if exactly its root and the sentinel (empty, as
-    fed) were added to the wrapper and the text around the root is XML white space.  That
-    is what a fresh parser would accept for input without "<!" or "<?" (no DTD, comment,
-    PI or XML declaration): an unclosed element would hold the sentinel; a second root, a
-    truncated tag or reference, text around the root, or ``</w>`` make a count, a text or
-    a parse error differ.  Anything else returns None: the caller parses ``data`` afresh
-    (the reference path, which gives the error).  A failed parser is replaced; so is one
-    fed ``_RENEW_BYTES``, since expat's and ElementTree's name tables grow with every
-    new element and attribute name seen (a bound on memory whoever the client).
+    re-poll body (issue 12: ~20 per login).  This one is opened with ``<w>``; each document
+    is fed after it, then the sentinel ``<s/>``, and accepted only if exactly its root and
+    the sentinel (empty, as fed) were added to the wrapper, with XML white space around the
+    root.  That is what a fresh parser accepts for input without "<!" or "<?" (no DTD,
+    comment, PI or XML declaration): an unclosed element would hold the sentinel; a second
+    root, a truncated tag or reference, text around the root or ``</w>`` make a count, a
+    text or a parse error differ.  Otherwise None: the caller parses ``data`` afresh (the
+    reference path, which gives the error).  A failed parser is replaced, and so is one fed
+    ``_RENEW_BYTES``: expat's and ElementTree's name tables grow with every new name seen.
 
-    Shared by the whole process (module state ``_FEED``), used only under ``_FEED_LOCK``
-    taken without waiting (parsing never yields to another greenlet; a second thread finds
-    it taken and uses a fresh parser)."""
+    Process-wide (``_FEED``), used only under ``_FEED_LOCK`` taken without waiting (parsing
+    never yields to another greenlet; another thread finds it taken: a fresh parser)."""
 
     __slots__ = ("_parser", "_wrapper", "_last", "_fed")
 
@@ -250,9 +247,8 @@ class _FeedParser:
 
 
 _FEED = _FeedParser()
-# Not allocate_lock: gevent's monkey-patching makes that a Python-level semaphore; the C
-# RLock is never patched.  Reentrancy cannot happen (parse never calls parse), and every
-# greenlet of the hub is one thread, which no switch interrupts inside ``parse``.
+# The C RLock: gevent patches allocate_lock into a Python-level semaphore.  parse never calls
+# parse, and no greenlet switch happens inside it, so reentrancy cannot occur.
 _FEED_LOCK = _thread.RLock()
 
 
@@ -326,11 +322,17 @@ def split_tag(tag: str) -> tuple[str | None, str]:
 
 
 def E(tag: str, attrib: dict | None = None, *children: Element, text: str | None = None) -> Element:
-    """Build an element; ``attrib`` values that are None are left out."""
-    el = ET.Element(tag, {k: v for k, v in (attrib or {}).items() if v is not None})
+    """Build an element; ``attrib`` values that are None are left out (copied only then)."""
+    if not attrib:
+        el = ET.Element(tag)
+    elif None in attrib.values():
+        el = ET.Element(tag, {k: v for k, v in attrib.items() if v is not None})
+    else:
+        el = ET.Element(tag, attrib)
     if text is not None:
         el.text = text
-    el.extend(children)
+    if children:
+        el.extend(children)
     return el
 
 
