@@ -77,6 +77,31 @@ _HEADER_PARSER = email.parser.Parser(_class=OldMessage)  # stateless: parsestr()
 _PLAIN_HEADER = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")
 
 
+class PlainHeaders(OldMessage):
+    """The headers of a request whose every line was plain (``parse_header_lines``): the same
+    message with two shortcuts pywsgi uses several times per request (issue 12).  ``get``
+    skips compat32's ``header_fetch_parse``, which returns a str value unchanged unless it
+    holds surrogates, and no value decoded from latin-1 can.  ``pairs`` is what pywsgi's
+    ``_headers`` gets by formatting each pair as a line and splitting it again."""
+
+    def get(self, name, failobj=None):
+        name = name.lower()
+        for k, v in self._headers:
+            if k.lower() == name:
+                return v
+        return failobj
+
+    def environ_pairs(self):
+        """pywsgi's ``_headers`` for lines without continuations: ``HTTP_NAME`` and the value
+        stripped, names with "_" skipped, Content-Type and Content-Length left out."""
+        for key, value in self._headers:
+            if "_" in key:
+                continue
+            key = key.replace("-", "_").upper()
+            if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+                yield "HTTP_" + key, value.strip()
+
+
 def parse_header_lines(lines: list[bytes]) -> OldMessage:
     """The request headers as pywsgi's message class, from ``read_headers``' lines.
 
@@ -85,7 +110,7 @@ def parse_header_lines(lines: list[bytes]) -> OldMessage:
     end, RFC 9112 §5); anything else (an obs-fold continuation, a line without a colon, a
     name with other characters, a "From " line) goes to email's parser as before, whose
     handling of those cases stays the reference.  tests/test_http_limits.py compares both."""
-    msg = OldMessage()
+    msg = PlainHeaders()
     pairs = msg._headers  # what Message.set_raw appends to
     match = _PLAIN_HEADER.fullmatch
     for raw in lines:
@@ -207,6 +232,15 @@ class ServerHandler(WebSocketHandler):
             return
         self._sendall(towrite)
         self._write(data)
+
+    def _check_http_version(self):
+        return self.request_version == "HTTP/1.1" or super()._check_http_version()
+
+    def _headers(self):
+        headers = self.headers
+        if type(headers) is PlainHeaders:
+            return headers.environ_pairs()
+        return super()._headers()
 
     def get_environ(self):
         environ = super().get_environ()
