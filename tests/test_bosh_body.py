@@ -25,6 +25,8 @@ COMMON = [  # what clients send: Strophe (double quotes), the test harness and t
     f"<body rid='12' sid='abc' xmlns='{NS}' ack='11'/>",
     f"<body xmlns='{NS}' rid='12' sid='abc' key='0123456789abcdef'/>",
     f"<body xmlns='{NS}'\n  rid = '12'\tsid='abc' />",
+    f"<body xmlns='{NS}' rid='1234567' sid='abc'></body>",  # StanzaJS, the bench's generator
+    f"<body xmlns='{NS}' rid='1234567' sid='abc' ></body>",
 ]
 DECLINED = [  # legal or not: the full parser decides
     f"<body xmlns='{NS}'/>",  # no attribute but xmlns: accepted (equal) or declined, both fine
@@ -32,8 +34,12 @@ DECLINED = [  # legal or not: the full parser decides
     f"<body xmlns='{NS}' rid='1' sid='s' xml:lang='en'/>",
     f" <body xmlns='{NS}' rid='1' sid='s'/>",
     f"<body xmlns='{NS}' rid='1' sid='s'/> ",
-    f"<body xmlns='{NS}' rid='1' sid='s'></body>",
     f"<body xmlns='{NS}' rid='1' sid='s'><presence/></body>",
+    f"<body xmlns='{NS}' rid='1' sid='s'> </body>",
+    f"<body xmlns='{NS}' rid='1' sid='s'>x</body>",
+    f"<body xmlns='{NS}' rid='1' sid='s'></body >",
+    f"<body xmlns='{NS}' rid='1' sid='s'></bodyx>",
+    f"<body xmlns='{NS}' rid='1' sid='s'></body></body>",
     f"<body xmlns='{NS}' rid='1' sid='a&amp;b'/>",
     f"<body xmlns='{NS}' rid='1' sid='a&#x41;'/>",
     f"<body xmlns='{NS}' rid='1' sid='a\tb'/>",
@@ -122,7 +128,8 @@ FORMS = [
     "<body rid=\"{rid}\" xmlns=\"{ns}\" sid=\"{sid}\"/>",
     "<body xmlns='{ns}'\n rid = '{rid}'\tsid='{sid}' />",
     "<body sid='{sid}' rid='{rid}' xmlns='{ns}' key='abcdef0123'/>",
-    "<body xmlns='{ns}' rid='{rid}' sid='{sid}'></body>",  # the full parser's form
+    "<body xmlns='{ns}' rid='{rid}' sid='{sid}'></body>",
+    "<body xmlns='{ns}' rid='{rid}' sid='{sid}'> </body>",  # the full parser's form
 ]
 
 

@@ -6,7 +6,7 @@ reads exactly one form without a parser and builds the element ``xmlio.parse`` w
 ``<body`` then attributes with plain ASCII names (no prefix, so no ``xmlns:…``, no
 ``xml:lang``) and values of printable ASCII without ``&`` or ``<`` (no references, no
 white space to normalize, XML 1.0 §3.3.3), each name once, ``xmlns`` exactly the BOSH
-namespace, then ``/>`` and nothing after it.  Anything else, however legal, returns None
+namespace, then ``/>`` (Strophe) or ``></body>`` and nothing after it.  Anything else, however legal, returns None
 and takes ``xmlio.parse``, which stays the reference (tests/test_bosh_body.py compares
 both).  Pure function: no state.
 """
@@ -18,7 +18,7 @@ import re
 from boshroster.xmpp.xmlio import Element, NS_BOSH
 
 _ATTR = rb"[A-Za-z_][A-Za-z0-9_.-]*[ \t\r\n]*=[ \t\r\n]*(?:\"[ !#-%'-;=-~]*\"|'[ -%(-;=-~]*')"
-_EMPTY_BODY = re.compile(rb"<body((?:[ \t\r\n]+" + _ATTR + rb")*)[ \t\r\n]*/>")
+_EMPTY_BODY = re.compile(rb"<body((?:[ \t\r\n]+" + _ATTR + rb")*)[ \t\r\n]*(?:/>|></body>)")
 _ONE_ATTR = re.compile(rb"[ \t\r\n]+([A-Za-z_][A-Za-z0-9_.-]*)[ \t\r\n]*=[ \t\r\n]*(?:\"([^\"]*)\"|'([^']*)')")
 _BODY_TAG = f"{{{NS_BOSH}}}body"
 _NS_BYTES = NS_BOSH.encode("ascii")
