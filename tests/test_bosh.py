@@ -177,8 +177,15 @@ def test_unknown_sid_and_missing_rid_and_bad_attributes(server, bystander):
         b"<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'><!ENTITY lol2 '&lol;&lol;&lol;&lol;'>]>"
         b"<body xmlns='http://jabber.org/protocol/httpbind' rid='1' to='localhost'>&lol2;</body>",
         b"<!DOCTYPE body SYSTEM 'file:///etc/passwd'><body xmlns='http://jabber.org/protocol/httpbind' rid='1' to='localhost'/>",
+        # issue 12: what could upset the shared feed parser (xmlio._FeedParser) of the server
+        b"<body xmlns='http://jabber.org/protocol/httpbind' rid='1' to='localhost'>",
+        b"<body xmlns='http://jabber.org/protocol/httpbind' rid='1' to='localhost'/><s>",
+        b"<body xmlns='http://jabber.org/protocol/httpbind' rid='1' to='localhost'/></w>",
+        b"<body xmlns='http://jabber.org/protocol/httpbind' rid='1' to='localhost'/>junk",
+        b"<body xmlns='http://jabber.org/protocol/httpbind' rid='1' to='localhost'/><body/>",
     ],
-    ids=["truncated", "binary", "empty", "comment", "entity-bomb", "external-dtd"],
+    ids=["truncated", "binary", "empty", "comment", "entity-bomb", "external-dtd",
+         "unclosed", "then-unclosed-s", "end-of-the-wrapper", "text-after", "two-bodies"],
 )
 def test_malformed_and_dangerous_xml_is_refused_with_http_200(server, bystander, payload):
     reply = post(server, payload)

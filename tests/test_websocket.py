@@ -328,6 +328,14 @@ def test_frame_far_over_the_limit_is_refused_unread(make_server, clients):
         pytest.param("<iq", id="truncated"),
         pytest.param("plain text", id="not-xml"),
         pytest.param(f"<message xmlns='{NS_CLIENT}'/><message xmlns='{NS_CLIENT}'/>", id="two-elements"),
+        # issue 12: what could upset the shared feed parser (xmlio._FeedParser) of the server
+        pytest.param(f"<message xmlns='{NS_CLIENT}' to='bob@localhost'><body>unclosed", id="unclosed"),
+        pytest.param(f"<message xmlns='{NS_CLIENT}'/><s>", id="element-then-unclosed-s"),
+        pytest.param("<s>", id="unclosed-s"),
+        pytest.param(f"<message xmlns='{NS_CLIENT}'/></w>", id="end-of-the-wrapper"),
+        pytest.param(f"<message xmlns='{NS_CLIENT}'/>text", id="text-after"),
+        pytest.param(f"text<message xmlns='{NS_CLIENT}'/>", id="text-before"),
+        pytest.param(f"<message xmlns='{NS_CLIENT}' to='bob@localhost'><body>x</body></message><s", id="cut-tag"),
     ],
 )
 def test_malformed_xml_is_not_well_formed(server, clients, bystander, payload):

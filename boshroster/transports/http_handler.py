@@ -30,7 +30,7 @@ import socket
 import time
 
 from gevent import GreenletExit
-from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _InvalidClientRequest, _NoopLog
+from gevent.pywsgi import OldMessage, WSGIHandler, _InvalidClientInput, _InvalidClientRequest, _NoopLog, format_date_time
 from geventwebsocket.handler import WebSocketHandler
 
 from boshroster.transports import http_limits as _limits
@@ -77,6 +77,31 @@ _HEADER_PARSER = email.parser.Parser(_class=OldMessage)  # stateless: parsestr()
 _PLAIN_HEADER = re.compile(r"([!-9;-~]+):[ \t]*([^\r\n]*)\r?\n")
 
 
+class PlainHeaders(OldMessage):
+    """The headers of a request whose every line was plain (``parse_header_lines``): the same
+    message with two shortcuts pywsgi uses several times per request (issue 12).  ``get``
+    skips compat32's ``header_fetch_parse``, which returns a str value unchanged unless it
+    holds surrogates, and no value decoded from latin-1 can.  ``pairs`` is what pywsgi's
+    ``_headers`` gets by formatting each pair as a line and splitting it again."""
+
+    def get(self, name, failobj=None):
+        name = name.lower()
+        for k, v in self._headers:
+            if k.lower() == name:
+                return v
+        return failobj
+
+    def environ_pairs(self):
+        """pywsgi's ``_headers`` for lines without continuations: ``HTTP_NAME`` and the value
+        stripped, names with "_" skipped, Content-Type and Content-Length left out."""
+        for key, value in self._headers:
+            if "_" in key:
+                continue
+            key = key.replace("-", "_").upper()
+            if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+                yield "HTTP_" + key, value.strip()
+
+
 def parse_header_lines(lines: list[bytes]) -> OldMessage:
     """The request headers as pywsgi's message class, from ``read_headers``' lines.
 
@@ -85,7 +110,7 @@ def parse_header_lines(lines: list[bytes]) -> OldMessage:
     end, RFC 9112 §5); anything else (an obs-fold continuation, a line without a colon, a
     name with other characters, a "From " line) goes to email's parser as before, whose
     handling of those cases stays the reference.  tests/test_http_limits.py compares both."""
-    msg = OldMessage()
+    msg = PlainHeaders()
     pairs = msg._headers  # what Message.set_raw appends to
     match = _PLAIN_HEADER.fullmatch
     for raw in lines:
@@ -96,6 +121,17 @@ def parse_header_lines(lines: list[bytes]) -> OldMessage:
             break
         pairs.append(m.groups())
     return _HEADER_PARSER.parsestr(b"".join(lines).decode("iso-8859-1"))
+def _http_date(_cache=[0, b""]) -> bytes:
+    """pywsgi's ``Date`` value (RFC 9110 §6.6.1, IMF-fixdate), formatted once per second
+    rather than per response (~2% of a BOSH fan-out, issue 12).  ``_cache``: [second,
+    value], module state rewritten whole by whichever greenlet first sees a new second."""
+    now = int(time.time())
+    if _cache[0] != now:
+        _cache[1] = format_date_time(now)
+        _cache[0] = now
+    return _cache[1]
+
+
 _ONE_SEND_MAX = 64 * 1024  # a first body chunk up to this size goes out with the headers
 _OVER_CAP = _response("503 Service Unavailable", "too many connections from your address")
 _TIMEOUT = _response("408 Request Timeout")
@@ -177,6 +213,9 @@ class ServerHandler(WebSocketHandler):
         loopback on this machine kind (issue 12; every BOSH response).  The bytes are
         pywsgi's: a chunked or larger body is written after the head by pywsgi's ``_write``."""
         self.headers_sent = True
+        if self.provided_date is None:  # pywsgi would format the same bytes afresh
+            self.response_headers.append((b"Date", _http_date()))
+            self.provided_date = True
         self.finalize_headers()
         towrite = bytearray(b"HTTP/1.1 ")
         towrite += self.status
@@ -193,6 +232,15 @@ class ServerHandler(WebSocketHandler):
             return
         self._sendall(towrite)
         self._write(data)
+
+    def _check_http_version(self):
+        return self.request_version == "HTTP/1.1" or super()._check_http_version()
+
+    def _headers(self):
+        headers = self.headers
+        if type(headers) is PlainHeaders:
+            return headers.environ_pairs()
+        return super()._headers()
 
     def get_environ(self):
         environ = super().get_environ()
@@ -278,6 +326,19 @@ class ServerHandler(WebSocketHandler):
     def log_request(self):
         if not isinstance(self.server.log, _NoopLog):
             WSGIHandler.log_request(self)
+
+    def run_application(self):
+        """Plain HTTP (every BOSH request) goes straight to pywsgi's ``run_application``.
+
+        geventwebsocket's first tries an upgrade: two debug log calls through its
+        ``logger`` property and its header checks, for each request (issue 12: a BOSH
+        fan-out to 100 contacts answers 100 requests and reads 100 re-polls).  Without
+        ``Upgrade: websocket`` its ``upgrade_websocket`` returns None and it ends in the
+        same pywsgi call, so only requests asking for the upgrade take its path."""
+        if (self.environ.get("HTTP_UPGRADE", "").lower() != "websocket"
+                and not getattr(self.server, "pre_start_hook", None)):
+            return WSGIHandler.run_application(self)
+        return super().run_application()
 
     def upgrade_websocket(self):
         result = super().upgrade_websocket()

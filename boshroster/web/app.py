@@ -24,6 +24,7 @@ from boshroster import __version__
 
 from boshroster.xmpp import xmlio
 from boshroster.transports.bosh import terminate_body
+from boshroster.transports.bosh_body import parse_empty_body
 from boshroster.transports.bosh_manager import BoshManager
 from boshroster.transports.bosh_watch import ENVIRON_KEY as BOSH_SOCKET
 from boshroster.roster.refresh import RefreshBadRequest, parse_refresh_body
@@ -177,8 +178,10 @@ class WebApp:
             reply = terminate_body("policy-violation")
         else:
             try:
-                body = xmlio.parse(data, self.config.bosh_max_body, child_limit=self.config.stanza_size_limit,
-                                   max_depth=self.config.stanza_max_depth)
+                body = parse_empty_body(data)  # a re-poll, most often: no parser (bosh_body.py)
+                if body is None:
+                    body = xmlio.parse(data, self.config.bosh_max_body, child_limit=self.config.stanza_size_limit,
+                                       max_depth=self.config.stanza_max_depth)
             except xmlio.XMLError as err:
                 reply = self._refused_body(environ, err)
             else:

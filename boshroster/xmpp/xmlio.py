@@ -19,6 +19,7 @@ gevent, no shared state.
 
 from __future__ import annotations
 
+import _thread
 import pyexpat
 import re
 import xml.etree.ElementTree as ET
@@ -143,6 +144,9 @@ def _parse_document(data: bytes) -> Element:
         # caller) expat reads UTF-8.  So the plain C-accelerated parser is as safe
         # here as defusedxml's, at a quarter of the cost.  Anything it refuses goes
         # through the strict path below, which gives the precise error.
+        root = _FEED.parse(data) if _FEED_LOCK.acquire(False) else None
+        if root is not None:
+            return root
         fast = ET.XMLParser()
         try:
             fast.feed(data)
@@ -162,6 +166,90 @@ def _parse_document(data: bytes) -> Element:
         raise XMLError("not-well-formed", f"not well-formed XML: {exc}") from None
     except UnicodeError:
         raise XMLError("not-well-formed", "invalid UTF-8") from None
+
+
+_RENEW_BYTES = 1 << 20  # input after which the feed parser is replaced (its name tables)
+_WS = " \t\r\n"  # XML 1.0 §2.3 S: all the text a document may have outside its root
+
+
+class _FeedParser:
+    """One C expat parser fed document after document, inside a wrapper element.
+
+    Creating an ``ET.XMLParser`` costs ~7 µs, more than parsing a typical stanza or a BOSH
+    re-poll body (issue 12: ~20 per login).  This one is opened with ``<w>``; each document
+    is fed after it, then the sentinel ``<s/>``, and accepted only if exactly its root and
+    the sentinel (empty, as fed) were added to the wrapper, with XML white space around the
+    root.  That is what a fresh parser accepts for input without "<!" or "<?" (no DTD,
+    comment, PI or XML declaration): an unclosed element would hold the sentinel; a second
+    root, a truncated tag or reference, text around the root or ``</w>`` make a count, a
+    text or a parse error differ.  Otherwise None: the caller parses ``data`` afresh (the
+    reference path, which gives the error).  A failed parser is replaced, and so is one fed
+    ``_RENEW_BYTES``: expat's and ElementTree's name tables grow with every new name seen.
+
+    Process-wide (``_FEED``), used only under ``_FEED_LOCK`` taken without waiting (parsing
+    never yields to another greenlet; another thread finds it taken: a fresh parser)."""
+
+    __slots__ = ("_parser", "_wrapper", "_last", "_fed")
+
+    def __init__(self) -> None:
+        self._parser: ET.XMLParser | None = None
+
+    def _open(self) -> None:
+        builder = ET.TreeBuilder()
+        parser = ET.XMLParser(target=builder)
+        parser.feed(b"<w>")
+        try:
+            # The C TreeBuilder's close() returns the root element it has started (the
+            # wrapper), open or not, and changes nothing; the pure-Python one asserts that
+            # the tree is complete: then there is no wrapper and every parse returns None.
+            self._wrapper: Element | None = builder.close()
+        except AssertionError:
+            self._wrapper = None
+        self._parser = parser
+        self._last: Element | None = None  # the latest sentinel: the next text is its tail
+        self._fed = 0
+
+    def parse(self, data: bytes) -> Element | None:
+        """The root of ``data``, or None (see the class); releases ``_FEED_LOCK``."""
+        try:
+            if self._parser is None or self._fed > _RENEW_BYTES:
+                self._open()
+            parser, last = self._parser, self._last
+            self._parser = None  # until this parse succeeds
+            try:
+                parser.feed(data)
+                parser.feed(b"<s/>")
+            except Exception:  # ParseError, or anything: the fresh parser decides
+                return None
+            wrapper = self._wrapper
+            if wrapper is None:
+                return None
+            before = wrapper.text if last is None else last.tail
+            if len(wrapper) != 2 or (before and before.strip(_WS)):
+                return None
+            root, sentinel = wrapper
+            tail = root.tail
+            if (sentinel.tag != "s" or len(sentinel) or sentinel.text is not None or sentinel.attrib
+                    or (tail and tail.strip(_WS))):
+                return None
+            root.tail = None
+            if last is None:
+                wrapper.text = None
+            else:
+                last.tail = None
+            del wrapper[:]
+            self._last = sentinel
+            self._fed += len(data)
+            self._parser = parser
+            return root
+        finally:
+            _FEED_LOCK.release()
+
+
+_FEED = _FeedParser()
+# The C RLock: gevent patches allocate_lock into a Python-level semaphore.  parse never calls
+# parse, and no greenlet switch happens inside it, so reentrancy cannot occur.
+_FEED_LOCK = _thread.RLock()
 
 
 def _deeper_than(root: Element, levels: int) -> bool:
@@ -234,11 +322,17 @@ def split_tag(tag: str) -> tuple[str | None, str]:
 
 
 def E(tag: str, attrib: dict | None = None, *children: Element, text: str | None = None) -> Element:
-    """Build an element; ``attrib`` values that are None are left out."""
-    el = ET.Element(tag, {k: v for k, v in (attrib or {}).items() if v is not None})
+    """Build an element; ``attrib`` values that are None are left out (copied only then)."""
+    if not attrib:
+        el = ET.Element(tag)
+    elif None in attrib.values():
+        el = ET.Element(tag, {k: v for k, v in attrib.items() if v is not None})
+    else:
+        el = ET.Element(tag, attrib)
     if text is not None:
         el.text = text
-    el.extend(children)
+    if children:
+        el.extend(children)
     return el
 
 
