@@ -161,7 +161,7 @@ class Config:
     bosh_max_pause: int = 120  # 'maxpause' advertised: longest inactivity a client may ask for with 'pause'; 0 = off
     # --- reliability (issue 10 point 16, xmpp/pacing.py): BOSH stanzas over c2s_stanza_rate wait here
     bosh_shaper_queue: int = 1000  # stanzas of one BOSH session waiting for the shaper; more: resource-constraint
-    offline_max_total_bytes: int = 1073741824  # all offline messages together (SQLite); more bounce. 0 = no bound
+    offline_max_total_bytes: int = 1073741824  # all offline messages together (SQLite or PostgreSQL: all nodes); more bounce. 0 = no bound
     # --- WebSocket give-back (issue 10: nothing accepted is lost; transports/ws_output.py)
     websocket_flush_timeout: float = 10.0  # seconds to flush a closing connection's queue; the rest is given back
 
