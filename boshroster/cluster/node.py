@@ -66,6 +66,24 @@ def redacted(url: str) -> str:
     return url
 
 
+BLOCKING_TIMEOUT = 10.0  # socket timeout of the blocking connections (XREADGROUP blocks 2 s at most)
+PUBSUB_PING = 2.0  # the subscriber pings Redis after this long without a message
+PUBSUB_SILENCE = 6.0  # ... and gives the connection up after this long without anything (a pong)
+
+
+def redis_client(url: str, **options) -> redis.Redis:
+    """A client that skips CLIENT SETINFO on connect (redis-py >= 7: ``driver_info=None``;
+    before: ``lib_name=None``): each new pooled connection then costs no extra round trips
+    and no package-metadata lookup (~3 ms of CPU each, bench "cluster", when the pool grows
+    under a burst of logins)."""
+    try:
+        import redis.driver_info  # noqa: F401 - only to know which option this redis-py has
+        options["driver_info"] = None
+    except ImportError:
+        options.update(lib_name=None, lib_version=None)
+    return redis.Redis.from_url(url, decode_responses=True, **options)
+
+
 class ClusterNode:
     def __init__(self, config, sessions: "SessionManager", bus: "EventBus"):
         self.config = config
@@ -75,10 +93,13 @@ class ClusterNode:
         self.sessions = sessions
         self.bus = bus
         url = config.cluster_redis_url
-        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3)
-        # Blocking reads (XREADGROUP BLOCK, pub/sub) on connections of their own.
-        self.blocking = redis.Redis.from_url(url, decode_responses=True, socket_timeout=None,
-                                             socket_connect_timeout=3, socket_keepalive=True)
+        self.redis = redis_client(url, socket_timeout=5, socket_connect_timeout=3)
+        # Blocking reads (XREADGROUP BLOCK, pub/sub) on connections of their own.  Bounded too:
+        # a Redis that stops answering (stopped, or its host gone without a RST) is noticed
+        # within BLOCKING_TIMEOUT by the inbox reader and within PUBSUB_SILENCE by the
+        # subscriber (it pings), which then log and retry like on a lost connection.
+        self.blocking = redis_client(url, socket_timeout=BLOCKING_TIMEOUT, socket_connect_timeout=3,
+                                     socket_keepalive=True)
         try:
             self.redis.ping()
         except redis.RedisError as exc:
@@ -107,7 +128,7 @@ class ClusterNode:
 
     def register(self, bus: "EventBus") -> None:
         touch = self.directory.touch
-        bus.hook("resource-bind", touch, priority=-100)
+        bus.hook("resource-bind", self.directory.touch_bound, priority=-100)
         bus.hook("resource-unbind", touch, priority=-100)
         bus.hook("presence/self", lambda event: touch(event.origin), priority=300)
         for target in ("host", "self"):
@@ -240,10 +261,7 @@ class ClusterNode:
                 self.directory.load(self.redis)
                 self._subscribed.set()
                 delay = 0.2
-                for message in pubsub.listen():
-                    if not self._running:
-                        break
-                    self._on_message(message)
+                self._receive(pubsub)
             except redis.RedisError as exc:
                 if self._running:
                     log.warning("cluster: directory subscription lost (%s); again in %.1f s", exc, delay)
@@ -254,6 +272,24 @@ class ClusterNode:
                     pubsub.close()
                 except Exception:
                     pass
+
+    def _receive(self, pubsub) -> None:
+        """Apply br:dir / br:ctl messages; ping when quiet, and give the connection up
+        (ConnectionError: logged, subscribed again) when Redis stays silent."""
+        heard = pinged = time.monotonic()
+        while self._running:
+            message = pubsub.get_message(timeout=PUBSUB_PING)
+            now = time.monotonic()
+            if message is not None:
+                heard = now
+                if message.get("type") == "message":
+                    self._on_message(message)
+                continue
+            if now - heard >= PUBSUB_SILENCE:
+                raise redis.ConnectionError(f"no answer from Redis for {now - heard:.0f} s")
+            if now - pinged >= PUBSUB_PING and now - heard >= PUBSUB_PING:
+                pubsub.ping()
+                pinged = now
 
     def _on_message(self, message) -> None:
         try:
