@@ -164,6 +164,8 @@ class Config:
     offline_max_total_bytes: int = 1073741824  # all offline messages together (SQLite or PostgreSQL: all nodes); more bounce. 0 = no bound
     # --- WebSocket give-back (issue 10: nothing accepted is lost; transports/ws_output.py)
     websocket_flush_timeout: float = 10.0  # seconds to flush a closing connection's queue; the rest is given back
+    # --- cluster cost and robustness (issue 14, cluster/node.py): a Redis that stops answering
+    cluster_redis_timeout: float = 5.0  # seconds a Redis reply may take before Redis counts as unreachable
 
     @property
     def bosh_requests(self) -> int:
@@ -292,6 +294,8 @@ def _check_cluster(config: Config) -> None:
         raise ConfigError("cluster_node_timeout must be more than twice cluster_heartbeat_interval (> 0)")
     if config.database_pool_size < 1:
         raise ConfigError("database_pool_size: at least 1")
+    if config.cluster_redis_timeout < 0.5:
+        raise ConfigError("cluster_redis_timeout: at least 0.5 (seconds)")
 
 
 def _check_auth(config: Config) -> None:

@@ -12,6 +12,7 @@
   br:refresh:<id>          list   answers of the nodes to one refresh request
   channel br:dir           directory changes (every node mirrors the others' entries)
   channel br:ctl           control: refresh requests, roster changes
+  channel br:ping:<n>      the node's own liveness check of its subscription (node.py)
 """
 
 import socket
@@ -61,3 +62,7 @@ def refresh_reply(request_id: str) -> str:
 def default_node_id() -> str:
     """node_id when the configuration leaves it empty: the host name, as a key-safe word."""
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64] or "node"
+
+
+def ping_channel(node: str) -> str:
+    return f"br:ping:{node}"

@@ -13,7 +13,7 @@ Receiving (``Inbox``): one reader greenlet, ``XREADGROUP … BLOCK`` on its own
 connection; each entry is delivered to the local sessions (or routed again, or
 stored offline, when the resource is gone) and then ``XACK``ed, in the same
 pipeline as the next XREADGROUP (one round trip per batch).  The blocking
-connection has a socket timeout (node.py ``BLOCKING_TIMEOUT``): a Redis that
+connection has a socket timeout (node.py, ``cluster_redis_timeout``): a Redis that
 stops answering is noticed, logged, and retried.  Entries are
 deduplicated by their id (``m``): after a redelivery a stanza is delivered once.
 
@@ -179,8 +179,10 @@ class Inbox:
 
     def __init__(self, client: redis.Redis, blocking: redis.Redis, directory: Directory, node: str,
                  deliver: Callable[[str, str, xmlio.Element], None],
-                 orphan: Callable[[str, str, xmlio.Element], None], on_lost_group: Callable[[], None]):
+                 orphan: Callable[[str, str, xmlio.Element], None], on_lost_group: Callable[[], None],
+                 block_ms: int = BLOCK_MS):
         self.redis = client
+        self.block_ms = block_ms  # below the blocking connection's socket timeout (node.py)
         self.blocking = blocking
         self.directory = directory
         self.node = node
@@ -204,10 +206,10 @@ class Inbox:
         """XREADGROUP (blocking); the XACK of what the previous read delivered rides in the
         same pipeline, so a batch costs one round trip, not two."""
         if not to_ack:
-            return self.blocking.xreadgroup(keys.GROUP, "c", {self.key: ">"}, count=READ_COUNT, block=BLOCK_MS)
+            return self.blocking.xreadgroup(keys.GROUP, "c", {self.key: ">"}, count=READ_COUNT, block=self.block_ms)
         pipe = self.blocking.pipeline(transaction=False)
         pipe.xack(self.key, keys.GROUP, *to_ack)
-        pipe.xreadgroup(keys.GROUP, "c", {self.key: ">"}, count=READ_COUNT, block=BLOCK_MS)
+        pipe.xreadgroup(keys.GROUP, "c", {self.key: ">"}, count=READ_COUNT, block=self.block_ms)
         return pipe.execute()[1]
 
     def run(self) -> None:
