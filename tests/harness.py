@@ -546,27 +546,21 @@ class BoshClient(XmppClient):
             self.create(to, **extra_attrs)
 
     def post(self, body: str, timeout: float | None = None) -> ET.Element:
-        reply = self.http.post(self.url, data=body.encode("utf-8"), headers={"Content-Type": "text/xml; charset=utf-8"},
-                               timeout=timeout or self.wait + 10)
+        """As Strophe does: a request a proxy could not complete (502/503/504 — in a cluster, the
+        node relaying it to the session's owner was killed) is sent again with the same rid
+        (XEP-0124 §14: the owner answers a repeated rid); any other failure is the caller's."""
+        for attempt in range(3):
+            reply = self.http.post(self.url, data=body.encode("utf-8"),
+                                   headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=timeout or self.wait + 10)
+            if reply.status_code not in (502, 503, 504) or attempt == 2:
+                break
+            gevent.sleep(0.1 * (attempt + 1))
         assert reply.status_code == 200, reply.status_code
         return ET.fromstring(reply.content)
 
     def next_rid(self) -> int:
         self.rid += 1
         return self.rid
-
-    def _post_retrying(self, body: str) -> ET.Element:
-        """As Strophe does: a request a proxy could not complete (502/503/504 — in a cluster, the
-        node relaying it to the session's owner was killed) is sent again with the same rid
-        (XEP-0124 §14: the owner answers a repeated rid); any other failure ends the client."""
-        for attempt in range(3):
-            reply = self.http.post(self.url, data=body.encode("utf-8"),
-                                   headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=self.wait + 10)
-            if reply.status_code not in (502, 503, 504) or attempt == 2:
-                break
-            gevent.sleep(0.1 * (attempt + 1))
-        assert reply.status_code == 200, reply.status_code
-        return ET.fromstring(reply.content)
 
     def create(self, to="localhost", **extra):
         attrs = {"to": to, "rid": str(self.next_rid()), "wait": str(self.wait), "hold": "1", "ver": "1.6",
@@ -614,7 +608,7 @@ class BoshClient(XmppClient):
 
     def _request(self, body: str) -> None:
         try:
-            reply = self._post_retrying(body)
+            reply = self.post(body)
         except Exception as exc:  # noqa: BLE001 - surfaced through closed_reason
             self.closed_reason = repr(exc)
             self.terminated = ET.Element("error")
