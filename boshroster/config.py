@@ -161,11 +161,13 @@ class Config:
     bosh_max_pause: int = 120  # 'maxpause' advertised: longest inactivity a client may ask for with 'pause'; 0 = off
     # --- reliability (issue 10 point 16, xmpp/pacing.py): BOSH stanzas over c2s_stanza_rate wait here
     bosh_shaper_queue: int = 1000  # stanzas of one BOSH session waiting for the shaper; more: resource-constraint
-    offline_max_total_bytes: int = 1073741824  # all offline messages together (SQLite); more bounce. 0 = no bound
+    offline_max_total_bytes: int = 1073741824  # all offline messages together (SQLite or PostgreSQL: all nodes); more bounce. 0 = no bound
     # --- WebSocket give-back (issue 10: nothing accepted is lost; transports/ws_output.py)
     websocket_flush_timeout: float = 10.0  # seconds to flush a closing connection's queue; the rest is given back
     # --- XEP-0198 resumption on another node of a cluster (cluster/sm_handover.py)
     cluster_sm_handover_timeout: float = 5.0  # seconds to wait for the owner node to hand a session over
+    # --- cluster cost and robustness (issue 14, cluster/node.py): a Redis that stops answering
+    cluster_redis_timeout: float = 5.0  # seconds a Redis reply may take before Redis counts as unreachable
 
     @property
     def bosh_requests(self) -> int:
@@ -296,6 +298,8 @@ def _check_cluster(config: Config) -> None:
         raise ConfigError("cluster_node_timeout must be more than twice cluster_heartbeat_interval (> 0)")
     if config.database_pool_size < 1:
         raise ConfigError("database_pool_size: at least 1")
+    if config.cluster_redis_timeout < 0.5:
+        raise ConfigError("cluster_redis_timeout: at least 0.5 (seconds)")
 
 
 def _check_auth(config: Config) -> None:

@@ -546,8 +546,15 @@ class BoshClient(XmppClient):
             self.create(to, **extra_attrs)
 
     def post(self, body: str, timeout: float | None = None) -> ET.Element:
-        reply = self.http.post(self.url, data=body.encode("utf-8"), headers={"Content-Type": "text/xml; charset=utf-8"},
-                               timeout=timeout or self.wait + 10)
+        """As Strophe does: a request a proxy could not complete (502/503/504 — in a cluster, the
+        node relaying it to the session's owner was killed) is sent again with the same rid
+        (XEP-0124 §14: the owner answers a repeated rid); any other failure is the caller's."""
+        for attempt in range(3):
+            reply = self.http.post(self.url, data=body.encode("utf-8"),
+                                   headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=timeout or self.wait + 10)
+            if reply.status_code not in (502, 503, 504) or attempt == 2:
+                break
+            gevent.sleep(0.1 * (attempt + 1))
         assert reply.status_code == 200, reply.status_code
         return ET.fromstring(reply.content)
 
@@ -599,23 +606,18 @@ class BoshClient(XmppClient):
         self._requests.add(glet)
         glet.link(self._requests.discard)
 
-    RETRIES = 3  # as Strophe (maxRetries): a request lost to a 5xx or a broken connection is sent again
+    RETRIES = 3  # as Strophe (maxRetries)
 
     def _post_retrying(self, body: str) -> ET.Element:
-        """XEP-0124 §14.3: a request whose connection broke (or that a proxy answered 502-504,
-        e.g. nginx when the node it chose was just killed) is resent with the same rid."""
+        """XEP-0124 §14.3: a request whose connection broke is resent with the same rid
+        (``post`` already resends on a proxy's 502-504)."""
         for attempt in range(self.RETRIES + 1):
             try:
-                reply = self.http.post(self.url, data=body.encode("utf-8"),
-                                       headers={"Content-Type": "text/xml; charset=utf-8"}, timeout=self.wait + 10)
+                return self.post(body)
             except requests.ConnectionError:
                 if attempt == self.RETRIES:
                     raise
-            else:
-                if reply.status_code not in (502, 503, 504) or attempt == self.RETRIES:
-                    assert reply.status_code == 200, reply.status_code
-                    return ET.fromstring(reply.content)
-            gevent.sleep(0.2 * (attempt + 1))
+                gevent.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
 
     def _request(self, body: str) -> None:

@@ -368,3 +368,42 @@ def test_a_redis_outage_degrades_then_the_cluster_recovers(cluster, redis_server
     later = cluster.ws(n1, "bob", resource="later", presence=False)
     later.presence()
     assert later.recv_message(timeout=10, sender="alice").findtext(q(NS_CLIENT, "body")) == "during the outage"
+
+
+def test_a_redis_that_stops_answering_is_noticed_and_the_cluster_recovers(cluster, redis_server):
+    """SIGSTOP: the connections stay open and Redis answers nothing (a hung process, or a host
+    gone without a RST).  The blocking reads (inbox XREADGROUP, the directory subscription)
+    have a bound too (cluster_redis_timeout), so each node logs it and goes degraded; after
+    SIGCONT they reconnect and cross-node chat works again."""
+    settings = {"cluster_redis_timeout": 1.5}
+    n1, n2 = cluster.add(**settings), cluster.add(**settings)
+    alice = cluster.ws(n1, "alice")
+    carol = cluster.ws(n1, "carol")
+    bob = cluster.ws(n2, "bob")
+    alice.recv_presence(sender="bob@localhost/test")
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        for node in (n1, n2):
+            wait_for(lambda: "directory subscription lost" in node.log(), 15,
+                     f"{node.settings['node_id']}: the silent subscription noticed")
+            wait_for(lambda: "inbox read failed" in node.log(), 15,
+                     f"{node.settings['node_id']}: the silent inbox read noticed")
+            wait_for(lambda: "degraded" in node.log(), 15, f"{node.settings['node_id']}: degraded")
+        alice.message("carol@localhost", "same node, Redis stopped")  # local delivery needs no Redis
+        assert carol.recv_message(sender="alice").findtext(q(NS_CLIENT, "body")) == "same node, Redis stopped"
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    wait_for(lambda: "Redis is back" in n1.log() and "Redis is back" in n2.log(), 20, "both nodes back")
+    for attempt in range(20):  # the subscriptions come back within their retry delay (<= 5 s)
+        alice.message("bob@localhost", f"after the stop {attempt}")
+        try:
+            got = bob.recv_message(timeout=1, sender="alice")
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise AssertionError("no message from alice to bob after SIGCONT")
+    assert got.findtext(q(NS_CLIENT, "body")).startswith("after the stop")
+    bob.message("alice@localhost", "heard you")
+    assert alice.recv_message(timeout=10, sender="bob").findtext(q(NS_CLIENT, "body")) == "heard you"
+    assert "Traceback" not in n1.log() + n2.log()

@@ -14,6 +14,7 @@ from boshroster.config import ConfigError, load
     ({"cluster_heartbeat_interval": 2.0, "cluster_node_timeout": 4.0}, "cluster_node_timeout"),
     ({"cluster_heartbeat_interval": 0.0}, "cluster_node_timeout"),
     ({"database_pool_size": 0}, "database_pool_size"),
+    ({"cluster_redis_timeout": 0.1}, "cluster_redis_timeout"),  # below a round trip on a loaded machine
 ])
 def test_bad_cluster_settings_name_the_key(settings, key):
     with pytest.raises(ConfigError, match=key):

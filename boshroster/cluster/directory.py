@@ -16,6 +16,18 @@ Writes are asynchronous: the hooks only mark (username, resource) dirty
 flush time from the local registry and writes what is true then.  So a burst
 of changes costs one round trip, and a bind, presence, carbons toggle and
 unbind in quick succession never leave Redis in a state that was never true.
+One flush is one PUBLISH on ``br:dir`` carrying every change of the flush (a
+list), so a node applying the others' changes parses one message per flush.
+
+A fresh bind is written ``BIND_DEFER`` seconds later (``touch_bound``) unless
+something else (its initial presence, carbons, unbind) touches it first: a
+login is then one directory write instead of two (bind, then presence).  Until
+then the other nodes do not see the resource, which is what they would do with
+it anyway: a resource without presence gets no bare-JID messages (RFC 6121
+§8.5.2.1) and a full-JID message for it is handled as for an unknown resource
+(§8.5.3.2.1: the bare JID's rules, offline storage included, delivered at its
+initial presence).  A resource unbound before its deferred write never
+reaches Redis.
 
 Ordering with the inboxes: every ``br:dir`` message carries the writer's
 sequence number, and every inbox entry the sequence of the directory writes
@@ -24,9 +36,9 @@ seen the sender's directory changes before acting on its stanzas
 (``wait_seen``): bob never answers alice's presence while still believing she
 is offline.
 
-Shared state: ``remote``, ``seen`` (node -> (boot, seq)) and ``_dirty``, all
-mutated without yielding by the pub/sub greenlet (apply), the hooks (touch)
-and the writer (take_dirty).
+Shared state: ``remote``, ``seen`` (node -> (boot, seq)), ``_dirty`` and
+``_deferred``, all mutated without yielding by the pub/sub greenlet (apply),
+the hooks (touch, touch_bound) and the writer (write_dirty, due).
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("boshroster.cluster.directory")
 
 MAX_DIRTY = 100_000  # marks waiting for the writer; past it, a full resync is scheduled instead
+BIND_DEFER = 1.0  # seconds a fresh bind waits for its initial presence before it is written alone
 
 
 class RemoteSession:
@@ -54,10 +67,12 @@ class RemoteSession:
 
     ``send`` queues the stanza for that node's inbox (routing.Outbox): it never
     yields, like a local session's send.  The IM fields come from the
-    directory; ``presence`` is parsed once per directory change."""
+    directory; ``presence`` is parsed when first asked for (most remote entries
+    are never looked at on a given node: bench "cluster", parsing every one
+    as it arrived was ~3% of a node's CPU per login)."""
 
-    __slots__ = ("node", "username", "resource", "jid_str", "priority", "presence", "carbons", "interested",
-                 "directed", "_send")
+    __slots__ = ("node", "username", "resource", "jid_str", "priority", "_presence", "_presence_text", "carbons",
+                 "interested", "directed", "_send")
 
     congested = False  # the owner node bounces for its own congested sessions
     ended = False
@@ -70,17 +85,27 @@ class RemoteSession:
         self.resource = resource
         self.jid_str = f"{username}@{domain}/{resource}"
         self.priority = int(entry.get("p", 0))
-        self.presence = None
-        text = entry.get("x")
-        if text:
-            try:
-                self.presence = xmlio.parse(text, 1 << 20)
-            except xmlio.XMLError:
-                log.error("unreadable presence of %s in the directory", self.jid_str)
+        self._presence = None
+        self._presence_text = entry.get("x") or None
         self.carbons = bool(entry.get("c"))
         self.interested = bool(entry.get("i"))
         self.directed: set[str] = set()
         self._send = send
+
+    @property
+    def presence(self) -> xmlio.Element | None:
+        text = self._presence_text
+        if text is not None:
+            self._presence_text = None
+            try:
+                self._presence = xmlio.parse(text, 1 << 20)
+            except xmlio.XMLError:
+                log.error("unreadable presence of %s in the directory", self.jid_str)
+        return self._presence
+
+    @presence.setter
+    def presence(self, value: xmlio.Element | None) -> None:
+        self._presence_text, self._presence = None, value
 
     @property
     def available(self) -> bool:
@@ -118,6 +143,7 @@ class Directory:
         self.seen: dict[str, tuple[str, int]] = {}  # node -> (boot, last directory seq applied)
         self._seen_changed = gevent.event.Event()
         self._dirty: dict[tuple[str, str], None] = {}
+        self._deferred: dict[tuple[str, str], float] = {}  # fresh binds -> when to write them anyway
         self.wakeup: Callable[[], None] = lambda: None  # set by the writer
         self.resync_needed = False
         self.seq = 0
@@ -127,29 +153,63 @@ class Directory:
     # -- local changes (hooks) ----------------------------------------------
 
     def touch(self, session: "ClientSession") -> None:
-        """``session`` changed (bound, presence, carbons, roster interest, unbound)."""
+        """``session`` changed (presence, carbons, roster interest, unbound)."""
         if session.jid is None:
             return
+        key = (session.jid.local, session.jid.resource)
+        if self._deferred.pop(key, None) is not None and self.registry.get(*key) is None:
+            return  # bound and unbound before its write: Redis never knew it
+        self._mark(key)
+
+    def touch_bound(self, session: "ClientSession") -> None:
+        """``session`` was just bound: written at its initial presence or after BIND_DEFER."""
+        if session.jid is None:
+            return
+        key = (session.jid.local, session.jid.resource)
+        if key in self._dirty:
+            return  # a rebind of a resource whose previous session's change is not written yet
+        if len(self._deferred) >= MAX_DIRTY:
+            self._mark(key)
+            return
+        self._deferred[key] = gevent.get_hub().loop.now() + BIND_DEFER
+        self.wakeup()  # the writer sets its timer to the first deadline
+
+    def _mark(self, key: tuple[str, str]) -> None:
         if len(self._dirty) >= MAX_DIRTY:
             if not self.resync_needed:
                 log.warning("directory: %d changes waiting for Redis; a full resync will follow", MAX_DIRTY)
             self.resync_needed = True
             self._dirty.clear()
         else:
-            self._dirty[(session.jid.local, session.jid.resource)] = None
+            self._dirty[key] = None
         self.wakeup()
+
+    def due(self) -> float | None:
+        """Move the deferred binds whose time came to the dirty set; seconds until the next one."""
+        if not self._deferred:
+            return None
+        now = gevent.get_hub().loop.now()
+        for key, deadline in list(self._deferred.items()):  # in bind order: deadlines increase
+            if deadline > now:
+                return deadline - now
+            del self._deferred[key]
+            self._mark(key)
+        return None
 
     def has_dirty(self) -> bool:
         return bool(self._dirty)
 
     def write_dirty(self, pipe) -> int:
-        """Queue the Redis writes of every dirty key on ``pipe`` (a MULTI); returns how many."""
+        """Queue the Redis writes of every dirty key on ``pipe`` (a MULTI) and one PUBLISH
+        carrying all of them; returns how many."""
         dirty, self._dirty = self._dirty, {}
-        for username, resource in dirty:
-            self._write_one(pipe, username, resource)
+        msgs = [self._write_one(pipe, username, resource) for username, resource in dirty]
+        if msgs:
+            pipe.publish(keys.DIR_CHANNEL, json.dumps(msgs if len(msgs) > 1 else msgs[0], separators=(",", ":")))
         return len(dirty)
 
-    def _write_one(self, pipe, username: str, resource: str) -> None:
+    def _write_one(self, pipe, username: str, resource: str) -> dict:
+        """Queue one resource's HSET+SADD (or HDEL+SREM); returns its br:dir message."""
         session = self.registry.get(username, resource)
         member = f"{username}/{resource}"
         self.seq += 1
@@ -162,7 +222,7 @@ class Directory:
             pipe.hdel(keys.user(username), resource)
             pipe.srem(keys.node_sessions(self.node), member)
             msg = {"op": "del", "n": self.node, "b": self.boot, "q": self.seq, "u": username, "r": resource}
-        pipe.publish(keys.DIR_CHANNEL, json.dumps(msg))
+        return msg
 
     def resync(self, redis) -> None:
         """Make Redis hold exactly this node's bound sessions (after a Redis outage,
@@ -170,13 +230,17 @@ class Directory:
         listed = redis.smembers(keys.node_sessions(self.node))
         pipe = redis.pipeline(transaction=True)
         current = set()
+        msgs = []
+        self._deferred.clear()  # every bound session is written now
         for session in self.registry.all_sessions():
             if session.jid is not None:
                 current.add(f"{session.jid.local}/{session.jid.resource}")
-                self._write_one(pipe, session.jid.local, session.jid.resource)
+                msgs.append(self._write_one(pipe, session.jid.local, session.jid.resource))
         for member in set(listed) - current:
             username, _, resource = member.partition("/")
-            self._write_one(pipe, username, resource)
+            msgs.append(self._write_one(pipe, username, resource))
+        for start in range(0, len(msgs), 500):  # bounded PUBLISH payloads
+            pipe.publish(keys.DIR_CHANNEL, json.dumps(msgs[start:start + 500], separators=(",", ":")))
         pipe.execute()
         self.resync_needed = False
         log.info("directory: resynchronised %d local session(s) in Redis", len(current))
@@ -228,8 +292,15 @@ class Directory:
     def _remote(self, node, username, resource, entry) -> RemoteSession:
         return RemoteSession(node, username, resource, self.domain, entry, self._send)
 
-    def apply(self, msg: dict) -> None:
-        """One br:dir message from another node."""
+    def apply(self, data) -> None:
+        """One br:dir message from another node: a change, or a list of them (one flush)."""
+        for msg in data if isinstance(data, list) else (data,):
+            if isinstance(msg, dict):
+                self._apply_one(msg)
+        self._seen_changed.set()  # wait_seen's waiters look again
+        self._seen_changed = gevent.event.Event()
+
+    def _apply_one(self, msg: dict) -> None:
         node = msg.get("n")
         if node == self.node:
             return
@@ -258,8 +329,6 @@ class Directory:
                     if not resources:
                         del self.remote[username]
         self.seen[node] = (boot, seq)
-        self._seen_changed.set()
-        self._seen_changed = gevent.event.Event()
 
     def forget_node(self, node: str) -> list[RemoteSession]:
         """Drop a dead node's entries from the mirror; returns them."""

@@ -15,6 +15,7 @@
   br:sm-tomb:<id>          string expired XEP-0198 id: JSON {u, h}, expires after an hour
   channel br:dir           directory changes (every node mirrors the others' entries)
   channel br:ctl           control: refresh requests, roster changes
+  channel br:ping:<n>      the node's own liveness check of its subscription (node.py)
 """
 
 import socket
@@ -75,3 +76,5 @@ def sm_owner(sm_id: str) -> str:
 
 def sm_tombstone(sm_id: str) -> str:
     return f"br:sm-tomb:{sm_id}"
+def ping_channel(node: str) -> str:
+    return f"br:ping:{node}"

@@ -60,13 +60,19 @@ MIGRATIONS = [
     ALTER TABLE offline ADD COLUMN claimed_at DOUBLE PRECISION;
     CREATE INDEX offline_claim ON offline (claim) WHERE claim IS NOT NULL
     """,
+    # offline_max_total_bytes: the size of all rows, kept in the transactions that add and
+    # delete them (the nodes share it; a SUM per store would read the whole table).
+    """
+    CREATE TABLE offline_total (id INT PRIMARY KEY CHECK (id = 1), bytes BIGINT NOT NULL);
+    INSERT INTO offline_total SELECT 1, COALESCE(SUM(length(stanza)), 0) FROM offline
+    """,
 ]
 
 
 class PgOfflineStore(OfflineStore):
     def __init__(self, database: PgDatabase, domain: str, max_per_user: int = 1000, stanza_size_limit: int = 262144,
                  owns_database: bool = False, node: str = "node", boot: str = "0", claim_lease: float = 600.0,
-                 window_rows: int = 100, window_bytes: int = 524288):
+                 window_rows: int = 100, window_bytes: int = 524288, max_total_bytes: int = 0):
         # Not OfflineStore.__init__: no SQLite file.  ``self.db`` is the PgDatabase.
         self.db = database
         self.domain = domain
@@ -77,6 +83,10 @@ class PgOfflineStore(OfflineStore):
         self.node = node
         self.claimant = f"{node}:{boot}"
         self.claim_lease = claim_lease
+        # All users' rows together are bounded too (issue 10 point 15, as in the SQLite store;
+        # 0 = no bound), over the whole cluster: the total is the offline_total row.
+        self.max_total_bytes = max_total_bytes
+        self._refused_total = 0  # this process's refusals while full (for the log)
         self._owns = owns_database
         self._deliveries: dict[str, "_Delivery"] = {}
         self._doomed: list[int] = []
@@ -100,12 +110,30 @@ class PgOfflineStore(OfflineStore):
                 if count >= self.max_per_user:
                     log.warning("offline queue of %s is full (%d), message refused", username, count)
                     return False
+                size = len(text)  # characters, as length(stanza) counts them
+                if self.max_total_bytes:  # the row lock serialises the nodes' stores for a moment
+                    room = tx.execute("UPDATE offline_total SET bytes = bytes + ? WHERE id = 1 AND bytes + ? <= ?"
+                                      " RETURNING bytes", (size, size, self.max_total_bytes)).fetchone()
+                    if room is None:
+                        self._full(username)
+                        return False
+                else:
+                    tx.execute("UPDATE offline_total SET bytes = bytes + ? WHERE id = 1", (size,))
                 tx.execute("INSERT INTO offline (username, stamp, stanza) VALUES (?, ?, ?)",
                            (username, time.time(), text))
         except StorageUnavailable as exc:
             log.warning("offline message for %s refused: PostgreSQL unavailable (%s)", username, exc)
             return False
         return True
+
+    def _full(self, username: str) -> None:
+        self._refused_total += 1
+        if self._refused_total % 1000 == 1:
+            log.warning("offline storage is full (offline_max_total_bytes=%d, all nodes): message for %s"
+                        " refused (%d so far here)", self.max_total_bytes, username, self._refused_total)
+
+    def total_bytes(self) -> int:
+        return self.db.execute("SELECT bytes FROM offline_total WHERE id = 1").fetchone()[0]
 
     def count(self, username: str) -> int:
         self._delete_confirmed()
@@ -158,8 +186,7 @@ class PgOfflineStore(OfflineStore):
     # -- confirmed rows ----------------------------------------------------------
 
     def _confirmed(self, row_id: int, size: int = 0) -> None:
-        """``size`` feeds the SQLite store's total bound (offline_max_total_bytes), which this
-        store does not have: it is bounded per user."""
+        """The total (offline_total) is lowered by the DELETE itself, from the rows' lengths."""
         self._doomed.append(row_id)
         self._kick()
 
@@ -183,11 +210,17 @@ class PgOfflineStore(OfflineStore):
                 try:
                     with self.db.transaction() as tx:
                         if doomed:
-                            tx.execute("DELETE FROM offline WHERE id = ANY(?)", (doomed,))
+                            tx.execute("WITH gone AS (DELETE FROM offline WHERE id = ANY(?) RETURNING length(stanza) AS n)"
+                                       " UPDATE offline_total SET bytes = GREATEST(0, bytes - (SELECT COALESCE(SUM(n), 0)"
+                                       " FROM gone)) WHERE id = 1", (doomed,))
                         if freed:
                             tx.execute("UPDATE offline SET claim = NULL, claimed_at = NULL"
                                        " WHERE id = ANY(?) AND claim = ?", (freed, self.claimant))
                     attempt = 0
+                    if doomed and self._refused_total and self.total_bytes() < self.max_total_bytes // 2:
+                        log.info("offline storage has room again: %d message(s) were refused here while it was"
+                                 " full", self._refused_total)
+                        self._refused_total = 0
                 except StorageUnavailable as exc:
                     self._doomed[:0], self._freed[:0] = doomed, freed
                     attempt += 1

@@ -69,18 +69,23 @@ if copy then return {1, copy} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
 return {0, ''}
 """
-# store-and-unlock: keep the copy (unless ARGV[1] is empty: the GET failed), free our lock only.
+# store-and-unlock: only while we still hold the lock, keep the copy (unless ARGV[1] is empty:
+# the GET failed) and free the lock.  A refresh deletes copy and lock (RefreshFanout), so a
+# fetch that started before it cannot store what it got afterwards.
 STORE_UNLOCK = """
-if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+  if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+  redis.call('DEL', KEYS[2])
+end
 return 1
 """
 
 
 class SharedRosterBackend:
-    def __init__(self, backend, client: redis.Redis):
+    def __init__(self, backend, client: redis.Redis, defer=None):
         self.backend = backend
         self.redis = client
+        self.defer = defer  # routing.Writer.defer: the store-and-unlock rides on the writer's next MULTI
         self._get_or_lock = client.register_script(GET_OR_LOCK)
         self._store_unlock = client.register_script(STORE_UNLOCK)
         self.shared_hits = 0
@@ -107,8 +112,11 @@ class SharedRosterBackend:
         return self.fetch(username), None
 
     def _fetch(self, username: str) -> Roster:
-        """Two Redis round trips for a miss, one for a hit (bench "cluster": each round trip
-        is ~0.1-0.2 ms of redis-py CPU; this was five, a quarter of a cluster login's cost)."""
+        """One Redis round trip for a miss or a hit (bench "cluster": each round trip is
+        ~0.1-0.2 ms of redis-py CPU; this was five, a quarter of a cluster login's cost): the
+        store-and-unlock of a miss is handed to the writer (``defer``), which sends it in its
+        next MULTI, so the login does not wait for it.  A node waiting for our copy polls
+        until it is there; if the writer cannot reach Redis the lock expires (LOCK_MS)."""
         key = keys.roster(username)
         lock = keys.roster_lock(username)
         token = secrets.token_hex(8)
@@ -132,7 +140,11 @@ class SharedRosterBackend:
         stored = False
         try:
             roster = self.backend.fetch(username)  # RosterFetchError goes to the cache's waiters
-            self._store_unlock(keys=[key, lock], args=[encode(roster), SHARED_TTL, token])
+            copy = encode(roster)
+            if self.defer is not None:
+                self.defer(lambda pipe: pipe.eval(STORE_UNLOCK, 2, key, lock, copy, SHARED_TTL, token))
+            else:
+                self._store_unlock(keys=[key, lock], args=[copy, SHARED_TTL, token])
             stored = True
             return roster
         finally:
@@ -211,7 +223,7 @@ class RefreshFanout:
             others = self.live_nodes() - {self.node}
             pipe = self.redis.pipeline(transaction=False)
             for name in users:
-                pipe.delete(keys.roster(name))
+                pipe.delete(keys.roster(name), keys.roster_lock(name))  # a fetch in flight stores nothing
             pipe.publish(keys.CTL_CHANNEL, json.dumps(
                 {"op": "refresh", "n": self.node, "id": request_id, "users": users, "t": timeout}))
             pipe.execute()

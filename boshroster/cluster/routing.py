@@ -11,7 +11,10 @@ up has no inbox any more, and what was meant for it comes back as undeliverable
 
 Receiving (``Inbox``): one reader greenlet, ``XREADGROUP … BLOCK`` on its own
 connection; each entry is delivered to the local sessions (or routed again, or
-stored offline, when the resource is gone) and then ``XACK``ed.  Entries are
+stored offline, when the resource is gone) and then ``XACK``ed, in the same
+pipeline as the next XREADGROUP (one round trip per batch).  The blocking
+connection has a socket timeout (node.py, ``cluster_redis_timeout``): a Redis that
+stops answering is noticed, logged, and retried.  Entries are
 deduplicated by their id (``m``): after a redelivery a stanza is delivered once.
 
 A dead node's inbox (``drain``): pending entries are taken over with XAUTOCLAIM,
@@ -23,8 +26,9 @@ Bounded: ``MAX_PENDING`` stanzas wait for the writer (more: undeliverable,
 logged); an inbox stream is capped at ``INBOX_MAXLEN`` entries (approximate
 trim; a node that far behind is logged as such by the reader's lag check).
 
-Shared state: ``Writer.pending`` (node -> list), appended by any greenlet,
-swapped out by the writer, never across a yield.
+Shared state: ``Writer.pending`` (node -> list) and ``Writer.extra`` (deferred
+commands), appended by any greenlet, swapped out by the writer, never across a
+yield.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ log = logging.getLogger("boshroster.cluster.routing")
 MAX_PENDING = 50_000
 INBOX_MAXLEN = 200_000
 READ_COUNT = 200
+BLOCK_MS = 2000  # XREADGROUP BLOCK; below the blocking connection's socket timeout (node.py)
 DEDUP_WINDOW = 50_000
 RETRY_FOR = 3.0  # seconds a failed flush is retried before its stanzas count as undeliverable
 
@@ -63,6 +68,7 @@ class Writer:
         self.boot = boot
         self.undeliverable = undeliverable
         self.pending: dict[str, list[Item]] = {}
+        self.extra: list[Callable[[object], None]] = []  # defer(): commands for the next MULTI
         self.count = 0
         self._ids = itertools.count(1)
         self._wake = gevent.event.Event()
@@ -85,11 +91,25 @@ class Writer:
         self.count += 1
         self._wake.set()
 
+    def defer(self, queue: Callable[[object], None]) -> None:
+        """Have ``queue(pipe)`` add its commands to the next flush's MULTI: a write nobody
+        waits for (the roster's store-and-unlock) costs no round trip of its own."""
+        if len(self.extra) >= MAX_PENDING:
+            log.warning("cluster: %d deferred Redis writes already wait; one is dropped", MAX_PENDING)
+            return
+        self.extra.append(queue)
+        self._wake.set()
+
+    def _busy(self) -> bool:
+        return bool(self.pending or self.extra or self.directory.has_dirty())
+
     def run(self) -> None:
-        while self.running or self.pending or self.directory.has_dirty():
-            self._wake.wait(1.0)
+        while self.running or self._busy():
+            next_due = self.directory.due()  # fresh binds whose presence did not come in time
+            self._wake.wait(1.0 if next_due is None else min(1.0, next_due + 0.001))
             self._wake.clear()
-            while self.pending or self.directory.has_dirty():
+            self.directory.due()
+            while self._busy():
                 self._idle.clear()
                 self.flush()
             self._idle.set()
@@ -102,12 +122,15 @@ class Writer:
 
     def flush(self) -> None:
         batches, self.pending, self.count = self.pending, {}, 0
+        extra, self.extra = self.extra, []
         pipe = self.redis.pipeline(transaction=True)
         try:
             self.directory.write_dirty(pipe)
         except Exception:
             log.exception("cluster: directory write failed")
             self.directory.resync_needed = True
+        for queue in extra:
+            queue(pipe)
         sent: list[tuple[str, list[Item]]] = []
         for node, items in batches.items():
             if node in self.directory.dead:
@@ -156,8 +179,10 @@ class Inbox:
 
     def __init__(self, client: redis.Redis, blocking: redis.Redis, directory: Directory, node: str,
                  deliver: Callable[[str, str, xmlio.Element], None],
-                 orphan: Callable[[str, str, xmlio.Element], None], on_lost_group: Callable[[], None]):
+                 orphan: Callable[[str, str, xmlio.Element], None], on_lost_group: Callable[[], None],
+                 block_ms: int = BLOCK_MS):
         self.redis = client
+        self.block_ms = block_ms  # below the blocking connection's socket timeout (node.py)
         self.blocking = blocking
         self.directory = directory
         self.node = node
@@ -177,13 +202,26 @@ class Inbox:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def _read(self, to_ack: list[str]):
+        """XREADGROUP (blocking); the XACK of what the previous read delivered rides in the
+        same pipeline, so a batch costs one round trip, not two."""
+        if not to_ack:
+            return self.blocking.xreadgroup(keys.GROUP, "c", {self.key: ">"}, count=READ_COUNT, block=self.block_ms)
+        pipe = self.blocking.pipeline(transaction=False)
+        pipe.xack(self.key, keys.GROUP, *to_ack)
+        pipe.xreadgroup(keys.GROUP, "c", {self.key: ">"}, count=READ_COUNT, block=self.block_ms)
+        return pipe.execute()[1]
+
     def run(self) -> None:
         delay = 0.2
+        to_ack: list[str] = []  # delivered, acknowledged with the next read
         while self.running:
             try:
-                response = self.blocking.xreadgroup(keys.GROUP, "c", {self.key: ">"}, count=READ_COUNT, block=2000)
+                response = self._read(to_ack)
+                to_ack = []
                 delay = 0.2
             except redis.ResponseError as exc:
+                to_ack = []  # NOGROUP: the group (and its pending list) is gone
                 if "NOGROUP" in str(exc) and self.running:
                     log.warning("cluster: this node's inbox was removed (declared dead?): rejoining")
                     try:
@@ -196,20 +234,21 @@ class Inbox:
                 log.error("cluster: inbox read failed: %s", exc)
                 gevent.sleep(delay)
                 continue
-            except redis.RedisError as exc:
+            except redis.RedisError as exc:  # to_ack kept: acknowledged once Redis answers again
                 if not self.running:
+                    if to_ack:
+                        self._ack(self.key, to_ack)
                     return
                 log.warning("cluster: inbox read failed (%s); retrying in %.1f s", exc, delay)
                 gevent.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             for _stream, entries in response or ():
-                ids = []
                 for entry_id, fields in entries:
                     self.handle(fields, self.deliver)
-                    ids.append(entry_id)
-                if ids:
-                    self._ack(self.key, ids)
+                    to_ack.append(entry_id)
+            if to_ack and not self.running:
+                self._ack(self.key, to_ack)
 
     def _ack(self, key: str, ids: list[str]) -> None:
         try:
