@@ -111,6 +111,11 @@ class RemoteSession:
     def available(self) -> bool:
         return self.presence is not None
 
+    @property
+    def has_presence(self) -> bool:
+        """``available`` without parsing the presence."""
+        return self._presence_text is not None or self._presence is not None
+
     def send(self, el: xmlio.Element, delivered=None) -> None:
         self._send(self.node, self.username, self.resource, el)
         if delivered is not None:
@@ -149,6 +154,9 @@ class Directory:
         self.seq = 0
         self.loaded_at = 0.0
         self.dead: set[str] = set()  # nodes cleaned up: their entries are ignored until they rejoin
+        # Called (pub/sub greenlet, must not yield) when a remote resource becomes available in
+        # the mirror: arrivals.py sends it the presences it may have missed.
+        self.arrived: Callable[[RemoteSession], None] | None = None
 
     # -- local changes (hooks) ----------------------------------------------
 
@@ -318,7 +326,11 @@ class Directory:
                 # its old node with the new one in the entry; the new node keeps it locally.
                 owner = msg["e"].get("n") or node
                 if owner != self.node:
-                    self.remote.setdefault(username, {})[resource] = self._remote(owner, username, resource, msg["e"])
+                    resources = self.remote.setdefault(username, {})
+                    before = resources.get(resource)
+                    remote = resources[resource] = self._remote(owner, username, resource, msg["e"])
+                    if msg["e"].get("x") and (before is None or not before.has_presence) and self.arrived:
+                        self.arrived(remote)  # arrivals.py: it may have missed our newest presences
                 else:
                     self.taken_over(username, resource)  # and drop what an older message of the old node said
             else:

@@ -42,6 +42,7 @@ import gevent.event
 import redis
 
 from boshroster.cluster import keys
+from boshroster.cluster.arrivals import Arrivals
 from boshroster.cluster.directory import Directory, RemoteSession
 from boshroster.cluster.routing import Inbox, Writer
 from boshroster.cluster.view import ClusterSessions
@@ -111,6 +112,7 @@ class ClusterNode:
                            self._orphan, self._rejoin, block_ms=int(self.block_seconds * 1000))
         self.view = ClusterSessions(sessions, self.directory)
         self.messages = self.presence = self.roster = self.mailbox = self.fanout = None
+        self.arrivals: Arrivals | None = None  # set by attach (needs the presence handler)
         self.handover = None  # sm_handover.SmHandover: holds stanzas for a session being handed here
         self._live: set[str] = {self.node}
         self._greenlets: list[gevent.Greenlet] = []
@@ -125,6 +127,8 @@ class ClusterNode:
 
     def attach(self, *, messages, presence, roster, mailbox, fanout=None) -> None:
         self.messages, self.presence, self.roster, self.mailbox, self.fanout = messages, presence, roster, mailbox, fanout
+        self.arrivals = Arrivals(presence, self.domain)
+        self.directory.arrived = self.arrivals.arrived
 
     def register(self, bus: "EventBus") -> None:
         touch = self.directory.touch
@@ -135,6 +139,11 @@ class ClusterNode:
             for verb in ("enable", "disable"):
                 bus.hook(f"iq-set/{target}/{NS_CARBONS}:{verb}", lambda event: touch(event.origin), priority=300)
         bus.hook("iq/full", self._iq_full)
+        bus.hook("presence-initial", self._presence_initial)
+
+    def _presence_initial(self, session) -> None:
+        if self.arrivals is not None:
+            self.arrivals.initial(session)
 
     def _iq_full(self, event):
         target = self.view.get(event.to.local, event.to.resource)
