@@ -153,6 +153,7 @@ class Directory:
         self.resync_needed = False
         self.seq = 0
         self.loaded_at = 0.0
+        self.loaded_nodes: set[str] = set()  # nodes that had entries in the last load
         self.dead: set[str] = set()  # nodes cleaned up: their entries are ignored until they rejoin
         # Called (pub/sub greenlet, must not yield) when a remote resource becomes available in
         # the mirror: arrivals.py sends it the presences it may have missed.
@@ -283,6 +284,7 @@ class Directory:
     def load(self, redis) -> None:
         """Rebuild the mirror from Redis (subscribe to br:dir first, then call this)."""
         remote: dict[str, dict[str, RemoteSession]] = {}
+        nodes: set[str] = set()
         count = 0
         for key in redis.scan_iter(match=keys.user("*"), count=1000):
             username = key[len(keys.user("")):]
@@ -292,8 +294,10 @@ class Directory:
                 if node == self.node or node in self.dead:
                     continue
                 remote.setdefault(username, {})[resource] = self._remote(node, username, resource, entry)
+                nodes.add(node)
                 count += 1
         self.remote = remote
+        self.loaded_nodes = nodes
         self.loaded_at = gevent.get_hub().loop.now()
         log.info("directory: mirror loaded, %d remote resource(s)", count)
 
@@ -359,9 +363,13 @@ class Directory:
         """Wait (bounded) until the mirror applied ``node``'s directory change ``seq``."""
         deadline = None
         while True:
-            if node not in self.seen and gevent.get_hub().loop.now() - self.loaded_at < 2.0:
+            if node not in self.seen and node in self.loaded_nodes \
+                    and gevent.get_hub().loop.now() - self.loaded_at < 2.0:
                 # The mirror was just loaded from Redis: it holds this node's entries
-                # without their sequence numbers.  Take it as seen from here on.
+                # without their sequence numbers.  Take it as seen from here on.  (Not for a
+                # node that had no entry in the load, e.g. one started since: what it writes
+                # comes through the pub/sub, and taking it as seen would let a stanza from it
+                # overtake the directory change it depends on.)
                 self.seen[node] = (boot, seq)
             seen_boot, seen_seq = self.seen.get(node, (None, 0))
             if seq <= 0 or (seen_boot == boot and seen_seq >= seq):
