@@ -658,6 +658,9 @@ class BoshClient(XmppClient):
         _live_clients.discard(self)
 
 
+READ_TIMEOUT = 120.0  # seconds a WebSocket test client's socket waits for the next frame
+
+
 class WsClient(XmppClient):
     """RFC 7395 client over websocket-client."""
 
@@ -665,6 +668,9 @@ class WsClient(XmppClient):
         super().__init__()
         self.url = url
         self.ws = websocket.create_connection(url, subprotocols=list(subprotocols), timeout=10, sockopt=sockopt)
+        # Connecting is bounded by 10 s; reading only by the tests' own deadlines (recv): a
+        # server busy for over 10 s on a loaded machine is not a closed socket.
+        self.ws.settimeout(READ_TIMEOUT)
         self.close_status = None
         self.raw: list[str] = []
         self._reader = gevent.spawn(self._read)
