@@ -524,3 +524,34 @@ def test_owner_dies_in_the_middle_of_the_hand_over(cluster, redis_server, at, si
     finally:
         n1.proc.send_signal(signal.SIGKILL)  # a stopped process too
         n1.proc.wait()
+
+
+def test_an_owner_slower_than_the_timeout_moves_the_session_after_the_new_node_gave_up(cluster, redis_server):
+    """The owner (alive, stalled at the request by the test-only setting) claims the session and
+    moves its entry to n2 after n2's request timed out: n2 sees the move announced with no
+    session behind it, removes the entry and sends unavailable (contacts are not left seeing a
+    resource that is nowhere); the fresh bind on n2 then works."""
+    n1 = cluster.add(cluster_sm_handover_test_stall=2.5, cluster_sm_handover_test_stall_at="request")
+    n2 = cluster.add(cluster_sm_handover_timeout=1.0)
+    bob = online(cluster, n2, "bob")
+    alice = online(cluster, n1, "alice")
+    sm_id = enable(alice)
+    bob.recv_presence(sender="alice@localhost/web")
+    alice.drop()
+    hibernating(n1, "alice@localhost/web")
+    again, answer, took = resume(cluster, n2, "alice", sm_id, 0)
+    assert answer.tag == q(NS_SM, "failed"), ET.tostring(answer)
+    assert took < 2.5, took  # n2's timeout, not the owner's stall
+    wait_for(lambda: "alice@localhost/web handed over to node n2" in n1.log(), what="the late hand-over")
+    assert bob.recv_presence(timeout=10, sender="alice@localhost/web", type_="unavailable") is not None
+    r = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    wait_for(lambda: r.hget("br:user:alice", "web") is None, what="the moved entry removed")
+    assert "was handed to this node by a node that did not answer" in n2.log()
+    assert metric(n2, "boshroster_cluster_sm_handovers_pending") == 0
+    assert metric(n2, "boshroster_cluster_sm_orphans_total") == 1
+    assert again.bind("web") == "alice@localhost/web"
+    again.presence()
+    assert bob.recv_presence(sender="alice@localhost/web").get("type") is None
+    bob.message("alice@localhost/web", "after")
+    assert bodies(again, 1) == ["after"]
+    assert websocket_sessions(n2) == 2
