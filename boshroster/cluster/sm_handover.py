@@ -370,23 +370,23 @@ class SmHandover:
     # -- the owner ----------------------------------------------------------------------
 
     def wsgi(self, environ, start_response):
-        status, answer = self._handle(environ)
+        status, answer, handed = self._handle(environ)
         body = json.dumps(answer).encode()
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-        return [body]
+        return _Answer(body, handed)
 
-    def _handle(self, environ) -> tuple[str, dict]:
+    def _handle(self, environ) -> tuple[str, dict, list]:
         if environ.get("REQUEST_METHOD") != "POST":
-            return "405 Method Not Allowed", {"error": "POST only"}
+            return "405 Method Not Allowed", {"error": "POST only"}, []
         peer = environ.get("REMOTE_ADDR", "")
         try:
             expected = self._secret()
         except redis.RedisError:
-            return "503 Service Unavailable", {"error": "Redis unreachable"}
+            return "503 Service Unavailable", {"error": "Redis unreachable"}, []
         given = environ.get("HTTP_" + SECRET_HEADER.upper().replace("-", "_"), "")
         if not hmac.compare_digest(given.encode(), expected.encode()):
             log.warning("cluster: XEP-0198 hand-over request from %s without the cluster secret: refused", peer)
-            return "403 Forbidden", {"error": "not a node of this cluster"}
+            return "403 Forbidden", {"error": "not a node of this cluster"}, []
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             if not 0 < length <= _MAX_REQUEST:
@@ -398,11 +398,11 @@ class SmHandover:
                 raise ValueError("bad field")
         except (ValueError, KeyError, TypeError, OSError) as exc:
             log.warning("cluster: bad XEP-0198 hand-over request from %s: %s", peer, exc)
-            return "400 Bad Request", {"error": "bad request"}
+            return "400 Bad Request", {"error": "bad request"}, []
         self._test_stall("request", username, to)
-        answer = self.give(previd, username, h, to)
+        answer, handed = self.give(previd, username, h, to)
         self._test_stall("answer", username, to)
-        return "200 OK", answer
+        return "200 OK", answer, handed
 
     def _test_stall(self, at: str, username: str, to: str) -> None:
         """TESTS ONLY (cluster_sm_handover_test_stall, default off): a known point to kill the owner at."""
@@ -411,14 +411,15 @@ class SmHandover:
                         self.test_stall, at)
             gevent.sleep(self.test_stall)
 
-    def give(self, previd: str, username: str, h: int, to: str) -> dict:
-        """Hand ``previd`` to node ``to``: the session's state, or ``{"failed": xml}``."""
+    def give(self, previd: str, username: str, h: int, to: str) -> tuple[dict, list]:
+        """Hand ``previd`` to node ``to``: the session's state, or ``{"failed": xml}``; and the
+        delivery reports of the stanzas handed over (called once the answer is written)."""
         claimed = self.sm.claim(previd, username, h)
         if claimed is None:
             log.info("cluster: node %s asked for XEP-0198 session of %s: unknown here", to, username)
-            return {"failed": xmlio.tostring(_failed())}
+            return {"failed": xmlio.tostring(_failed())}, []
         if not isinstance(claimed, tuple):
-            return {"failed": xmlio.tostring(claimed)}
+            return {"failed": xmlio.tostring(claimed)}, []
         session, acknowledged, hibernating = claimed
         sm = session.sm
         jid = session.jid
@@ -437,11 +438,12 @@ class SmHandover:
         previous = session.transport
         session.presence, session.directed = None, set()  # ends silently: contacts see nothing
         session.end(f"handed over to node {to}")
-        # Offline rows: what the client acknowledged, and what the new node now delivers or gives
-        # back (routing, offline storage), is deleted here.  Ended first, so that a delivery paging
-        # through more rows leaves the next ones stored (for the next login) instead of queueing
-        # them behind the hand-over.
-        for _, delivered in acknowledged + handed:
+        # Offline rows: what the client acknowledged is deleted here now; what the new node
+        # delivers or gives back (routing, offline storage) once the answer carrying it is
+        # written (_Answer): an owner that dies before leaves them stored, for the next login.
+        # Ended first, so that a delivery paging through more rows leaves the next ones stored
+        # (for the next login) instead of queueing them behind the hand-over.
+        for _, delivered in acknowledged:
             if delivered is not None:
                 delivered(True)
         if not hibernating:  # its connection here is still open: it is no longer this session's
@@ -458,5 +460,26 @@ class SmHandover:
         except redis.RedisError as exc:
             log.warning("cluster: directory move of %s to %s not written (%s): node %s writes it",
                         session.jid_str, to, exc, to)
-        return state
+        return state, [delivered for _, delivered in handed if delivered is not None]
+
+
+class _Answer:
+    """The hand-over answer's WSGI body: the handed-over stanzas' delivery reports (offline rows
+    deleted, or kept stored) once the server wrote it (it asks for more only then), or kept
+    if it could not (``close`` without that; PEP 3333).  In the request's greenlet."""
+
+    def __init__(self, body: bytes, handed: list):
+        self.body, self.handed = body, handed
+
+    def __iter__(self):
+        yield self.body
+        self._report(True)
+
+    def close(self) -> None:
+        self._report(False)
+
+    def _report(self, written: bool) -> None:
+        handed, self.handed = self.handed, []
+        for delivered in handed:
+            delivered(written)
 
