@@ -19,7 +19,8 @@ that this node does not know (``StreamManagement.elsewhere``):
    ``set`` naming the new node: contacts' nodes just re-point the resource),
    and mirrors it there, so whatever arrives for it later is forwarded to the
    new node's inbox.  The stanzas it hands over are the new node's to deliver
-   or give back (their offline rows, if any, are deleted on the owner).
+   or give back (their offline rows, if any, are deleted on the owner once
+   its answer is written: ``_Answer``).
 3. the new node rebuilds the session (bound under the same full JID,
    hibernating), then resumes it on the client's stream with the local code:
    ``<resumed h/>`` and exactly the unacknowledged stanzas.  Stanzas that the
