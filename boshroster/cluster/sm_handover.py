@@ -229,6 +229,7 @@ class SmHandover:
             return fresh.send_nonza(answer if answer.tag == FAILED else _failed())
         session = self._rebuild(fresh, previd, state)
         if session is None:
+            self._orphans(username, previd)  # moved here, not rebuilt: nobody else removes its entry
             return fresh.send_nonza(_failed())
         self.taken += 1
         log.info("%s handed over from node %s (%d unacknowledged)", session.jid_str, owner, len(session.sm.queue))
