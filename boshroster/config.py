@@ -168,6 +168,9 @@ class Config:
     cluster_sm_handover_timeout: float = 5.0  # seconds to wait for the owner node to hand a session over
     # --- cluster cost and robustness (issue 14, cluster/node.py): a Redis that stops answering
     cluster_redis_timeout: float = 5.0  # seconds a Redis reply may take before Redis counts as unreachable
+    # --- XEP-0198 hand-over, the owner dying in the middle of it (cluster/sm_handover.py): TESTS ONLY
+    cluster_sm_handover_test_stall: float = 0.0  # TEST ONLY: seconds the owner waits inside a hand-over (a test kills it meanwhile); 0 = off
+    cluster_sm_handover_test_stall_at: str = "answer"  # TEST ONLY: "request" (before claiming the session) or "answer" (handed over, not yet answered)
 
     @property
     def bosh_requests(self) -> int:
@@ -294,6 +297,10 @@ def _check_cluster(config: Config) -> None:
         raise ConfigError("cluster_internal_url: expected http://host:port")
     if not 0 < config.cluster_sm_handover_timeout <= 60:
         raise ConfigError("cluster_sm_handover_timeout: seconds, more than 0 and at most 60")
+    if not 0 <= config.cluster_sm_handover_test_stall <= 60:
+        raise ConfigError("cluster_sm_handover_test_stall: seconds, 0 (off) to 60")
+    if config.cluster_sm_handover_test_stall_at not in ("request", "answer"):
+        raise ConfigError("cluster_sm_handover_test_stall_at: \"request\" or \"answer\"")
     if config.cluster_heartbeat_interval <= 0 or config.cluster_node_timeout <= 2 * config.cluster_heartbeat_interval:
         raise ConfigError("cluster_node_timeout must be more than twice cluster_heartbeat_interval (> 0)")
     if config.database_pool_size < 1:

@@ -107,7 +107,9 @@ class Core:
             if sm is not None:  # XEP-0198 resumption on any node: the owner hands the session over
                 from boshroster.cluster.sm_handover import SmHandover
 
-                handover = SmHandover(self.cluster, sm, self.sessions, config.cluster_sm_handover_timeout)
+                handover = SmHandover(self.cluster, sm, self.sessions, config.cluster_sm_handover_timeout,
+                                      self.metrics, config.cluster_sm_handover_test_stall,
+                                      config.cluster_sm_handover_test_stall_at)
                 self.internal_routes.update(handover.routes())
         # Who is online anywhere (a cluster: the directory mirror too), for user_exists: a
         # message for a user online on another node needs no account lookup (bench "cluster":

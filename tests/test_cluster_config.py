@@ -15,6 +15,9 @@ from boshroster.config import ConfigError, load
     ({"cluster_heartbeat_interval": 0.0}, "cluster_node_timeout"),
     ({"database_pool_size": 0}, "database_pool_size"),
     ({"cluster_redis_timeout": 0.1}, "cluster_redis_timeout"),  # below a round trip on a loaded machine
+    ({"cluster_sm_handover_test_stall": -1.0}, "cluster_sm_handover_test_stall"),  # test-only setting
+    ({"cluster_sm_handover_test_stall": 61.0}, "cluster_sm_handover_test_stall"),
+    ({"cluster_sm_handover_test_stall_at": "later"}, "cluster_sm_handover_test_stall_at"),
 ])
 def test_bad_cluster_settings_name_the_key(settings, key):
     with pytest.raises(ConfigError, match=key):

@@ -425,3 +425,143 @@ def test_real_client_cut_and_resumed_on_the_other_node(tmp_path, cluster, client
     handed = [entry for entry in merged.log().splitlines() if "cluster.sm: alice@localhost/" in entry
               and "handed over to node n2" in entry]
     assert handed, merged.log()[-4000:]
+
+
+def metric(node, name: str) -> float:
+    """One unlabelled series of ``node``'s /metrics."""
+    for line in requests.get(f"{node.base_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def websocket_sessions(node) -> float:
+    text = requests.get(f"{node.base_url}/metrics", timeout=5).text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith('boshroster_sessions{transport="websocket"}')))
+
+
+@pytest.mark.parametrize("at, sig", [("request", signal.SIGKILL), ("request", signal.SIGSTOP),
+                                     ("answer", signal.SIGKILL), ("answer", signal.SIGSTOP)],
+                         ids=["request-kill", "request-stop", "answer-kill", "answer-stop"])
+def test_owner_dies_in_the_middle_of_the_hand_over(cluster, redis_server, at, sig):
+    """The owner got the hand-over request and dies before (``request``: it still holds the
+    session) or after handing the session over (``answer``: its directory entry names the new
+    node already) and before answering; killed -9 (the connection is reset) or stopped (it
+    never answers).  A test-only stall (cluster_sm_handover_test_stall) makes the point
+    deterministic: the owner logs it, then the test signals it by PID.  The client gets
+    <failed/> within cluster_sm_handover_timeout, binds anew on the new node; bob sees alice/web
+    unavailable within the node-death bound; what was held for her on the new node is stored
+    offline and delivered at her initial presence; nothing stays held or pending there."""
+    timeout = 1.5
+    n1 = cluster.add(cluster_sm_handover_test_stall=60.0, cluster_sm_handover_test_stall_at=at)
+    n2 = cluster.add(cluster_sm_handover_timeout=timeout)
+    bob = online(cluster, n2, "bob")  # the contact, on the new node
+    carol = online(cluster, n1, "carol")  # a sender on the owner, through the new node's inbox
+    bob.message("alice@localhost", "stored")
+    bob.sync()
+    alice = WsClient(n1.ws_url)
+    cluster.clients.append(alice)
+    authenticate(alice, "alice")
+    alice.bind("web")
+    sm_id = enable(alice)
+    alice.get_roster()
+    alice.presence()  # brings the offline message, under XEP-0198: not acknowledged
+    assert bodies(alice, 1) == ["stored"]
+    bob.recv_presence(sender="alice@localhost/web")
+    alice.drop()
+    hibernating(n1, "alice@localhost/web")
+    r = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+
+    again = WsClient(n2.ws_url)
+    cluster.clients.append(again)
+    authenticate(again, "alice")
+    asked_at = time.monotonic()
+    again.send_xml(sm("resume", previd=sm_id, h=0))
+    wait_for(lambda: "test stall: hand-over of alice to node n2" in n1.log(), what="the owner's stall")
+    assert metric(n2, "boshroster_cluster_sm_handovers_pending") == 1
+    if at == "answer":
+        # Handed over, not answered: the directory names n2 already, and what n1 routes to
+        # alice/web goes to n2's inbox, where it is held for the session expected.
+        assert json.loads(r.hget("br:user:alice", "web"))["n"] == "n2"
+        carol.message("alice@localhost/web", "during the hand-over")
+        wait_for(lambda: "stanza for alice/web held during its hand-over" in n2.log(), what="the held stanza")
+        assert metric(n2, "boshroster_cluster_sm_held_stanzas") == 1
+    killed_at = time.monotonic()
+    try:
+        n1.proc.send_signal(sig)
+        answer = again.recv(timeout=15, match=SM_ANSWER)
+        took, waited = time.monotonic() - killed_at, time.monotonic() - asked_at
+        assert answer.tag == q(NS_SM, "failed") and answer.find(q(NS_STANZAS, "item-not-found")) is not None
+        assert took < timeout + 1.5, took  # bounded by cluster_sm_handover_timeout (a reset: at once)
+        if sig == signal.SIGSTOP:  # the request's timeout, counted from when n2 sent it
+            assert timeout - 0.1 < waited < timeout + 1.5, waited
+        assert "did not hand the session over" in n2.log()
+        # bob sees alice/web go: from n2 at once (answer: the moved entry), or when n1 is found
+        # dead (request: n2 cleans up n1's sessions), as for any dead node.
+        gone = bob.recv_presence(timeout=30, sender="alice@localhost/web", type_="unavailable")
+        noticed = time.monotonic() - killed_at
+        assert gone is not None and noticed < 30, noticed
+        wait_for(lambda: r.hget("br:user:alice", "web") is None, what="alice/web gone from the directory")
+        assert "alice/web" not in r.smembers("br:node:n2:sessions") | r.smembers("br:node:n1:sessions")
+        # Nothing held or pending on n2; no stray session there (bob and the fresh stream only).
+        assert metric(n2, "boshroster_cluster_sm_handovers_pending") == 0
+        assert metric(n2, "boshroster_cluster_sm_held_stanzas") == 0
+        assert metric(n2, "boshroster_cluster_sm_orphans_total") == (1 if at == "answer" else 0)
+        print(f"owner {signal.Signals(sig).name} at {at}: <failed/> after {took * 1000:.0f} ms,"
+              f" bob saw unavailable after {noticed:.1f} s")
+
+        # A fresh bind of the same resource works on n2; its initial presence brings what was
+        # held, and the offline message n1 had delivered unacknowledged (still stored: n1 died
+        # before it wrote the answer carrying it).
+        assert again.bind("web") == "alice@localhost/web"
+        again.get_roster()
+        again.presence()
+        assert bob.recv_presence(sender="alice@localhost/web").get("type") is None
+        expected = ["during the hand-over", "stored"] if at == "answer" else ["stored"]
+        assert sorted(bodies(again, len(expected))) == expected
+        bob.message("alice@localhost/web", "after")
+        assert bodies(again, 1) == ["after"]
+        again.message("bob@localhost", "back")
+        assert bob.recv_message(sender="alice@localhost/web").findtext(q(NS_CLIENT, "body")) == "back"
+        again.expect_nothing_queued(no_body_message, after=(bob,))
+        assert websocket_sessions(n2) == 2
+        assert json.loads(r.hget("br:user:alice", "web"))["n"] == "n2"
+        # n1 is found dead (heartbeat gone) and cleaned up by n2: carol goes too.
+        assert bob.recv_presence(timeout=30, sender="carol@localhost/web", type_="unavailable") is not None
+        # alice/web was left alone by that cleanup (no second unavailable).
+        bob.expect_nothing_queued(lambda e: UNAVAILABLE(e) and e.get("from") == "alice@localhost/web")
+    finally:
+        n1.proc.send_signal(signal.SIGKILL)  # a stopped process too
+        n1.proc.wait()
+
+
+def test_an_owner_slower_than_the_timeout_moves_the_session_after_the_new_node_gave_up(cluster, redis_server):
+    """The owner (alive, stalled at the request by the test-only setting) claims the session and
+    moves its entry to n2 after n2's request timed out: n2 sees the move announced with no
+    session behind it, removes the entry and sends unavailable (contacts are not left seeing a
+    resource that is nowhere); the fresh bind on n2 then works."""
+    n1 = cluster.add(cluster_sm_handover_test_stall=2.5, cluster_sm_handover_test_stall_at="request")
+    n2 = cluster.add(cluster_sm_handover_timeout=1.0)
+    bob = online(cluster, n2, "bob")
+    alice = online(cluster, n1, "alice")
+    sm_id = enable(alice)
+    bob.recv_presence(sender="alice@localhost/web")
+    alice.drop()
+    hibernating(n1, "alice@localhost/web")
+    again, answer, took = resume(cluster, n2, "alice", sm_id, 0)
+    assert answer.tag == q(NS_SM, "failed"), ET.tostring(answer)
+    assert took < 2.5, took  # n2's timeout, not the owner's stall
+    wait_for(lambda: "alice@localhost/web handed over to node n2" in n1.log(), what="the late hand-over")
+    assert bob.recv_presence(timeout=10, sender="alice@localhost/web", type_="unavailable") is not None
+    r = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    wait_for(lambda: r.hget("br:user:alice", "web") is None, what="the moved entry removed")
+    assert "was handed to this node by a node that did not answer" in n2.log()
+    assert metric(n2, "boshroster_cluster_sm_handovers_pending") == 0
+    assert metric(n2, "boshroster_cluster_sm_orphans_total") == 1
+    assert again.bind("web") == "alice@localhost/web"
+    again.presence()
+    assert bob.recv_presence(sender="alice@localhost/web").get("type") is None
+    bob.message("alice@localhost/web", "after")
+    assert bodies(again, 1) == ["after"]
+    assert websocket_sessions(n2) == 2

@@ -158,6 +158,10 @@ class Directory:
         # Called (pub/sub greenlet, must not yield) when a remote resource becomes available in
         # the mirror: arrivals.py sends it the presences it may have missed.
         self.arrived: Callable[[RemoteSession], None] | None = None
+        # Called (pub/sub greenlet, must not yield) when another node announces one of its
+        # resources as moved to this node (a XEP-0198 hand-over, sm_handover.py): a move whose
+        # hand-over failed here leaves an entry naming this node with no session behind it.
+        self.moved_here: Callable[[str, str], None] | None = None
 
     # -- local changes (hooks) ----------------------------------------------
 
@@ -204,6 +208,10 @@ class Directory:
             del self._deferred[key]
             self._mark(key)
         return None
+
+    def pending(self, username: str, resource: str) -> bool:
+        """A change of this resource waits for the writer."""
+        return (username, resource) in self._dirty or (username, resource) in self._deferred
 
     def has_dirty(self) -> bool:
         return bool(self._dirty)
@@ -337,6 +345,8 @@ class Directory:
                         self.arrived(remote)  # arrivals.py: it may have missed our newest presences
                 else:
                     self.taken_over(username, resource)  # and drop what an older message of the old node said
+                    if self.moved_here is not None:
+                        self.moved_here(username, resource)
             else:
                 resources = self.remote.get(username)
                 if resources is not None and resources.get(resource) is not None \

@@ -19,7 +19,8 @@ that this node does not know (``StreamManagement.elsewhere``):
    ``set`` naming the new node: contacts' nodes just re-point the resource),
    and mirrors it there, so whatever arrives for it later is forwarded to the
    new node's inbox.  The stanzas it hands over are the new node's to deliver
-   or give back (their offline rows, if any, are deleted on the owner).
+   or give back (their offline rows, if any, are deleted on the owner once
+   its answer is written: ``_Answer``).
 3. the new node rebuilds the session (bound under the same full JID,
    hibernating), then resumes it on the client's stream with the local code:
    ``<resumed h/>`` and exactly the unacknowledged stanzas.  Stanzas that the
@@ -31,15 +32,22 @@ An owner that is dead or unreachable: ``<failed/>`` (item-not-found) within
 node killed -9: its unacknowledged stanzas that came from offline storage are
 still claimed rows there (freed when the node is found dead, delivered at the
 next login); those routed to it live are lost to delivery (the archive has
-the messages).  If the new node's request times out after the owner handed the
-session over, the session is lost the same way (logged on both sides).
+the messages).  If the new node's request fails after the owner handed the
+session over (the owner died or stalled before answering), the session is
+lost the same way (logged on both sides), and the directory entry the owner
+moved here names a session that does not exist: ``_orphans`` (when the
+request fails: the owner wrote the move already) and ``_moved_here`` (the
+owner's move announced later) remove it and send ``unavailable`` on its
+behalf, as for a session of a dead node.  What was held for it is routed
+(``_release``: offline storage when the user has no other resource).
 
 Greenlet safety: ``give`` runs in the owner's HTTP request greenlet and does
 not yield between claiming the session and mirroring it elsewhere (the MULTI
 comes after).  ``resume_elsewhere`` runs in the resuming stream's reader
 greenlet and yields (Redis, HTTP); it re-checks the stream after.  ``_held``
 (username -> [(resource, stanza)]) is written by it and by the inbox greenlet
-(``hold``), never across a yield.
+(``hold``), never across a yield; it always leaves ``_held`` (finally).
+``_moved_here`` runs in the pub/sub greenlet (no yield) and spawns the check.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from collections import deque
 import gevent
 import redis
 import requests
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from boshroster.cluster import keys
 from boshroster.xmpp import xmlio
@@ -92,8 +101,27 @@ class _Nowhere:
         pass
 
 
+class _Gauges:
+    """/metrics: hand-overs under way to this node and the stanzas held for them (0 when idle)."""
+
+    def __init__(self, handover: "SmHandover"):
+        self.handover = handover
+
+    def collect(self):
+        held = self.handover._held
+        yield GaugeMetricFamily("boshroster_cluster_sm_handovers_pending",
+                                "XEP-0198 hand-overs to this node waiting for the owner", value=len(held))
+        yield GaugeMetricFamily("boshroster_cluster_sm_held_stanzas",
+                                "Stanzas held for sessions being handed to this node",
+                                value=sum(len(v) for v in held.values()))
+        yield CounterMetricFamily("boshroster_cluster_sm_orphans",
+                                  "Entries moved here by an owner that did not answer, removed",
+                                  value=self.handover.orphans)
+
+
 class SmHandover:
-    def __init__(self, node, sm, sessions, timeout: float):
+    def __init__(self, node, sm, sessions, timeout: float, metrics=None, test_stall: float = 0.0,
+                 test_stall_at: str = "answer"):
         self.node = node  # ClusterNode: redis, node id, directory, live_nodes, url_of, messages
         self.sm = sm  # StreamManagement
         self.sessions = sessions  # the local SessionManager
@@ -101,11 +129,19 @@ class SmHandover:
         self.max_held = max(1, sm.settings.max_queue)
         self.http = requests.Session()
         self._held: dict[str, list] = {}
-        self.handed = self.taken = self.failed = 0
+        self.handed = self.taken = self.failed = self.orphans = 0
+        # TESTS ONLY (cluster_sm_handover_test_stall): the owner waits this long at test_stall_at.
+        self.test_stall, self.test_stall_at = test_stall, test_stall_at
+        if test_stall:
+            log.warning("cluster_sm_handover_test_stall = %.1f s (%s): a test-only setting, hand-overs stall",
+                        test_stall, test_stall_at)
+        if metrics is not None:
+            metrics.registry.register(_Gauges(self))
         sm.id_prefix = f"{node.node}."
         sm.elsewhere = self.resume_elsewhere
         sm.buried = self._bury
         node.handover = self
+        node.directory.moved_here = self._moved_here
 
     def routes(self) -> dict:
         return {PATH: self.wsgi}
@@ -175,11 +211,15 @@ class SmHandover:
             log.info("resume refused for %s: its node %s is not in the cluster", username, owner)
             return fresh.send_nonza(_failed())
         self._held.setdefault(username, [])
-        state = self._ask(owner, url, previd, username, h)
-        if state is None or "failed" in state:
-            self._release(username)
+        state = None
+        try:
+            state = self._ask(owner, url, previd, username, h)
+        finally:
+            if state is None or "failed" in state:
+                self._release(username)
         if state is None:
             self.failed += 1
+            self._orphans(username, previd)  # before <failed/>: the fresh bind comes after
             return fresh.send_nonza(_failed())
         if "failed" in state:
             try:
@@ -189,6 +229,7 @@ class SmHandover:
             return fresh.send_nonza(answer if answer.tag == FAILED else _failed())
         session = self._rebuild(fresh, previd, state)
         if session is None:
+            self._orphans(username, previd)  # moved here, not rebuilt: nobody else removes its entry
             return fresh.send_nonza(_failed())
         self.taken += 1
         log.info("%s handed over from node %s (%d unacknowledged)", session.jid_str, owner, len(session.sm.queue))
@@ -217,8 +258,57 @@ class SmHandover:
 
     def _release(self, username: str) -> None:
         """No session came: what was held for it goes where it would have gone."""
-        for resource, el in self._held.pop(username, []):
+        held = self._held.pop(username, [])
+        if held:
+            log.info("cluster: %d stanza(s) held for %s during a failed hand-over routed again", len(held), username)
+        for resource, el in held:
             self.node._gone(username, resource, el)
+
+    def _orphans(self, username: str, previd: str) -> None:
+        """The hand-over request failed: if the owner moved the session here anyway (it died
+        or stalled after its MULTI), the entries naming this node have no session."""
+        try:
+            pipe = self.node.redis.pipeline(transaction=False)
+            pipe.get(keys.sm_owner(previd))
+            pipe.hgetall(keys.user(username))
+            moved, entries = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cluster: failed hand-over of %s: directory not checked (%s)", username, exc)
+            return
+        if moved != self.node.node:
+            return  # not moved: the owner still has it (its cleanup, if it died, says unavailable)
+        for resource in entries:
+            self._orphan(username, resource, entries[resource])
+
+    def _moved_here(self, username: str, resource: str) -> None:
+        """(pub/sub greenlet, no yield) Another node announced ``username/resource`` as moved here."""
+        if username not in self._held and self.sessions.get(username, resource) is None:
+            gevent.spawn(self._recheck, username, resource)  # a move after this node gave up
+
+    def _recheck(self, username: str, resource: str) -> None:
+        try:
+            raw = self.node.redis.hget(keys.user(username), resource)
+        except redis.RedisError as exc:
+            log.warning("cluster: entry of %s/%s moved here not checked (%s)", username, resource, exc)
+            return
+        if raw is not None and username not in self._held:
+            self._orphan(username, resource, raw)
+
+    def _orphan(self, username: str, resource: str, raw: str) -> None:
+        """An entry naming this node for a resource bound nowhere (no yield before the check
+        is done): removed (the writer's del) and ``unavailable`` sent on its behalf."""
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(entry, dict) or entry.get("n") != self.node.node \
+                or self.sessions.get(username, resource) is not None or self.node.directory.pending(username, resource):
+            return
+        self.orphans += 1
+        log.warning("cluster: %s/%s was handed to this node by a node that did not answer: no such session"
+                    " here, its entry removed and unavailable sent", username, resource)
+        self.node.directory._mark((username, resource))
+        self.node._announce_gone(self.node.node, username, resource, entry)
 
     def hold(self, username: str, resource: str, el) -> bool:
         """A stanza from the inbox for a resource not bound here: kept if a hand-over of
@@ -230,6 +320,7 @@ class SmHandover:
             log.warning("cluster: %d stanzas held for %s during a hand-over: no more held", len(held), username)
             return False
         held.append((resource, el))
+        log.info("cluster: stanza for %s/%s held during its hand-over", username, resource)
         return True
 
     def _rebuild(self, fresh, previd: str, state: dict):
@@ -281,23 +372,23 @@ class SmHandover:
     # -- the owner ----------------------------------------------------------------------
 
     def wsgi(self, environ, start_response):
-        status, answer = self._handle(environ)
+        status, answer, handed = self._handle(environ)
         body = json.dumps(answer).encode()
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-        return [body]
+        return _Answer(body, handed)
 
-    def _handle(self, environ) -> tuple[str, dict]:
+    def _handle(self, environ) -> tuple[str, dict, list]:
         if environ.get("REQUEST_METHOD") != "POST":
-            return "405 Method Not Allowed", {"error": "POST only"}
+            return "405 Method Not Allowed", {"error": "POST only"}, []
         peer = environ.get("REMOTE_ADDR", "")
         try:
             expected = self._secret()
         except redis.RedisError:
-            return "503 Service Unavailable", {"error": "Redis unreachable"}
+            return "503 Service Unavailable", {"error": "Redis unreachable"}, []
         given = environ.get("HTTP_" + SECRET_HEADER.upper().replace("-", "_"), "")
         if not hmac.compare_digest(given.encode(), expected.encode()):
             log.warning("cluster: XEP-0198 hand-over request from %s without the cluster secret: refused", peer)
-            return "403 Forbidden", {"error": "not a node of this cluster"}
+            return "403 Forbidden", {"error": "not a node of this cluster"}, []
         try:
             length = int(environ.get("CONTENT_LENGTH") or 0)
             if not 0 < length <= _MAX_REQUEST:
@@ -309,17 +400,28 @@ class SmHandover:
                 raise ValueError("bad field")
         except (ValueError, KeyError, TypeError, OSError) as exc:
             log.warning("cluster: bad XEP-0198 hand-over request from %s: %s", peer, exc)
-            return "400 Bad Request", {"error": "bad request"}
-        return "200 OK", self.give(previd, username, h, to)
+            return "400 Bad Request", {"error": "bad request"}, []
+        self._test_stall("request", username, to)
+        answer, handed = self.give(previd, username, h, to)
+        self._test_stall("answer", username, to)
+        return "200 OK", answer, handed
 
-    def give(self, previd: str, username: str, h: int, to: str) -> dict:
-        """Hand ``previd`` to node ``to``: the session's state, or ``{"failed": xml}``."""
+    def _test_stall(self, at: str, username: str, to: str) -> None:
+        """TESTS ONLY (cluster_sm_handover_test_stall, default off): a known point to kill the owner at."""
+        if self.test_stall and self.test_stall_at == at:
+            log.warning("cluster: test stall: hand-over of %s to node %s waits %.1f s at %s", username, to,
+                        self.test_stall, at)
+            gevent.sleep(self.test_stall)
+
+    def give(self, previd: str, username: str, h: int, to: str) -> tuple[dict, list]:
+        """Hand ``previd`` to node ``to``: the session's state, or ``{"failed": xml}``; and the
+        delivery reports of the stanzas handed over (called once the answer is written)."""
         claimed = self.sm.claim(previd, username, h)
         if claimed is None:
             log.info("cluster: node %s asked for XEP-0198 session of %s: unknown here", to, username)
-            return {"failed": xmlio.tostring(_failed())}
+            return {"failed": xmlio.tostring(_failed())}, []
         if not isinstance(claimed, tuple):
-            return {"failed": xmlio.tostring(claimed)}
+            return {"failed": xmlio.tostring(claimed)}, []
         session, acknowledged, hibernating = claimed
         sm = session.sm
         jid = session.jid
@@ -338,11 +440,12 @@ class SmHandover:
         previous = session.transport
         session.presence, session.directed = None, set()  # ends silently: contacts see nothing
         session.end(f"handed over to node {to}")
-        # Offline rows: what the client acknowledged, and what the new node now delivers or gives
-        # back (routing, offline storage), is deleted here.  Ended first, so that a delivery paging
-        # through more rows leaves the next ones stored (for the next login) instead of queueing
-        # them behind the hand-over.
-        for _, delivered in acknowledged + handed:
+        # Offline rows: what the client acknowledged is deleted here now; what the new node
+        # delivers or gives back (routing, offline storage) once the answer carrying it is
+        # written (_Answer): an owner that dies before leaves them stored, for the next login.
+        # Ended first, so that a delivery paging through more rows leaves the next ones stored
+        # (for the next login) instead of queueing them behind the hand-over.
+        for _, delivered in acknowledged:
             if delivered is not None:
                 delivered(True)
         if not hibernating:  # its connection here is still open: it is no longer this session's
@@ -359,5 +462,26 @@ class SmHandover:
         except redis.RedisError as exc:
             log.warning("cluster: directory move of %s to %s not written (%s): node %s writes it",
                         session.jid_str, to, exc, to)
-        return state
+        return state, [delivered for _, delivered in handed if delivered is not None]
+
+
+class _Answer:
+    """The hand-over answer's WSGI body: the handed-over stanzas' delivery reports (offline rows
+    deleted, or kept stored) once the server wrote it (it asks for more only then), or kept
+    if it could not (``close`` without that; PEP 3333).  In the request's greenlet."""
+
+    def __init__(self, body: bytes, handed: list):
+        self.body, self.handed = body, handed
+
+    def __iter__(self):
+        yield self.body
+        self._report(True)
+
+    def close(self) -> None:
+        self._report(False)
+
+    def _report(self, written: bool) -> None:
+        handed, self.handed = self.handed, []
+        for delivered in handed:
+            delivered(written)
 
