@@ -32,10 +32,11 @@ log = logging.getLogger("boshroster.server")
 # default is 128, nginx's 511); Linux caps it at net.core.somaxconn (4096 by default).
 LISTEN_BACKLOG = 1024
 
-# Cyclic GC generation-0 threshold while serving (CPython's default: 700 allocations).  A login
-# or a BOSH fan-out allocates thousands of short-lived objects (elements, environ dicts, frames)
-# that reference counting frees; at 700 the collector ran ~4% of the server's CPU (bench/README.md,
-# "fourth pass") scanning them again and again.  Generations 1 and 2 keep their defaults, so
+# Cyclic GC generation-0 threshold while serving (CPython's default: 700 container allocations
+# net of deallocations).  A login or a BOSH fan-out allocates thousands of objects (elements,
+# environ dicts, frames, sessions' state); at 700 (no freeze) the collector took 4.8-7.4% of the
+# server's CPU, 1.8-2.1% at 20,000 + freeze, with RSS per idle BOSH session unchanged
+# (bench/README.md, "fourth pass"; 10,000 and 50,000 were measured too).  Generations 1 and 2 keep their defaults, so
 # real cycles (greenlet frames, tracebacks) are still collected, only in larger batches: the
 # young generation holds at most this many extra objects (~a few MB at worst), not per session.
 GC_GEN0_THRESHOLD = 20_000
@@ -150,7 +151,7 @@ class Server:
         log.info("stopped")
 
     def serve_forever(self) -> None:
-        tune_gc()  # the process's own server only (tests' in-process servers keep their GC)
+        tune_gc()  # `boshroster serve` only: a Server built inside another program keeps its GC
         self.start()
         done = gevent.event.Event()
 
