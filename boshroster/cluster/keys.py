@@ -24,6 +24,7 @@ NODES = "br:nodes"
 DIR_CHANNEL = "br:dir"
 CTL_CHANNEL = "br:ctl"
 GROUP = "g"
+CLUSTER_SECRET = "br:cluster-secret"
 
 
 def heartbeat(node: str) -> str:
@@ -67,14 +68,13 @@ def default_node_id() -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64] or "node"
 
 
-CLUSTER_SECRET = "br:cluster-secret"
-
-
 def sm_owner(sm_id: str) -> str:
     return f"br:sm-owner:{sm_id}"
 
 
 def sm_tombstone(sm_id: str) -> str:
     return f"br:sm-tomb:{sm_id}"
+
+
 def ping_channel(node: str) -> str:
     return f"br:ping:{node}"

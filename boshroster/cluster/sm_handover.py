@@ -65,6 +65,9 @@ import requests
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from boshroster.cluster import keys
+from boshroster.cluster.directory import entry_of
+from boshroster.transports.http_limits import ClientGone
+from boshroster.transports.request_body import read_body
 from boshroster.xmpp import xmlio
 from boshroster.xmpp.errors import StanzaError, stream_error_element
 from boshroster.xmpp.stream import ClientSession
@@ -129,6 +132,7 @@ class SmHandover:
         self.max_held = max(1, sm.settings.max_queue)
         self.http = requests.Session()
         self._held: dict[str, list] = {}
+        self._secret_value: str | None = None
         self.handed = self.taken = self.failed = self.orphans = 0
         # TESTS ONLY (cluster_sm_handover_test_stall): the owner waits this long at test_stall_at.
         self.test_stall, self.test_stall_at = test_stall, test_stall_at
@@ -147,12 +151,15 @@ class SmHandover:
         return {PATH: self.wsgi}
 
     def _secret(self) -> str:
-        r = self.node.redis
-        secret = r.get(keys.CLUSTER_SECRET)
-        if secret is None:
-            r.set(keys.CLUSTER_SECRET, secrets.token_urlsafe(32), nx=True)
+        """The cluster secret: read (or created) in Redis once, then kept (it never changes)."""
+        if self._secret_value is None:
+            r = self.node.redis
             secret = r.get(keys.CLUSTER_SECRET)
-        return secret
+            if secret is None:
+                r.set(keys.CLUSTER_SECRET, secrets.token_urlsafe(32), nx=True)
+                secret = r.get(keys.CLUSTER_SECRET)
+            self._secret_value = secret
+        return self._secret_value
 
     # -- tombstones ----------------------------------------------------------------
 
@@ -239,15 +246,18 @@ class SmHandover:
 
     def _ask(self, owner: str, url: str, previd: str, username: str, h: int) -> dict | None:
         try:
-            response = self.http.post(
-                url.rstrip("/") + PATH, timeout=self.timeout,
-                json={"id": previd, "user": username, "h": h, "to": self.node.node},
-                headers={SECRET_HEADER: self._secret()})
-            if response.status_code != 200 or len(response.content) > _MAX_ANSWER:
-                log.warning("resume of %s: node %s answered HTTP %d: <failed/>", username, owner,
-                            response.status_code)
-                return None
-            state = response.json()
+            with self.http.post(
+                    url.rstrip("/") + PATH, timeout=self.timeout, stream=True,
+                    json={"id": previd, "user": username, "h": h, "to": self.node.node},
+                    headers={SECRET_HEADER: self._secret()}) as response:
+                body = response.raw.read(_MAX_ANSWER + 1, decode_content=True)  # bounded before parsing
+                if response.status_code == 403:  # read the secret again next time (Redis emptied?)
+                    self._secret_value = None
+                if response.status_code != 200 or len(body) > _MAX_ANSWER:
+                    log.warning("resume of %s: node %s answered HTTP %d (%d bytes): <failed/>", username, owner,
+                                response.status_code, len(body))
+                    return None
+            state = json.loads(body)
             if not isinstance(state, dict):
                 raise ValueError("not a JSON object")
             return state
@@ -381,24 +391,27 @@ class SmHandover:
         if environ.get("REQUEST_METHOD") != "POST":
             return "405 Method Not Allowed", {"error": "POST only"}, []
         peer = environ.get("REMOTE_ADDR", "")
+        given = environ.get("HTTP_" + SECRET_HEADER.upper().replace("-", "_"), "").encode()
         try:
-            expected = self._secret()
+            matches = hmac.compare_digest(given, self._secret().encode())
+            if not matches:  # Redis may have been emptied and the secret made anew: read it again
+                self._secret_value = None
+                matches = hmac.compare_digest(given, self._secret().encode())
         except redis.RedisError:
             return "503 Service Unavailable", {"error": "Redis unreachable"}, []
-        given = environ.get("HTTP_" + SECRET_HEADER.upper().replace("-", "_"), "")
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not matches:
             log.warning("cluster: XEP-0198 hand-over request from %s without the cluster secret: refused", peer)
             return "403 Forbidden", {"error": "not a node of this cluster"}, []
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-            if not 0 < length <= _MAX_REQUEST:
-                raise ValueError(f"body of {length} bytes")
-            request = json.loads(environ["wsgi.input"].read(length))
+            data = read_body(environ, _MAX_REQUEST)
+            if not data:
+                raise ValueError("no body" if data is not None else f"body over {_MAX_REQUEST} bytes")
+            request = json.loads(data)
             previd, username, h, to = request["id"], request["user"], request["h"], request["to"]
             if not (isinstance(previd, str) and isinstance(username, str) and isinstance(h, int)
                     and isinstance(to, str) and _NODE.fullmatch(to) and 0 <= h < _WRAP):
                 raise ValueError("bad field")
-        except (ValueError, KeyError, TypeError, OSError) as exc:
+        except (ValueError, KeyError, TypeError, ClientGone) as exc:
             log.warning("cluster: bad XEP-0198 hand-over request from %s: %s", peer, exc)
             return "400 Bad Request", {"error": "bad request"}, []
         self._test_stall("request", username, to)
@@ -425,16 +438,15 @@ class SmHandover:
         session, acknowledged, hibernating = claimed
         sm = session.sm
         jid = session.jid
+        entry = entry_of(session, to)  # its directory entry, naming the new node
         state = {
             "resource": jid.resource,
-            "presence": xmlio.tostring(session.presence) if session.presence is not None else None,
+            "presence": entry["x"],
             "priority": session.priority, "carbons": session.carbons, "interested": session.interested,
             "directed": sorted(session.directed),
             "handled_in": sm.handled_in, "sent": sm.sent, "acked": sm.acked,
             "queue": [xmlio.tostring(el) for el in sm.unacked()],
         }
-        entry = {"n": to, "p": session.priority, "x": state["presence"], "c": 1 if session.carbons else 0,
-                 "i": 1 if session.interested else 0}
         handed = sm.drop_all()
         self.sm.forget(session)
         previous = session.transport
