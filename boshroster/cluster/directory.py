@@ -202,10 +202,12 @@ class Directory:
         if not self._deferred:
             return None
         now = gevent.get_hub().loop.now()
-        for key, deadline in list(self._deferred.items()):  # in bind order: deadlines increase
+        deferred = self._deferred
+        while deferred:  # in bind order, so deadlines increase: stop at the first not due (no copy)
+            key, deadline = next(iter(deferred.items()))
             if deadline > now:
                 return deadline - now
-            del self._deferred[key]
+            del deferred[key]
             self._mark(key)
         return None
 
@@ -268,6 +270,7 @@ class Directory:
         """A local session went to node ``entry["n"]``: no pending write of it (that would
         delete the new node's entry), and the mirror sends what comes for it there."""
         self._dirty.pop((username, resource), None)
+        self._deferred.pop((username, resource), None)
         self.remote.setdefault(username, {})[resource] = self._remote(entry["n"], username, resource, entry)
 
     def write_move(self, pipe, username: str, resource: str, entry: dict) -> None:
